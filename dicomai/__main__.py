@@ -1,0 +1,5 @@
+"""Allow ``python -m dicomai``."""
+
+from dicomai.cli import main
+
+raise SystemExit(main())

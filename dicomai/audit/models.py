@@ -1,0 +1,192 @@
+"""Typed ORM models of the audit database.
+
+The schema is changed only by Alembic migrations in ``migrations/``; these classes
+mirror the head revision. ``docs/audit.md`` documents it for admins who query it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "Association",
+    "Base",
+    "Event",
+    "Instance",
+    "InstanceState",
+    "Quarantined",
+    "Series",
+    "Study",
+    "StudyState",
+    "UTCDateTime",
+    "utcnow",
+]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timestamps are stored in UTC and always come back timezone-aware (SQLite drops it)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return value
+
+
+class StudyState(StrEnum):
+    RECEIVING = "receiving"  # instances arriving; not yet quiet for the quiet period
+    STABLE = "stable"  # quiet period elapsed, waiting for the next stage
+    PROCESSING = "processing"  # handed to the next stage
+    PROCESSED = "processed"  # next stage finished for every instance received so far
+    FAILED = "failed"  # next stage raised; see the event log
+
+
+class InstanceState(StrEnum):
+    STORED = "stored"  # durable in the spool, not yet processed
+    PROCESSED = "processed"
+    FAILED = "failed"
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dt.datetime: UTCDateTime(), dict[str, Any]: JSON}
+
+
+class Association(Base):
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    peer_host: Mapped[str] = mapped_column(String(64))
+    peer_port: Mapped[int] = mapped_column(Integer)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    called_ae: Mapped[str] = mapped_column(String(16))
+    accepted: Mapped[bool] = mapped_column(Boolean)
+    reject_reason: Mapped[str | None] = mapped_column(String(128))
+    started_at: Mapped[dt.datetime] = mapped_column(index=True)
+    ended_at: Mapped[dt.datetime | None]
+    end_state: Mapped[str | None] = mapped_column(String(16))
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    first_received_at: Mapped[dt.datetime] = mapped_column(index=True)
+    last_received_at: Mapped[dt.datetime]
+    state_changed_at: Mapped[dt.datetime]
+    processed_at: Mapped[dt.datetime | None]
+    reopen_count: Mapped[int] = mapped_column(Integer, default=0)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+    instances: Mapped[list[Instance]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+
+    study: Mapped[Study] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "version", name="uq_instances_uid_version"),
+        Index("ix_instances_uid_sha", "sop_instance_uid", "sha256"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    spool_path: Mapped[str] = mapped_column(String(512))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    received_at: Mapped[dt.datetime] = mapped_column(index=True)
+
+    study: Mapped[Study] = relationship(back_populates="instances")
+
+
+class Quarantined(Base):
+    __tablename__ = "quarantine"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[dt.datetime] = mapped_column(index=True)
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
+    path: Mapped[str] = mapped_column(String(512))
+    status: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+
+
+class Event(Base):
+    """Append-only log: what happened to which object, when, by which stage."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(index=True)
+    stage: Mapped[str] = mapped_column(String(16))
+    event: Mapped[str] = mapped_column(String(48), index=True)
+    level: Mapped[str] = mapped_column(String(8))
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)

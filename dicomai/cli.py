@@ -1,0 +1,309 @@
+"""The ``dicomai`` command line.
+
+Exit codes: 0 success, 1 failure (a peer refused, an object is missing), 2 usage or
+configuration error, 3 audit database missing or at the wrong schema revision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import func, select
+
+from dicomai import __version__
+from dicomai.audit import (
+    Event,
+    Instance,
+    Series,
+    Study,
+    current_revision,
+    downgrade,
+    head_revision,
+    make_engine,
+    make_sessionmaker,
+    open_database,
+    upgrade,
+)
+from dicomai.config import Settings, load_settings, masked
+from dicomai.errors import DicomaiError
+from dicomai.logging import configure_logging
+
+__all__ = ["main"]
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a value given before the sub-command is not reset by the sub-parser.
+    p.add_argument("--config", type=Path, metavar="FILE", default=argparse.SUPPRESS,
+                   help="TOML configuration file")
+    p.add_argument("--data-dir", type=Path, metavar="DIR", default=argparse.SUPPRESS,
+                   help="data directory (node.data_dir)")
+    return p
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="dicomai", parents=[common],
+        description="DICOM AI node for bone-fracture triage on radiographs. Every setting can "
+        "also be given as DICOMAI_<SECTION>__<KEY> (e.g. DICOMAI_NODE__PORT=104).",
+    )
+    parser.add_argument("--version", action="version", version=f"dicomai {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", parents=[common], help="run the DICOM node in the foreground")
+    serve.add_argument("--host", help="listen address (node.host)")
+    serve.add_argument("--port", type=int, help="listen port (node.port)")
+    serve.add_argument("--ae-title", help="own AE title (node.ae_title)")
+    serve.set_defaults(func=cmd_serve)
+
+    db = sub.add_parser("db", parents=[common], help="audit database schema")
+    dbsub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    up = dbsub.add_parser("upgrade", parents=[common], help="apply migrations")
+    up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(func=cmd_db_upgrade)
+    down = dbsub.add_parser("downgrade", parents=[common], help="revert migrations")
+    down.add_argument("revision", help="target revision, e.g. base or 0001")
+    down.set_defaults(func=cmd_db_downgrade)
+    cur = dbsub.add_parser("current", parents=[common], help="show the schema revision")
+    cur.set_defaults(func=cmd_db_current)
+
+    echo = sub.add_parser("echo", parents=[common], help="C-ECHO a configured or given peer")
+    echo.add_argument("destination", nargs="?", help="name of a [[destinations]] entry")
+    echo.add_argument("--host")
+    echo.add_argument("--port", type=int)
+    echo.add_argument("--ae-title", help="the peer's AE title")
+    echo.set_defaults(func=cmd_echo)
+
+    studies = sub.add_parser("studies", parents=[common], help="query received studies")
+    ssub = studies.add_subparsers(dest="studies_command", required=True, metavar="ACTION")
+    ls = ssub.add_parser("list", parents=[common], help="list studies, newest first")
+    ls.add_argument("--since", help="ISO date/time, or a duration such as 24h, 7d, 30m")
+    ls.add_argument("--state", help="receiving, stable, processing, processed or failed")
+    ls.add_argument("--limit", type=int, default=100)
+    _json_flag(ls)
+    ls.set_defaults(func=cmd_studies_list)
+    show = ssub.add_parser("show", parents=[common], help="one study: instances and events")
+    show.add_argument("study_uid")
+    _json_flag(show)
+    show.set_defaults(func=cmd_studies_show)
+
+    config = sub.add_parser("config", parents=[common], help="configuration")
+    csub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    cshow = csub.add_parser("show", parents=[common], help="effective configuration (secrets masked)")
+    _json_flag(cshow)
+    cshow.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    node: dict[str, Any] = {}
+    if getattr(args, "data_dir", None) is not None:
+        node["data_dir"] = args.data_dir
+    if args.command == "serve":
+        for key in ("host", "port", "ae_title"):
+            if getattr(args, key, None) is not None:
+                node[key] = getattr(args, key)
+    if node:
+        overrides["node"] = node
+    return load_settings(getattr(args, "config", None), overrides)
+
+
+def _parse_since(value: str) -> dt.datetime:
+    m = re.fullmatch(r"(\d+)\s*([smhd])", value.strip())
+    if m:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
+        return dt.datetime.now(dt.UTC) - dt.timedelta(**{unit: int(m.group(1))})
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise DicomaiError(f"--since: {value!r} is neither an ISO date/time nor like 24h") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+# -- commands --------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from dicomai.node import run_node
+
+    return run_node(settings)
+
+
+def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url)
+    upgrade(engine, args.revision)
+    print(f"audit database at revision {current_revision(engine)}")
+    return 0
+
+
+def cmd_db_downgrade(args: argparse.Namespace, settings: Settings) -> int:
+    engine = make_engine(settings.database_url)
+    downgrade(engine, args.revision)
+    print(f"audit database at revision {current_revision(engine) or 'base'}")
+    return 0
+
+
+def cmd_db_current(args: argparse.Namespace, settings: Settings) -> int:
+    engine = make_engine(settings.database_url)
+    cur, head = current_revision(engine), head_revision(engine)
+    print(f"current: {cur or 'base'}  head: {head}")
+    return 0 if cur == head else 3
+
+
+def cmd_echo(args: argparse.Namespace, settings: Settings) -> int:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    if args.destination:
+        d = settings.destination(args.destination)
+        host, port, aet = d.host, d.port, d.ae_title
+    else:
+        if not (args.host and args.port):
+            raise DicomaiError("echo: give a destination name or --host and --port")
+        host, port, aet = args.host, args.port, args.ae_title or "ANY-SCP"
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = settings.node.acse_timeout_s
+    assoc = ae.associate(host, port, ae_title=aet)
+    if not assoc.is_established:
+        print(f"echo {aet}@{host}:{port}: association {'rejected' if assoc.is_rejected else 'failed'}")
+        return 1
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = int(status.Status) if status and "Status" in status else -1
+    print(f"echo {aet}@{host}:{port}: status 0x{code:04X}" if code >= 0 else "echo: no response")
+    return 0 if code == 0 else 1
+
+
+def _session(settings: Settings) -> Any:
+    return make_sessionmaker(open_database(settings.database_url, create=False))()
+
+
+def cmd_studies_list(args: argparse.Namespace, settings: Settings) -> int:
+    count = (select(func.count(Instance.id)).where(Instance.study_id == Study.id)
+             .correlate(Study).scalar_subquery())
+    q = select(Study, count.label("n")).order_by(Study.first_received_at.desc()).limit(args.limit)
+    if args.since:
+        q = q.where(Study.last_received_at >= _parse_since(args.since))
+    if args.state:
+        q = q.where(Study.state == args.state)
+    with _session(settings) as s:
+        rows = [
+            {"study_instance_uid": st.study_instance_uid, "state": st.state, "instances": n,
+             "received_at": _iso(st.first_received_at),
+             "last_received_at": _iso(st.last_received_at),
+             "processed_at": _iso(st.processed_at), "reopen_count": st.reopen_count,
+             "study_date": st.study_date}
+            for st, n in s.execute(q).all()
+        ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_table(rows, ["study_instance_uid", "state", "instances", "received_at"])
+    return 0
+
+
+def cmd_studies_show(args: argparse.Namespace, settings: Settings) -> int:
+    with _session(settings) as s:
+        study = s.scalar(select(Study).where(Study.study_instance_uid == args.study_uid))
+        if study is None:
+            print(f"no study {args.study_uid}", file=sys.stderr)
+            return 1
+        rows = s.execute(select(Instance, Series).join(Series, Instance.series_id == Series.id)
+                         .where(Instance.study_id == study.id).order_by(Instance.id)).all()
+        events = s.scalars(select(Event).where(Event.study_instance_uid == study.study_instance_uid)
+                           .order_by(Event.id)).all()
+        data = {
+            "study_instance_uid": study.study_instance_uid, "state": study.state,
+            "patient_id": study.patient_id, "patient_name": study.patient_name,
+            "accession_number": study.accession_number, "study_date": study.study_date,
+            "received_at": _iso(study.first_received_at),
+            "last_received_at": _iso(study.last_received_at),
+            "processed_at": _iso(study.processed_at), "reopen_count": study.reopen_count,
+            "instances": [
+                {"sop_instance_uid": i.sop_instance_uid, "version": i.version,
+                 "series_instance_uid": se.series_instance_uid, "modality": se.modality,
+                 "sop_class_uid": i.sop_class_uid, "transfer_syntax_uid": i.transfer_syntax_uid,
+                 "size_bytes": i.size_bytes, "sha256": i.sha256, "state": i.state,
+                 "spool_path": i.spool_path, "received_at": _iso(i.received_at)}
+                for i, se in rows
+            ],
+            "events": [
+                {"at": _iso(e.at), "stage": e.stage, "event": e.event, "level": e.level,
+                 "sop_instance_uid": e.sop_instance_uid, "details": e.details, "error": e.error}
+                for e in events
+            ],
+        }
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for key in ("study_instance_uid", "state", "accession_number", "study_date", "received_at",
+                "processed_at", "reopen_count"):
+        print(f"{key:20} {data[key]}")
+    print("\ninstances:")
+    _print_table(data["instances"], ["sop_instance_uid", "version", "modality", "state",
+                                     "transfer_syntax_uid", "size_bytes"])
+    print("\nevents:")
+    _print_table(data["events"], ["at", "stage", "event", "level", "sop_instance_uid", "error"])
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace, settings: Settings) -> int:
+    data = masked(settings)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for section, values in data.items():
+        if isinstance(values, dict):
+            print(f"[{section}]")
+            for k, v in values.items():
+                print(f"{k} = {json.dumps(v)}")
+            print()
+        else:
+            print(f"{section} = {json.dumps(values)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace, Settings], int] = args.func
+    try:
+        settings = _settings(args)
+        configure_logging(settings.logging, stream=sys.stdout if args.command == "serve" else sys.stderr)
+        return func(args, settings)
+    except DicomaiError as exc:
+        structlog.get_logger("dicomai").error("command.failed", error=str(exc))
+        print(f"dicomai: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # output piped into head & co.
+        return 0

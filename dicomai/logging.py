@@ -1,0 +1,60 @@
+"""Logging set-up for the entry point; library modules only call ``structlog.get_logger``.
+
+JSON lines on stdout when stdout is not a terminal (systemd, containers), coloured
+key/value output on a terminal. Event names are short verbs (``study.stable``); values are
+fields. Patient names and IDs are never logged: only UIDs, counts, hashes and AE titles.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+from dicomai.config import LogFormat, LoggingConfig
+
+__all__ = ["configure_logging"]
+
+_FORBIDDEN_KEYS = frozenset({"patient_name", "patient_id", "PatientName", "PatientID"})
+
+
+def _drop_patient_fields(
+    _logger: object, _method: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """Last line of defence: a patient identifier passed by mistake never reaches output."""
+    for key in _FORBIDDEN_KEYS & event_dict.keys():
+        event_dict[key] = "<redacted>"
+    return event_dict
+
+
+def configure_logging(config: LoggingConfig, stream: object | None = None) -> None:
+    """Configure structlog (and the stdlib loggers of our dependencies) once per process."""
+    out = stream if stream is not None else sys.stdout
+    use_json = config.format == LogFormat.JSON or (
+        config.format == LogFormat.AUTO and not getattr(out, "isatty", lambda: False)()
+    )
+    level = logging.getLevelNamesMapping()[config.level.upper()]
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _drop_patient_fields,
+    ]
+    renderer: structlog.typing.Processor
+    if use_json:
+        renderer = structlog.processors.JSONRenderer()
+        shared.append(structlog.processors.format_exc_info)
+    else:
+        renderer = structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=out),  # type: ignore[arg-type]
+        cache_logger_on_first_use=True,
+    )
+    # pynetdicom logs every PDU at INFO and may print identifiers from requests; keep it
+    # at WARNING so its messages do not leak patient data into the journal.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)

@@ -1,0 +1,106 @@
+"""``dicomai serve``: wires the listener, the study monitor and the scheduler together.
+
+Start-up order: open (or create) the audit database and refuse one that is behind,
+prepare the spool, re-queue unfinished studies, start the scheduler, then listen. On
+SIGTERM/SIGINT the node stops accepting associations, lets in-flight ones finish (up to
+``node.shutdown_grace_s``), then stops the scheduler. With systemd ``Type=notify`` it
+reports READY/STOPPING and feeds the watchdog from the scheduler thread.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from types import FrameType
+
+import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicomai import __version__
+from dicomai.audit import make_sessionmaker, open_database, record_event
+from dicomai.config import Settings, masked
+from dicomai.ingest import Receiver
+from dicomai.spool import Spool
+from dicomai.studies import StudyHook, StudyMonitor, noop_hook
+
+__all__ = ["run_node", "sd_notify"]
+
+log = structlog.get_logger("dicomai.node")
+
+
+def sd_notify(message: str) -> bool:
+    """Send one sd_notify(3) datagram when run under systemd; a no-op otherwise."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), address)
+    return True
+
+
+def run_node(settings: Settings, hook: StudyHook = noop_hook) -> int:
+    """Run the node in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    data_dir = settings.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    engine = open_database(settings.database_url, echo=settings.database.echo)
+    sessions = make_sessionmaker(engine)
+    spool = Spool(data_dir, fsync=settings.storage.fsync,
+                  min_free_bytes=settings.storage.min_free_mb * 2**20)
+    removed = spool.prepare()
+    monitor = StudyMonitor(sessions, data_dir, settings.studies.quiet_period_s, hook)
+    recovered = monitor.recover()
+    with sessions.begin() as s:
+        record_event(s, "node", "node.started",
+                     details={"version": __version__, "ae_title": settings.node.ae_title,
+                              "port": settings.node.port, "recovered_studies": recovered,
+                              "partial_files_removed": removed})
+    log.info("node.config", config=masked(settings))
+
+    scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler.add_job(monitor.poll, "interval", seconds=settings.studies.poll_interval_s,
+                      id="studies.poll", max_instances=1, coalesce=True)
+    watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    if watchdog_usec:
+        scheduler.add_job(sd_notify, "interval", seconds=max(watchdog_usec / 2e6, 1.0),
+                          args=["WATCHDOG=1"], id="watchdog", max_instances=1, coalesce=True)
+    scheduler.start()
+
+    receiver = Receiver(settings, spool, sessions)
+    ae = receiver.build_ae()
+    server = ae.start_server((settings.node.host, settings.node.port), block=False,
+                             evt_handlers=receiver.handlers())
+    assert server is not None  # block=False always returns the server
+    log.info("node.listening", ae_title=settings.node.ae_title, host=settings.node.host,
+             port=settings.node.port, data_dir=str(data_dir), version=__version__)
+    sd_notify("READY=1")
+
+    stop = threading.Event()
+
+    def _signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("node.stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _signal)
+    signal.signal(signal.SIGINT, _signal)
+    while not stop.wait(0.5):
+        pass
+    sd_notify("STOPPING=1")
+    # Stop accepting new associations but let running ones finish their stores.
+    server.shutdown()
+    deadline = time.monotonic() + settings.node.shutdown_grace_s
+    while receiver.active and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if receiver.active:
+        log.warning("node.aborting_associations", active=receiver.active)
+    ae.shutdown()
+    scheduler.shutdown(wait=True)
+    with sessions.begin() as s:
+        record_event(s, "node", "node.stopped")
+    engine.dispose()
+    log.info("node.stopped")
+    return 0

@@ -1,0 +1,122 @@
+"""The durable spool: received objects on disk before they are acknowledged.
+
+Layout under the data directory::
+
+    spool/<StudyInstanceUID>/<SOPInstanceUID>.<sha256[:16]>.dcm   accepted instances
+    quarantine/<UTC time>-<sha256[:12]>.dcm (+ .json)            rejected objects, kept
+    tmp/                                                         partial writes only
+
+A file is written to ``tmp/``, flushed and fsynced, then renamed into place and its
+directory fsynced, so after a crash a path in the spool is either absent or complete.
+Spool paths are content-addressed: re-writing the same object is harmless.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicomai.errors import IngestError, SpoolFullError
+
+__all__ = ["Spool", "is_valid_uid"]
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_valid_uid(value: str) -> bool:
+    """A UID safe to use as a file name: digits and dots, at most 64 characters."""
+    return 0 < len(value) <= 64 and bool(_UID_RE.match(value))
+
+
+@dataclass(frozen=True)
+class Spool:
+    """File operations on one data directory."""
+
+    root: Path
+    fsync: bool = True
+    min_free_bytes: int = 0
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.root / "spool"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    def prepare(self) -> int:
+        """Create the folders; remove partial writes left by a crash. Returns how many."""
+        for d in (self.spool_dir, self.quarantine_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        leftovers = list(self.tmp_dir.iterdir())
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return len(leftovers)
+
+    def check_space(self, incoming: int = 0) -> None:
+        """Raise :class:`SpoolFullError` (0xA700) when the disk is nearly full."""
+        free = shutil.disk_usage(self.root).free
+        if free - incoming < self.min_free_bytes:
+            raise SpoolFullError(free, self.min_free_bytes)
+
+    def instance_path(self, study_uid: str, sop_uid: str, sha256: str) -> Path:
+        if not (is_valid_uid(study_uid) and is_valid_uid(sop_uid)):
+            raise ValueError("UIDs must be validated before building a spool path")
+        return self.spool_dir / study_uid / f"{sop_uid}.{sha256[:16]}.dcm"
+
+    def write_instance(self, study_uid: str, sop_uid: str, sha256: str, chunks: list[bytes]) -> Path:
+        """Durably write one instance; returns its final path."""
+        final = self.instance_path(study_uid, sop_uid, sha256)
+        self._durable_write(final, chunks)
+        return final
+
+    def quarantine(self, chunks: list[bytes], sha256: str, meta: dict[str, object]) -> Path:
+        """Keep a rejected object for inspection, with a JSON sidecar saying why."""
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        final = self.quarantine_dir / f"{stamp}-{sha256[:12]}.dcm"
+        self._durable_write(final, chunks)
+        sidecar = final.with_suffix(".json")
+        self._durable_write(sidecar, [json.dumps(meta, indent=2, default=str).encode()])
+        return final
+
+    def _durable_write(self, final: Path, chunks: list[bytes]) -> None:
+        created_dir = not final.parent.exists()
+        if created_dir:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            with open(tmp, "wb") as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+                fh.flush()
+                if self.fsync:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise IngestError(0xA700, "out of resources: disk full while writing") from exc
+            raise
+        if self.fsync:
+            _fsync_dir(final.parent)
+            if created_dir:
+                _fsync_dir(final.parent.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
