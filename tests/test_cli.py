@@ -1,0 +1,78 @@
+"""Tests of the admin command line against a node that received real studies."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Node, make_study, shared_file, storescu
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicomai", *args], capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+def test_help_lists_commands() -> None:
+    """`dicomai --help` shows the command tree."""
+    out = _run("--help")
+    assert out.returncode == 0
+    for cmd in ("serve", "db", "echo", "studies", "config"):
+        assert cmd in out.stdout
+
+
+def test_bad_config_exits_2_naming_key(tmp_path: Path) -> None:
+    """A bad configuration value stops any command with exit code 2 and the key's name."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[node]\nport = -5\n")
+    out = _run("config", "show", "--config", str(cfg))
+    assert out.returncode == 2
+    assert "node.port" in out.stderr
+
+
+def test_config_show_json_applies_layers(tmp_path: Path) -> None:
+    """config show --json prints the effective configuration with env and flags applied."""
+    env = {"DICOMAI_NODE__PORT": "4242", "DICOMAI_DATABASE__URL": "postgresql+psycopg://a:pw@h/d",
+           "PATH": "/usr/bin:/bin"}
+    out = _run("config", "show", "--json", "--data-dir", str(tmp_path), env=env)
+    data = json.loads(out.stdout)
+    assert data["node"]["port"] == 4242
+    assert data["node"]["data_dir"] == str(tmp_path)
+    assert "pw" not in out.stdout
+
+
+@pytest.mark.integration
+def test_studies_list_and_show(node: Node, tmp_path: Path) -> None:
+    """studies list filters by state/since and prints JSON; show gives instances and events."""
+    study_uid, files = make_study([shared_file("dx_image.dcm")], tmp_path / "s", copies=3)
+    assert storescu(node.port, files).returncode == 0
+    node.wait_state(study_uid, "processed")
+    rows = json.loads(node.cli("studies", "list", "--json", "--state", "processed", "--since", "1h").stdout)
+    assert len(rows) == 1
+    assert {"study_instance_uid", "state", "instances", "received_at"} <= rows[0].keys()
+    assert (rows[0]["study_instance_uid"], rows[0]["instances"]) == (study_uid, 3)
+    assert json.loads(node.cli("studies", "list", "--json", "--state", "receiving").stdout) == []
+    assert json.loads(node.cli("studies", "list", "--json", "--since", "2000-01-01").stdout)
+    table = node.cli("studies", "list").stdout
+    assert study_uid in table and "processed" in table
+    shown = node.cli("studies", "show", study_uid).stdout
+    assert "instance.stored" in shown and "study.processed" in shown
+    missing = node.cli("studies", "show", "1.2.3.999", check=False)
+    assert missing.returncode == 1
+
+
+@pytest.mark.integration
+def test_echo_configured_destination(node: Node, tmp_path: Path) -> None:
+    """`dicomai echo NAME` C-ECHOes a [[destinations]] entry; a refusal exits 1."""
+    cfg = tmp_path / "peers.toml"
+    cfg.write_text(f'[[destinations]]\nname = "self"\nae_title = "DICOMAI"\nhost = "127.0.0.1"\n'
+                   f'port = {node.port}\n[[destinations]]\nname = "wrong"\nae_title = "NOBODY"\n'
+                   f'host = "127.0.0.1"\nport = {node.port}\n')
+    ok = node.cli("echo", "self", "--config", str(cfg))
+    assert "status 0x0000" in ok.stdout
+    bad = node.cli("echo", "wrong", "--config", str(cfg), check=False)
+    assert bad.returncode == 1 and "rejected" in bad.stdout

@@ -1,0 +1,56 @@
+"""Tests of the durable spool's file operations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dicomai.errors import SpoolFullError
+from dicomai.spool import Spool, is_valid_uid
+
+
+def test_write_is_content_addressed_and_complete(tmp_path: Path) -> None:
+    """An instance lands at spool/<study>/<sop>.<sha16>.dcm with exactly its bytes."""
+    spool = Spool(tmp_path)
+    spool.prepare()
+    path = spool.write_instance("1.2.3", "1.2.3.4", "ab" * 32, [b"head", b"body"])
+    assert path == tmp_path / "spool" / "1.2.3" / f"1.2.3.4.{'ab' * 8}.dcm"
+    assert path.read_bytes() == b"headbody"
+    assert not list(spool.tmp_dir.iterdir())
+
+
+def test_unsafe_uid_never_becomes_a_path(tmp_path: Path) -> None:
+    """UIDs that could escape the spool are refused."""
+    assert not is_valid_uid("../../etc")
+    assert not is_valid_uid("1.2." + "3" * 70)
+    assert is_valid_uid("1.2.840.10008.5.1.4.1.1.1")
+    with pytest.raises(ValueError):
+        Spool(tmp_path).instance_path("..", "1.2", "00" * 32)
+
+
+def test_prepare_removes_partial_writes(tmp_path: Path) -> None:
+    """Partial files left in tmp/ by a crash are removed at start."""
+    spool = Spool(tmp_path)
+    spool.prepare()
+    (spool.tmp_dir / "x.part").write_bytes(b"partial")
+    assert spool.prepare() == 1
+    assert not list(spool.tmp_dir.iterdir())
+
+
+def test_check_space_raises_a700(tmp_path: Path) -> None:
+    """Below the free-space floor the spool refuses with out-of-resources."""
+    Spool(tmp_path, min_free_bytes=0).check_space()
+    with pytest.raises(SpoolFullError) as err:
+        Spool(tmp_path, min_free_bytes=2**62).check_space()
+    assert err.value.status == 0xA700
+
+
+def test_quarantine_keeps_bytes_and_reason(tmp_path: Path) -> None:
+    """A quarantined object keeps its bytes and a JSON sidecar with the reason."""
+    spool = Spool(tmp_path)
+    spool.prepare()
+    path = spool.quarantine([b"garbage"], "cd" * 32, {"reason": "cannot parse"})
+    assert path.read_bytes() == b"garbage"
+    assert json.loads(path.with_suffix(".json").read_text())["reason"] == "cannot parse"
