@@ -1,0 +1,171 @@
+"""C-STORE throughput of `dicomai serve` against dcmtk's `storescp`, same sender, same run.
+
+For small (~37 KB DX) and large (~6 MB uncompressed CR) instances, dcmtk `storescu` sends
+the same files in one association to each receiver in turn; each receiver is a fresh
+process on a free loopback port writing to its own temporary folder. dicomai runs with its
+defaults (fsync of every file and its directory, SQLite audit row committed with
+synchronous=FULL before each acknowledgement); storescp writes files without fsync (it has no
+such option), so the comparison favours storescp on durability.
+
+    python benchmarks/ingest.py [--small N] [--large N] [--repeat R]
+
+Prints one table: instances/s and MB/s per receiver (median of R runs) and the ratio
+dicomai / storescp (>= 1.0 means at least as fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "dicom"
+
+
+def dcmtk(name: str) -> str:
+    for cand in (f"/usr/bin/{name}", shutil.which(name)):
+        if cand and Path(cand).exists():
+            return cand
+    sys.exit(f"dcmtk {name} not found (apt-get install dcmtk)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(600):
+        if proc.poll() is not None:
+            sys.exit(f"receiver exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit("receiver did not start")
+
+
+def make_files(src: Path, n: int, out: Path) -> list[Path]:
+    out.mkdir(parents=True)
+    study = generate_uid()
+    files = []
+    for i in range(n):
+        ds = dcmread(src)
+        ds.StudyInstanceUID = study
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if 0xFFFCFFFC in ds:
+            del ds[0xFFFCFFFC]
+        path = out / f"{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+# Debian's dcmtk keeps Nagle's algorithm on unless TCP_NODELAY=1 is set; with it on, every
+# small instance waits for a delayed ACK (~40 ms) and the benchmark measures timers, not
+# receivers. Both dcmtk tools run with it off.
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def send(port: int, aec: str, files: list[Path]) -> float:
+    t0 = time.perf_counter()
+    out = subprocess.run([dcmtk("storescu"), "-R", "-aec", aec, "127.0.0.1", str(port),
+                          *map(str, files)], capture_output=True, text=True, env=DCMTK_ENV)
+    elapsed = time.perf_counter() - t0
+    if out.returncode != 0:
+        sys.exit(f"storescu failed: {out.stderr[-2000:]}")
+    return elapsed
+
+
+def run_dicomai(files: list[Path], work: Path, fsync: bool = True) -> float:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMAI_")}
+    env.update({"DICOMAI_NODE__DATA_DIR": str(work / "dicomai"), "DICOMAI_NODE__PORT": str(port),
+                "DICOMAI_NODE__HOST": "127.0.0.1", "DICOMAI_LOGGING__FORMAT": "json",
+                "DICOMAI_STORAGE__MIN_FREE_MB": "64", "DICOMAI_STORAGE__FSYNC": str(fsync).lower()})
+    proc = subprocess.Popen([sys.executable, "-m", "dicomai", "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc)
+        return send(port, "DICOMAI", files)
+    finally:
+        proc.terminate()
+        proc.wait()
+        n = len(list((work / "dicomai" / "spool").rglob("*.dcm")))
+        if n != len(files):
+            sys.exit(f"dicomai stored {n} of {len(files)} files")
+
+
+def run_storescp(files: list[Path], work: Path) -> float:
+    port = free_port()
+    out_dir = work / "storescp"
+    out_dir.mkdir()
+    proc = subprocess.Popen([dcmtk("storescp"), "-aet", "STORESCP", "-od", str(out_dir), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=DCMTK_ENV)
+    try:
+        wait_port(port, proc)
+        return send(port, "STORESCP", files)
+    finally:
+        proc.terminate()
+        proc.wait()
+        n = len(list(out_dir.iterdir()))
+        if n != len(files):
+            sys.exit(f"storescp stored {n} of {len(files)} files")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=300, help="number of small instances")
+    parser.add_argument("--large", type=int, default=30, help="number of large instances")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    from pydicom.data import get_testdata_file
+
+    sources = {"small": SHARED / "dx_image.dcm", "large": Path(str(get_testdata_file("RG3_UNCR.dcm")))}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dicomai-bench-") as tmp:
+        for label, count in (("small", args.small), ("large", args.large)):
+            files = make_files(sources[label], count, Path(tmp) / label)
+            mb = sum(f.stat().st_size for f in files) / 1e6
+            times: dict[str, list[float]] = {"dicomai": [], "nofsync": [], "storescp": []}
+            receivers = (("dicomai", run_dicomai),
+                         ("nofsync", lambda f, w: run_dicomai(f, w, fsync=False)),
+                         ("storescp", run_storescp))
+            for r in range(args.repeat):
+                for name, fn in receivers:
+                    work = Path(tmp) / f"{label}-{name}-{r}"
+                    work.mkdir()
+                    times[name].append(fn(files, work))
+                    shutil.rmtree(work)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rows.append((label, count, mb / count, med))
+    print(f"C-STORE throughput, storescu -> receiver on loopback, median of {args.repeat} runs, "
+          f"{os.cpu_count()} CPUs")
+    print("dicomai: fsync on (default); dicomai-nofsync: storage.fsync=false (SQLite still FULL); "
+          "storescp: no fsync")
+    print(f"{'size':6} {'n':>5} {'MB/inst':>8} | {'dicomai inst/s':>14} {'MB/s':>7} | "
+          f"{'nofsync inst/s':>14} {'MB/s':>7} | {'storescp inst/s':>15} {'MB/s':>7} | "
+          f"{'ratio':>5} {'ratio nofsync':>13}")
+    for label, count, mb_each, med in rows:
+        d, n, s = med["dicomai"], med["nofsync"], med["storescp"]
+        print(f"{label:6} {count:5d} {mb_each:8.3f} | {count / d:14.1f} {count * mb_each / d:7.1f} | "
+              f"{count / n:14.1f} {count * mb_each / n:7.1f} | "
+              f"{count / s:15.1f} {count * mb_each / s:7.1f} | {s / d:5.2f} {s / n:13.2f}")
+
+
+if __name__ == "__main__":
+    main()
