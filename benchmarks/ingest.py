@@ -127,6 +127,19 @@ def run_storescp(files: list[Path], work: Path) -> float:
             sys.exit(f"storescp stored {n} of {len(files)} files")
 
 
+def run_null(files: list[Path], work: Path) -> float:
+    """pynetdicom with a handler that keeps nothing: the network layer's ceiling."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_null_scp.py")), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc)
+        return send(port, "NULLSCP", files)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", type=int, default=300, help="number of small instances")
@@ -141,9 +154,10 @@ def main() -> None:
         for label, count in (("small", args.small), ("large", args.large)):
             files = make_files(sources[label], count, Path(tmp) / label)
             mb = sum(f.stat().st_size for f in files) / 1e6
-            times: dict[str, list[float]] = {"dicomai": [], "nofsync": [], "storescp": []}
+            times: dict[str, list[float]] = {"dicomai": [], "nofsync": [], "null": [], "storescp": []}
             receivers = (("dicomai", run_dicomai),
                          ("nofsync", lambda f, w: run_dicomai(f, w, fsync=False)),
+                         ("null", run_null),
                          ("storescp", run_storescp))
             for r in range(args.repeat):
                 for name, fn in receivers:
@@ -155,17 +169,16 @@ def main() -> None:
             rows.append((label, count, mb / count, med))
     print(f"C-STORE throughput, storescu -> receiver on loopback, median of {args.repeat} runs, "
           f"{os.cpu_count()} CPUs")
-    print("dicomai: fsync on (default); dicomai-nofsync: storage.fsync=false (SQLite still FULL); "
-          "storescp: no fsync")
-    print(f"{'size':6} {'n':>5} {'MB/inst':>8} | {'dicomai inst/s':>14} {'MB/s':>7} | "
-          f"{'nofsync inst/s':>14} {'MB/s':>7} | {'storescp inst/s':>15} {'MB/s':>7} | "
-          f"{'ratio':>5} {'ratio nofsync':>13}")
+    print("dicomai: fsync on (default) | nofsync: storage.fsync=false (SQLite still synchronous=FULL)")
+    print("null: pynetdicom SCP that keeps nothing (network-layer ceiling) | storescp: dcmtk, no fsync")
+    cols = ["dicomai", "nofsync", "null", "storescp"]
+    head = " | ".join(f"{c + ' inst/s':>16} {'MB/s':>6}" for c in cols)
+    print(f"{'size':6} {'n':>4} {'MB/inst':>7} | {head} | {'ratio':>5} {'ratio null':>10}")
     for label, count, mb_each, med in rows:
-        d, n, s = med["dicomai"], med["nofsync"], med["storescp"]
-        print(f"{label:6} {count:5d} {mb_each:8.3f} | {count / d:14.1f} {count * mb_each / d:7.1f} | "
-              f"{count / n:14.1f} {count * mb_each / n:7.1f} | "
-              f"{count / s:15.1f} {count * mb_each / s:7.1f} | {s / d:5.2f} {s / n:13.2f}")
-
+        cells = " | ".join(f"{count / med[c]:16.1f} {count * mb_each / med[c]:6.1f}" for c in cols)
+        ratio = med["storescp"] / med["dicomai"]
+        ratio_null = med["storescp"] / med["null"]
+        print(f"{label:6} {count:4d} {mb_each:7.3f} | {cells} | {ratio:5.2f} {ratio_null:10.2f}")
 
 if __name__ == "__main__":
     main()

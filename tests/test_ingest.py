@@ -270,3 +270,23 @@ def test_disk_nearly_full_refuses_with_a700(node_factory: type[Node], tmp_path: 
     assert not list((node.data_dir / "spool").rglob("*.dcm"))
     db = _db(node)
     assert db.execute("select count(*) from events where event='instance.refused'").fetchone() == (1,)
+
+
+@pytest.mark.integration
+def test_association_limit_rejects_and_audits(node_factory: type[Node], tmp_path: Path) -> None:
+    """Beyond node.max_associations a new association is rejected (transient) and audited."""
+    node = node_factory(data_dir=tmp_path / "data",
+                        env_extra={"DICOMAI_NODE__MAX_ASSOCIATIONS": "1"}).start()
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    first = ae.associate("127.0.0.1", node.port, ae_title="DICOMAI")
+    assert first.is_established
+    try:
+        second = ae.associate("127.0.0.1", node.port, ae_title="DICOMAI")
+        assert second.is_rejected
+    finally:
+        first.release()
+    node.stop()
+    rows = _db(node).execute("select accepted, reject_reason from associations order by id").fetchall()
+    assert rows[0] == (1, None)
+    assert rows[1][0] == 0 and "association limit" in rows[1][1]
