@@ -6,6 +6,7 @@ import hashlib
 import json
 import sqlite3
 import subprocess
+import time
 from io import BytesIO
 from pathlib import Path
 
@@ -276,11 +277,16 @@ def test_disk_nearly_full_refuses_with_a700(node_factory: type[Node], tmp_path: 
 def test_association_limit_rejects_and_audits(node_factory: type[Node], tmp_path: Path) -> None:
     """Beyond node.max_associations a new association is rejected (transient) and audited."""
     node = node_factory(data_dir=tmp_path / "data",
-                        env_extra={"DICOMAI_NODE__MAX_ASSOCIATIONS": "1"}).start()
+                        env_extra={"DICOMAI_NODE__MAX_ASSOCIATIONS": "1",
+                                   "DICOMAI_NODE__ACSE_TIMEOUT_S": "2"}).start()
     ae = AE(ae_title="HOLDER")
     ae.add_requested_context("1.2.840.10008.1.1")
-    first = ae.associate("127.0.0.1", node.port, ae_title="DICOMAI")
-    assert first.is_established
+    # The fixture's TCP readiness probe (a connect without A-ASSOCIATE-RQ) holds the only
+    # slot until the ACSE timeout; so would a monitoring probe in a hospital.
+    deadline = time.monotonic() + 15
+    while not (first := ae.associate("127.0.0.1", node.port, ae_title="DICOMAI")).is_established:
+        assert time.monotonic() < deadline, "first association never accepted"
+        time.sleep(0.5)
     try:
         second = ae.associate("127.0.0.1", node.port, ae_title="DICOMAI")
         assert second.is_rejected
@@ -288,5 +294,5 @@ def test_association_limit_rejects_and_audits(node_factory: type[Node], tmp_path
         first.release()
     node.stop()
     rows = _db(node).execute("select accepted, reject_reason from associations order by id").fetchall()
-    assert rows[0] == (1, None)
-    assert rows[1][0] == 0 and "association limit" in rows[1][1]
+    assert rows[-2] == (1, None)
+    assert rows[-1][0] == 0 and "association limit" in rows[-1][1]
