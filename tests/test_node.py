@@ -28,7 +28,7 @@ def _send_each(port: int, files: list[Path], on_ack: list[str], after: int | Non
     for i, f in enumerate(files):
         if after is not None and i == after and node is not None:
             delay = random.uniform(0.0, 0.03)
-            killer = threading.Thread(target=lambda: (time.sleep(delay), node.kill9()))
+            killer = threading.Thread(target=lambda d=delay: (time.sleep(d), node.kill9()))
             killer.start()
         ds = dcmread(f)
         try:

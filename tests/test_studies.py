@@ -9,7 +9,16 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.audit import Event, Instance, InstanceState, Series, Study, StudyState, make_sessionmaker, open_database
+from dicomai.audit import (
+    Event,
+    Instance,
+    InstanceState,
+    Series,
+    Study,
+    StudyState,
+    make_sessionmaker,
+    open_database,
+)
 from dicomai.studies import StudyMonitor, StudyWork
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
