@@ -1,0 +1,24 @@
+"""Grad-CAM maps from the model's grid to the original image: pure numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from dicomai.normalize import Letterbox, unletterbox
+
+__all__ = ["gradcam_on_image", "normalize_map"]
+
+
+def normalize_map(cam: NDArray[np.floating]) -> NDArray[np.float32]:
+    """ReLU, then scale to [0, 1] (an all-zero map stays zero)."""
+    pos = np.maximum(np.asarray(cam, dtype=np.float32), 0.0)
+    peak = float(pos.max()) if pos.size else 0.0
+    return (pos / np.float32(peak)).astype(np.float32) if peak > 0 else pos
+
+
+def gradcam_on_image(cam: NDArray[np.floating], geom: Letterbox) -> NDArray[np.float32]:
+    """The Grad-CAM grid (over the letterboxed model input) on the original geometry, in [0, 1]."""
+    if cam.ndim != 2:
+        raise ValueError(f"expected a 2-D Grad-CAM map, got shape {cam.shape}")
+    return normalize_map(unletterbox(normalize_map(cam), geom))

@@ -1,0 +1,81 @@
+"""Tests of preprocessing, ONNX inference, Grad-CAM placement and grading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicomai.explain import gradcam_on_image
+from dicomai.grade import Grade, grade_image, grade_study
+from dicomai.infer import Classifier, preprocess
+from dicomai.model import ModelError, OperatingPoints, load_package
+from tests.synthetic import hot_spot_model
+
+
+def _spot_image(h: int, w: int, y: int, x: int, r: int = 20) -> np.ndarray:
+    img = np.full((h, w), 0.1, np.float32)
+    img[max(0, y - r):y + r, max(0, x - r):x + r] = 1.0
+    return img
+
+
+def test_gradcam_lands_on_the_spot_of_a_letterboxed_image(tmp_path: Path) -> None:
+    """Through a real ONNX graph, the map's peak lands on a spot in a wide, non-square image."""
+    pkg = load_package(hot_spot_model(tmp_path / "m"))
+    clf = Classifier(pkg, threads=1)
+    img = _spot_image(600, 1400, y=450, x=1200, r=60)  # wide: padded top and bottom
+    (out,) = clf.predict([preprocess(img, pkg)])
+    assert out.gradcam is not None and out.gradcam.shape == (7, 7)
+    geom = preprocess(img, pkg).geometry
+    assert geom.top > 0 and geom.left == 0
+    cam = gradcam_on_image(out.gradcam, geom)
+    assert cam.shape == img.shape and cam.max() == pytest.approx(1.0)
+    y, x = np.unravel_index(np.argmax(cam), cam.shape)
+    assert abs(y - 450) < 120 and abs(x - 1200) < 120, (y, x)
+    assert cam[:100, :300].max() < 0.5  # far from the spot the map is cold
+
+
+def test_batch_probabilities_and_grades(tmp_path: Path) -> None:
+    """A batch gives one probability per image; a spot grades positive, a flat image negative."""
+    pkg = load_package(hot_spot_model(tmp_path / "m"))
+    clf = Classifier(pkg)
+    flat = np.full((300, 200), 0.1, np.float32)
+    outs = clf.predict([preprocess(_spot_image(300, 200, 150, 100, 40), pkg), preprocess(flat, pkg)])
+    points = pkg.manifest.operating_points
+    assert outs[0].probability > 0.9 and outs[1].probability < 0.05
+    assert [grade_image(o.probability, points) for o in outs] == [Grade.POSITIVE, Grade.NEGATIVE]
+
+
+def test_model_without_gradcam_still_classifies(tmp_path: Path) -> None:
+    """Without a Grad-CAM output the probability is still given; the map is unavailable."""
+    pkg = load_package(hot_spot_model(tmp_path / "m", gradcam=False))
+    (out,) = Classifier(pkg).predict([preprocess(np.zeros((50, 80), np.float32), pkg)])
+    assert out.gradcam is None and 0.0 <= out.probability <= 1.0
+
+
+def test_manifest_graph_mismatch_is_refused(tmp_path: Path) -> None:
+    """A manifest whose input size differs from the graph's is refused at load."""
+    d = hot_spot_model(tmp_path / "m")
+    import json
+
+    data = json.loads((d / "model.json").read_text())
+    data["input"]["height"] = 256
+    (d / "model.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="does not match"):
+        Classifier(load_package(d))
+
+
+def test_grading_rules() -> None:
+    """Thresholds are inclusive; the study takes its highest analysed image; failures don't hide."""
+    pts = OperatingPoints(high_sensitivity=0.2, high_specificity=0.8)
+    assert grade_image(0.8, pts) == Grade.POSITIVE
+    assert grade_image(0.2, pts) == Grade.DOUBTFUL
+    assert grade_image(0.19, pts) == Grade.NEGATIVE
+    assert grade_study([(Grade.NEGATIVE, 0.1), (Grade.FAILED, None), (Grade.DOUBTFUL, 0.5)]) == (
+        Grade.DOUBTFUL, 0.5)
+    assert grade_study([(Grade.FAILED, None)]) == (Grade.FAILED, None)
+    assert grade_study([(Grade.NOT_ANALYSED, None)]) == (Grade.NOT_ANALYSED, None)
+    assert grade_study([]) == (Grade.NOT_ANALYSED, None)
+    with pytest.raises(ValueError):
+        grade_image(1.5, pts)
