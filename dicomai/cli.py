@@ -22,6 +22,7 @@ from dicomai import __version__
 from dicomai.audit import (
     Event,
     Instance,
+    Prediction,
     Series,
     Study,
     current_revision,
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = ssub.add_parser("list", parents=[common], help="list studies, newest first")
     ls.add_argument("--since", help="ISO date/time, or a duration such as 24h, 7d, 30m")
     ls.add_argument("--state", help="receiving, stable, processing, processed or failed")
+    ls.add_argument("--grade", help="positive, doubtful, negative, not_analysed or failed")
     ls.add_argument("--limit", type=int, default=100)
     _json_flag(ls)
     ls.set_defaults(func=cmd_studies_list)
@@ -99,6 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("study_uid")
     _json_flag(show)
     show.set_defaults(func=cmd_studies_show)
+
+    model = sub.add_parser("model", parents=[common], help="model packages")
+    msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    info = msub.add_parser("info", parents=[common], help="print a model package's manifest")
+    info.add_argument("directory", nargs="?", type=Path, help="package folder (default: configured)")
+    _json_flag(info)
+    info.set_defaults(func=cmd_model_info)
+    verify = msub.add_parser("verify", parents=[common], help="check hash and shapes, run one input")
+    verify.add_argument("directory", type=Path)
+    verify.set_defaults(func=cmd_model_verify)
+
+    classify = sub.add_parser("classify", parents=[common],
+                              help="classify DICOM, PNG or JPEG radiographs offline")
+    classify.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders")
+    classify.add_argument("--model", type=Path, metavar="DIR", help="model package (default: configured)")
+    classify.add_argument("--gradcam-dir", type=Path, metavar="DIR",
+                          help="write <name>.gradcam.png (overlay) and <name>.gradcam.npy per image")
+    classify.add_argument("--scope", action="store_true", help="apply the node's scope rules")
+    _json_flag(classify)
+    classify.set_defaults(func=cmd_classify)
 
     config = sub.add_parser("config", parents=[common], help="configuration")
     csub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -214,19 +236,23 @@ def cmd_studies_list(args: argparse.Namespace, settings: Settings) -> int:
         q = q.where(Study.last_received_at >= _parse_since(args.since))
     if args.state:
         q = q.where(Study.state == args.state)
+    if args.grade:
+        q = q.where(Study.grade == args.grade)
     with _session(settings) as s:
         rows = [
             {"study_instance_uid": st.study_instance_uid, "state": st.state, "instances": n,
              "received_at": _iso(st.first_received_at),
              "last_received_at": _iso(st.last_received_at),
              "processed_at": _iso(st.processed_at), "reopen_count": st.reopen_count,
-             "study_date": st.study_date}
+             "study_date": st.study_date, "grade": st.grade,
+             "probability": None if st.probability is None else round(st.probability, 4)}
             for st, n in s.execute(q).all()
         ]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        _print_table(rows, ["study_instance_uid", "state", "instances", "received_at"])
+        _print_table(rows, ["study_instance_uid", "state", "grade", "probability", "instances",
+                            "received_at"])
     return 0
 
 
@@ -240,6 +266,8 @@ def cmd_studies_show(args: argparse.Namespace, settings: Settings) -> int:
                          .where(Instance.study_id == study.id).order_by(Instance.id)).all()
         events = s.scalars(select(Event).where(Event.study_instance_uid == study.study_instance_uid)
                            .order_by(Event.id)).all()
+        preds = s.scalars(select(Prediction).where(Prediction.study_id == study.id)
+                          .order_by(Prediction.id)).all()
         data = {
             "study_instance_uid": study.study_instance_uid, "state": study.state,
             "patient_id": study.patient_id, "patient_name": study.patient_name,
@@ -247,6 +275,16 @@ def cmd_studies_show(args: argparse.Namespace, settings: Settings) -> int:
             "received_at": _iso(study.first_received_at),
             "last_received_at": _iso(study.last_received_at),
             "processed_at": _iso(study.processed_at), "reopen_count": study.reopen_count,
+            "grade": study.grade, "probability": study.probability,
+            "predictions": [
+                {"level": p.level, "sop_instance_uid": p.sop_instance_uid, "run": p.run,
+                 "grade": p.grade, "probability": p.probability, "reason": p.reason,
+                 "model": f"{p.model_name} {p.model_version}" if p.model_name else None,
+                 "gradcam": bool(p.gradcam and p.gradcam.get("available")),
+                 "decode_ms": p.decode_ms, "normalize_ms": p.normalize_ms, "infer_ms": p.infer_ms,
+                 "gradcam_ms": p.gradcam_ms, "at": _iso(p.created_at)}
+                for p in preds
+            ],
             "instances": [
                 {"sop_instance_uid": i.sop_instance_uid, "version": i.version,
                  "series_instance_uid": se.series_instance_uid, "modality": se.modality,
@@ -264,15 +302,74 @@ def cmd_studies_show(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    for key in ("study_instance_uid", "state", "accession_number", "study_date", "received_at",
-                "processed_at", "reopen_count"):
+    for key in ("study_instance_uid", "state", "grade", "probability", "accession_number",
+                "study_date", "received_at", "processed_at", "reopen_count"):
         print(f"{key:20} {data[key]}")
     print("\ninstances:")
     _print_table(data["instances"], ["sop_instance_uid", "version", "modality", "state",
                                      "transfer_syntax_uid", "size_bytes"])
+    print("\nresults:")
+    _print_table(data["predictions"], ["level", "sop_instance_uid", "run", "grade", "probability",
+                                       "reason", "model"])
     print("\nevents:")
     _print_table(data["events"], ["at", "stage", "event", "level", "sop_instance_uid", "error"])
     return 0
+
+
+def _model_dir(settings: Settings, given: Path | None) -> Path:
+    from dicomai.model import ModelError
+    from dicomai.node import default_model_dir
+
+    path = given or settings.model.path or default_model_dir()
+    if path is None:
+        raise ModelError(Path("."), "no model package: give a folder or set model.path")
+    return path
+
+
+def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
+    from dicomai.model import load_package
+
+    pkg = load_package(_model_dir(settings, args.directory), check_hash=False)
+    data = pkg.manifest.model_dump(mode="json")
+    if args.json:
+        print(json.dumps({"directory": str(pkg.directory), **data}, indent=2))
+        return 0
+    m = pkg.manifest
+    print(f"{m.name} {m.version}  ({pkg.directory})")
+    print(f"sha256            {m.sha256}")
+    print(f"input             {m.input.name} {m.input.layout} {m.input.channels}x{m.input.height}"
+          f"x{m.input.width}, {m.preprocessing.resize}")
+    print(f"outputs           {m.outputs.probabilities}; Grad-CAM: {m.outputs.gradcam or 'none'}")
+    print(f"labels            {', '.join(m.labels)} (positive: {m.positive_class})")
+    print(f"operating points  doubtful >= {m.operating_points.high_sensitivity}, "
+          f"positive >= {m.operating_points.high_specificity}")
+    print(f"body parts        {', '.join(m.body_parts) or '(any)'}")
+    for key, value in {**m.training, **m.metrics}.items():
+        print(f"{key:17} {value}")
+    return 0
+
+
+def cmd_model_verify(args: argparse.Namespace, settings: Settings) -> int:
+    import numpy as np
+
+    from dicomai.infer import Classifier, preprocess
+    from dicomai.model import load_package
+
+    pkg = load_package(args.directory)  # checks the hash and the manifest
+    clf = Classifier(pkg, threads=settings.model.threads, providers=settings.model.providers)
+    (out,) = clf.predict([preprocess(np.zeros((300, 200), np.float32), pkg)])
+    cam = "none" if out.gradcam is None else "x".join(map(str, out.gradcam.shape))
+    print(f"ok: {pkg.manifest.name} {pkg.manifest.version}; hash, manifest and graph agree; "
+          f"test input -> probability {out.probability:.4f}, Grad-CAM {cam}; "
+          f"providers {', '.join(clf.providers)}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
+    from dicomai.classify import classify_paths
+
+    return classify_paths(args.paths, settings, _model_dir(settings, args.model),
+                          as_json=args.json, gradcam_dir=args.gradcam_dir, scope=args.scope)
 
 
 def cmd_config_show(args: argparse.Namespace, settings: Settings) -> int:

@@ -33,7 +33,9 @@ __all__ = [
     "Destination",
     "LogFormat",
     "LoggingConfig",
+    "ModelConfig",
     "NodeConfig",
+    "ScopeConfig",
     "Settings",
     "StorageConfig",
     "StudiesConfig",
@@ -157,6 +159,30 @@ class DatabaseConfig(_Section):
         return value
 
 
+class ModelConfig(_Section):
+    """The fracture model and how inference runs."""
+
+    path: Path | None = None  # None: the model shipped inside the package, if any
+    threads: int = Field(0, ge=0)  # onnxruntime intra-op threads; 0 = one per core
+    providers: list[str] = Field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    high_sensitivity: float | None = Field(None, ge=0, le=1)  # override the manifest's thresholds
+    high_specificity: float | None = Field(None, ge=0, le=1)
+
+
+class ScopeConfig(_Section):
+    """Which received images the model analyses; the rest is recorded as not_analysed."""
+
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    sop_classes: list[str] = Field(default_factory=lambda: [
+        "1.2.840.10008.5.1.4.1.1.1",  # CR Image Storage
+        "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+        "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+    ])
+    body_parts: list[str] = Field(default_factory=list)  # empty: the model's own list
+    analyse_unknown_body_part: bool = True
+    min_size_px: int = Field(128, ge=1)
+
+
 class LogFormat(StrEnum):
     AUTO = "auto"
     JSON = "json"
@@ -203,6 +229,8 @@ class Settings(BaseSettings):
     studies: StudiesConfig = StudiesConfig()
     database: DatabaseConfig = DatabaseConfig()
     logging: LoggingConfig = LoggingConfig()
+    model: ModelConfig = ModelConfig()
+    scope: ScopeConfig = ScopeConfig()
     destinations: list[Destination] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -58,3 +58,6 @@ def configure_logging(config: LoggingConfig, stream: object | None = None) -> No
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # pydicom logs a traceback for each decoder plugin it tries; dicomai reports the
+    # resulting failure itself (event and audit row), so only keep pydicom's critical ones.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)

@@ -14,19 +14,25 @@ import signal
 import socket
 import threading
 import time
+from importlib.resources import files
+from pathlib import Path
 from types import FrameType
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai import __version__
 from dicomai.audit import make_sessionmaker, open_database, record_event
 from dicomai.config import Settings, masked
+from dicomai.infer import Classifier
 from dicomai.ingest import Receiver
+from dicomai.model import load_package
+from dicomai.pipeline import ClassifyStage, NoModelStage
 from dicomai.spool import Spool
-from dicomai.studies import StudyHook, StudyMonitor, noop_hook
+from dicomai.studies import StudyHook, StudyMonitor
 
-__all__ = ["run_node", "sd_notify"]
+__all__ = ["build_stage", "default_model_dir", "run_node", "sd_notify"]
 
 log = structlog.get_logger("dicomai.node")
 
@@ -43,7 +49,27 @@ def sd_notify(message: str) -> bool:
     return True
 
 
-def run_node(settings: Settings, hook: StudyHook = noop_hook) -> int:
+def default_model_dir() -> Path | None:
+    """The model package shipped inside dicomai, when this build has one."""
+    path = Path(str(files("dicomai"))) / "models" / "default"
+    return path if (path / "model.json").is_file() else None
+
+
+def build_stage(settings: Settings, sessions: sessionmaker[Session]) -> StudyHook:
+    """The classification stage; raises ModelError (the node must not start) on a bad package."""
+    path = settings.model.path or default_model_dir()
+    if path is None:
+        log.warning("model.missing", hint="set model.path; images are recorded as not_analysed")
+        return NoModelStage(sessions, "no model installed (set model.path)")
+    package = load_package(path)
+    classifier = Classifier(package, settings.model.threads, settings.model.providers)
+    m = package.manifest
+    log.info("model.loaded", name=m.name, version=m.version, sha256=m.sha256[:16],
+             providers=classifier.providers)
+    return ClassifyStage(settings, sessions, package, classifier)
+
+
+def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     """Run the node in the foreground until SIGTERM/SIGINT; returns the exit code."""
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -52,6 +78,8 @@ def run_node(settings: Settings, hook: StudyHook = noop_hook) -> int:
     spool = Spool(data_dir, fsync=settings.storage.fsync,
                   min_free_bytes=settings.storage.min_free_mb * 2**20)
     removed = spool.prepare()
+    if hook is None:
+        hook = build_stage(settings, sessions)
     monitor = StudyMonitor(sessions, data_dir, settings.studies.quiet_period_s, hook)
     recovered = monitor.recover()
     with sessions.begin() as s:

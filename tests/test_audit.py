@@ -13,7 +13,7 @@ from dicomai.audit import current_revision, downgrade, head_revision, make_engin
 from dicomai.audit.models import Base
 from dicomai.errors import DatabaseBehindError
 
-TABLES = {"associations", "studies", "series", "instances", "quarantine", "events"}
+TABLES = {"associations", "studies", "series", "instances", "quarantine", "events", "predictions"}
 
 
 def test_upgrade_from_empty_and_round_trip(db_url: str) -> None:
@@ -66,4 +66,4 @@ def test_node_refuses_outdated_database(tmp_path: Path) -> None:
     assert "run `dicomai db upgrade`" in out.stderr
     assert subprocess.run([*run, "db", "upgrade"], env=env, capture_output=True).returncode == 0
     cur = subprocess.run([*run, "db", "current"], env=env, capture_output=True, text=True)
-    assert cur.returncode == 0 and "current: 0001" in cur.stdout
+    assert cur.returncode == 0 and "current: 0002" in cur.stdout

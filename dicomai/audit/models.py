@@ -32,6 +32,7 @@ __all__ = [
     "Event",
     "Instance",
     "InstanceState",
+    "Prediction",
     "Quarantined",
     "Series",
     "Study",
@@ -117,6 +118,8 @@ class Study(Base):
     state_changed_at: Mapped[dt.datetime]
     processed_at: Mapped[dt.datetime | None]
     reopen_count: Mapped[int] = mapped_column(Integer, default=0)
+    grade: Mapped[str | None] = mapped_column(String(16), index=True)
+    probability: Mapped[float | None]
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
@@ -173,6 +176,35 @@ class Quarantined(Base):
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
+
+
+class Prediction(Base):
+    """One result: per image (``level='image'``) or the study summary (``level='study'``)."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), index=True)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    level: Mapped[str] = mapped_column(String(8))
+    run: Mapped[int] = mapped_column(Integer)
+    model_name: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(32))
+    model_sha256: Mapped[str | None] = mapped_column(String(64))
+    probability: Mapped[float | None]
+    grade: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    high_sensitivity: Mapped[float | None]
+    high_specificity: Mapped[float | None]
+    window: Mapped[dict[str, Any] | None]
+    gradcam: Mapped[dict[str, Any] | None]
+    gradcam_path: Mapped[str | None] = mapped_column(String(512))
+    decode_ms: Mapped[float | None]
+    normalize_ms: Mapped[float | None]
+    infer_ms: Mapped[float | None]
+    gradcam_ms: Mapped[float | None]
+    created_at: Mapped[dt.datetime]
 
 
 class Event(Base):

@@ -1,0 +1,136 @@
+"""Tests of the classification stage: through the node, and on hand-made bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.encaps import encapsulate
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from dicomai.audit import (
+    Instance,
+    InstanceState,
+    Prediction,
+    Series,
+    Study,
+    StudyState,
+    make_sessionmaker,
+    open_database,
+)
+from dicomai.audit.models import utcnow
+from dicomai.config import load_settings
+from dicomai.infer import Classifier
+from dicomai.model import load_package
+from dicomai.pipeline import ClassifyStage
+from dicomai.studies import StudyWork, WorkInstance
+from tests.helpers import Node, make_study, pydicom_data, shared_file, storescu
+from tests.synthetic import hot_spot_model
+
+
+def _bad_variants(tmp: Path) -> dict[str, Path]:
+    """Three images the model cannot use: corrupt JPEG, unsupported syntax, zero size."""
+    out = {}
+    ds = dcmread(shared_file("RG2_JPLL.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.PixelData = encapsulate([b"\xff\xd8" + bytes(range(256)) * 4])
+    out["corrupt"] = tmp / "corrupt.dcm"
+    ds.save_as(out["corrupt"])
+    ds = dcmread(pydicom_data("RG3_UNCR.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = "1.2.826.0.1.3680043.2.1143.999"  # private, no decoder
+    ds.PixelData = encapsulate([b"\x00" * 1024])
+    out["unsupported"] = tmp / "unsupported.dcm"
+    ds.save_as(out["unsupported"], enforce_file_format=True)
+    ds = dcmread(pydicom_data("RG3_UNCR.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.Rows = 0
+    ds.PixelData = b""
+    out["zero"] = tmp / "zero.dcm"
+    ds.save_as(out["zero"])
+    return out
+
+
+def test_bad_images_fail_alone(tmp_path: Path) -> None:
+    """Corrupt, unsupported and zero-size images are failed with reasons; the rest is graded."""
+    settings = load_settings(environ={"DICOMAI_NODE__DATA_DIR": str(tmp_path / "data"),
+                                      "DICOMAI_SCOPE__MIN_SIZE_PX": "1"})
+    sessions = make_sessionmaker(open_database(settings.database_url))
+    pkg = load_package(hot_spot_model(tmp_path / "model"))
+    stage = ClassifyStage(settings, sessions, pkg, Classifier(pkg))
+    files = {**_bad_variants(tmp_path), "good": pydicom_data("RG3_UNCR.dcm")}
+    now = utcnow()
+    with sessions.begin() as s:
+        study = Study(study_instance_uid="1.2.3", state=StudyState.PROCESSING, first_received_at=now,
+                      last_received_at=now, state_changed_at=now, reopen_count=0)
+        s.add(study)
+        s.flush()
+        series = Series(study_id=study.id, series_instance_uid="1.2.3.1")
+        s.add(series)
+        s.flush()
+        work = []
+        for name, path in files.items():
+            inst = Instance(study_id=study.id, series_id=series.id, sop_instance_uid=f"1.2.3.1.{len(work)}",
+                            sop_class_uid="1.2.840.10008.5.1.4.1.1.1", transfer_syntax_uid="x", version=1,
+                            size_bytes=1, sha256="0" * 64, spool_path=str(path), state=InstanceState.STORED,
+                            received_at=now)
+            s.add(inst)
+            s.flush()
+            work.append((name, WorkInstance(inst.id, inst.sop_instance_uid, inst.sop_class_uid, path)))
+        study_id = study.id
+    stage(StudyWork(study_id, "1.2.3", 0, tuple(w for _, w in work)))
+    with sessions() as s:
+        image_rows = s.scalars(select(Prediction).where(Prediction.level == "image"))
+        preds = {p.sop_instance_uid: p for p in image_rows}
+        by_name = {name: preds[w.sop_instance_uid] for name, w in work}
+        study_pred = s.scalars(select(Prediction).where(Prediction.level == "study")).one()
+        study_row = s.get_one(Study, study_id)
+    for name in ("corrupt", "unsupported", "zero"):
+        assert by_name[name].grade == "failed", name
+        assert by_name[name].reason, name
+    assert "empty image" in (by_name["zero"].reason or "")
+    assert "cannot decode" in (by_name["corrupt"].reason or "")
+    assert by_name["good"].grade in ("positive", "doubtful", "negative")
+    assert by_name["good"].probability is not None and by_name["good"].gradcam_path
+    assert (study_pred.grade, study_pred.probability) == (by_name["good"].grade, by_name["good"].probability)
+    assert (study_row.grade, study_row.probability) == (study_pred.grade, study_pred.probability)
+
+
+@pytest.mark.integration
+def test_study_through_the_node_gets_predictions(node_factory: type[Node], tmp_path: Path) -> None:
+    """A study sent with storescu ends with per-image and per-study predictions in the audit DB."""
+    model = hot_spot_model(tmp_path / "model")
+    node = node_factory(data_dir=tmp_path / "data",
+                        env_extra={"DICOMAI_MODEL__PATH": str(model), "DICOMAI_MODEL__THREADS": "1"}).start()
+    study_uid, files = make_study([pydicom_data("RG3_UNCR.dcm"), shared_file("RG2_JPLL.dcm"),
+                                   shared_file("JPEGExtended_1s_1f_u_16_12.dcm")], tmp_path / "s")
+    assert storescu(node.port, files).returncode == 0
+    study = node.wait_state(study_uid, "processed")
+    images = [p for p in study["predictions"] if p["level"] == "image"]
+    assert len(images) == 3
+    by_grade = sorted(p["grade"] for p in images)
+    assert by_grade.count("not_analysed") == 1  # the NM secondary capture
+    nm = next(p for p in images if p["grade"] == "not_analysed")
+    assert "SOP class" in nm["reason"]
+    graded = [p for p in images if p["grade"] in ("positive", "doubtful", "negative")]
+    assert len(graded) == 2 and all(p["gradcam"] and p["infer_ms"] > 0 for p in graded)
+    (summary,) = [p for p in study["predictions"] if p["level"] == "study"]
+    assert summary["probability"] == max(p["probability"] for p in graded)
+    assert study["grade"] == summary["grade"]
+    rows = json.loads(node.cli("studies", "list", "--json", "--grade", summary["grade"]).stdout)
+    assert [r["study_instance_uid"] for r in rows] == [study_uid]
+    assert "study.classified" in node.log()
+
+
+def test_node_refuses_a_bad_model(tmp_path: Path, node_factory: type[Node]) -> None:
+    """A model whose hash does not match its manifest stops the node at start (exit 2)."""
+    model = hot_spot_model(tmp_path / "model")
+    with open(model / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
+    node = node_factory(data_dir=tmp_path / "data", env_extra={"DICOMAI_MODEL__PATH": str(model)})
+    node.start(wait=False)
+    assert node.proc is not None and node.proc.wait(timeout=60) == 2
+    assert "does not match the manifest" in node.log()
