@@ -21,4 +21,8 @@ def gradcam_on_image(cam: NDArray[np.floating], geom: Letterbox) -> NDArray[np.f
     """The Grad-CAM grid (over the letterboxed model input) on the original geometry, in [0, 1]."""
     if cam.ndim != 2:
         raise ValueError(f"expected a 2-D Grad-CAM map, got shape {cam.shape}")
-    return normalize_map(unletterbox(normalize_map(cam), geom))
+    # Normalize the small grid; bilinear resampling keeps values in [0, 1], so the full-size
+    # map only needs one rescale of its peak back to 1.
+    full = unletterbox(normalize_map(cam), geom)
+    peak = float(full.max())
+    return full * np.float32(1.0 / peak) if peak > 0 else np.array(full, dtype=np.float32)

@@ -117,8 +117,13 @@ def window_linear(values: NDArray[np.floating], center: float, width: float) -> 
         raise NormalizeError(f"window width {width} < 1")
     if width == 1:
         return (values >= center - 0.5).astype(np.float32)
-    out = (values - (center - 0.5)) / (width - 1) + 0.5
-    return np.asarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
+    # float32 and in place: this runs on every pixel of multi-megapixel radiographs.
+    out = np.array(values, dtype=np.float32, copy=True)
+    out -= np.float32(center - 0.5)
+    out *= np.float32(1.0 / (width - 1))
+    out += np.float32(0.5)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
 
 
 def percentile_window(values: NDArray[np.floating], mask: NDArray[np.bool_] | None = None,
@@ -127,6 +132,8 @@ def percentile_window(values: NDArray[np.floating], mask: NDArray[np.bool_] | No
     data = values[~mask] if mask is not None else values.ravel()
     if data.size == 0:
         raise NormalizeError("every pixel is padding")
+    if data.size > 1_000_000:  # a regular subsample estimates percentiles just as well
+        data = data[:: data.size // 1_000_000]
     lo, hi = np.percentile(data, [low, high])
     width = max(float(hi - lo), 1.0) + 1.0
     return Window(center=float(lo) + (width - 1) / 2 + 0.5, width=width,
@@ -186,7 +193,7 @@ def to_display(ds: Dataset, stored: NDArray[np.generic] | None = None, window_in
     if not photometric.startswith("MONOCHROME"):
         raise NormalizeError(f"unsupported photometric interpretation {photometric}")
     mask = _padding_mask(ds, arr)
-    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    values = np.asarray(apply_modality_lut(arr, ds))
     chosen = window or _file_window(ds, window_index)
     if chosen is not None:
         image = window_linear(values, chosen.center, chosen.width)
@@ -201,7 +208,7 @@ def to_display(ds: Dataset, stored: NDArray[np.generic] | None = None, window_in
         chosen = percentile_window(values, mask)
         image = window_linear(values, chosen.center, chosen.width)
     if photometric == "MONOCHROME1":
-        image = 1.0 - image
+        np.subtract(np.float32(1.0), image, out=image)
     if mask is not None:
         image[mask] = 0.0
     return Display(image.astype(np.float32, copy=False), chosen, mask)
@@ -212,7 +219,11 @@ def resize(image: FloatImage, height: int, width: int) -> FloatImage:
     if image.shape == (height, width):
         return image.astype(np.float32, copy=False)
     pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F")
-    return np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    # reducing_gap: shrink by an integer box filter first, then resample; same result to the
+    # eye, several times faster on multi-megapixel inputs.
+    gap = 3.0 if image.shape[0] > 3 * height and image.shape[1] > 3 * width else None
+    resized = pil.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=gap)
+    return np.asarray(resized, dtype=np.float32)
 
 
 @dataclass(frozen=True)
