@@ -79,3 +79,19 @@ def test_grading_rules() -> None:
     assert grade_study([]) == (Grade.NOT_ANALYSED, None)
     with pytest.raises(ValueError):
         grade_image(1.5, pts)
+
+
+def test_configured_thresholds_override_the_manifest(tmp_path: Path) -> None:
+    """model.high_sensitivity / high_specificity in the configuration replace the manifest's."""
+    from dicomai.config import load_settings
+    from dicomai.pipeline import operating_points
+
+    pkg = load_package(hot_spot_model(tmp_path / "m", thresholds=(0.3, 0.7)))
+    default = operating_points(load_settings(environ={}), pkg)
+    assert (default.high_sensitivity, default.high_specificity) == (0.3, 0.7)
+    env = {"DICOMAI_MODEL__HIGH_SENSITIVITY": "0.1", "DICOMAI_MODEL__HIGH_SPECIFICITY": "0.9"}
+    custom = operating_points(load_settings(environ=env), pkg)
+    assert (custom.high_sensitivity, custom.high_specificity) == (0.1, 0.9)
+    assert grade_image(0.8, custom) == Grade.DOUBTFUL and grade_image(0.8, default) == Grade.POSITIVE
+    with pytest.raises(ValueError):
+        operating_points(load_settings(environ={"DICOMAI_MODEL__HIGH_SENSITIVITY": "0.95"}), pkg)
