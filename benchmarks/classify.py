@@ -2,11 +2,10 @@
 
     python benchmarks/classify.py [--model DIR] [--repeat N] [--threads T]
 
-Without ``--model`` (and with PyTorch installed) it builds a stand-in of the shipped
-architecture: MobileNetV3-Small features (random weights: speed does not depend on them),
-global average pooling and a linear head, exported to ONNX with the Grad-CAM map computed in
-the graph, and runs the *same* weights in PyTorch eager for the inference comparison. Without
-PyTorch it uses the tiny synthetic test model and skips that comparison.
+The per-step table uses ``--model``, else the model shipped with dicomai. For the ORT vs
+PyTorch comparison (train extra installed) it builds the shipped architecture with random
+weights (speed does not depend on them), exports it with the training pipeline's exporter
+(Grad-CAM in the graph) and runs the *same* weights in PyTorch eager.
 
 Prints two tables: the per-step split (median over --repeat) for RG3 uncompressed, JPEG 2000
 lossless and lossy and the JPEG-LS CR, with images/s over the whole sample folder; then
@@ -17,7 +16,6 @@ Grad-CAM of the 1760x1760 uncompressed CR under 60 ms; onnxruntime >= 3x PyTorch
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,7 +30,7 @@ from pydicom.data import get_testdata_file
 
 from dicomai.explain import gradcam_on_image
 from dicomai.infer import Classifier, preprocess
-from dicomai.model import load_package, sha256_file
+from dicomai.model import load_package
 from dicomai.normalize import decode, to_display
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,43 +38,18 @@ SHARED = REPO.parent / "shared" / "data" / "dicom"
 
 
 def build_standin(directory: Path, size: int = 224) -> Any:
-    """MobileNetV3-Small + GAP + linear, exported with an in-graph Grad-CAM; returns the torch model."""
+    """The shipped architecture (EfficientNet-Lite0 + GAP + linear) with random weights,
+    exported by the training pipeline's own exporter; returns the PyTorch wrapper."""
     import torch
-    from torch import nn
-    from torchvision.models import mobilenet_v3_small
 
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.features = mobilenet_v3_small(weights=None).features
-            self.head = nn.Linear(576, 2)
-
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            a = self.features(x)  # N x 576 x 7 x 7
-            logits = self.head(a.mean(dim=(2, 3)))
-            # Grad-CAM of the positive logit: d logit / d A_k = w_k / (h*w) everywhere, so
-            # the channel weights are the head's row and the map is their weighted sum.
-            w = self.head.weight[1] / (a.shape[2] * a.shape[3])
-            cam = torch.relu(torch.einsum("nkhw,k->nhw", a, w))
-            return torch.softmax(logits, dim=1), cam
+    from dicomai.train.export import export_package
+    from dicomai.train.nets import ExportWrapper, build
 
     torch.manual_seed(0)
-    net = Net().eval()
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(net, (torch.zeros(1, 3, size, size),), str(directory / "model.onnx"),
-                      input_names=["input"], output_names=["probabilities", "gradcam"],
-                      dynamic_axes={"input": {0: "N"}, "probabilities": {0: "N"}, "gradcam": {0: "N"}},
-                      opset_version=17, dynamo=False)
-    manifest = {
-        "name": "mobilenetv3-small-standin", "version": "0", "sha256": sha256_file(directory / "model.onnx"),
-        "input": {"name": "input", "height": size, "width": size, "channels": 3},
-        "preprocessing": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-        "outputs": {"probabilities": "probabilities", "gradcam": "gradcam"},
-        "labels": ["normal", "fractured"], "positive_class": "fractured",
-        "operating_points": {"high_sensitivity": 0.3, "high_specificity": 0.7},
-    }
-    (directory / "model.json").write_text(json.dumps(manifest))
-    return net
+    net = build("efficientnet_lite0", pretrained=False).eval()
+    export_package(net, directory, "efficientnet-lite0-standin", "0", size,
+                   {"high_sensitivity": 0.3, "high_specificity": 0.7}, {}, {})
+    return ExportWrapper(net).eval()
 
 
 def median_ms(fn: Any, repeat: int) -> float:
@@ -96,17 +69,15 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="dicomai-bench-"))
     torch_net = None
-    if args.model is None:
-        try:
-            torch_net = build_standin(tmp / "model")
-            model_dir = tmp / "model"
-        except ImportError:
-            sys.path.insert(0, str(REPO))
-            from tests.synthetic import hot_spot_model
+    try:
+        torch_net = build_standin(tmp / "standin")
+    except ImportError:
+        print("PyTorch (train extra) not installed: ORT vs eager comparison skipped")
+    from dicomai.node import default_model_dir
 
-            model_dir = hot_spot_model(tmp / "model")
-    else:
-        model_dir = args.model
+    model_dir = args.model or default_model_dir() or (tmp / "standin" if torch_net is not None else None)
+    if model_dir is None:
+        sys.exit("no model: give --model DIR")
     package = load_package(model_dir)
     clf = Classifier(package, threads=args.threads, providers=["CPUExecutionProvider"])
     files = {
@@ -146,7 +117,6 @@ def main() -> None:
     print(f"folder of {len(folder)} real radiographs (read+decode+normalize+infer+Grad-CAM): "
           f"{len(folder) / elapsed:.1f} images/s")
     if torch_net is None:
-        print("PyTorch not installed (or --model given): ORT vs eager comparison skipped")
         return
     import torch
 
@@ -156,12 +126,13 @@ def main() -> None:
     with torch.inference_mode():
         ref = torch_net(xt)
         t_torch = median_ms(lambda: torch_net(xt), max(args.repeat, 20))
-    sess = clf.session
+    sess = Classifier(load_package(tmp / "standin"), threads=args.threads,
+                      providers=["CPUExecutionProvider"]).session
     ort_out = sess.run(None, {"input": x})
     t_ort = median_ms(lambda: sess.run(None, {"input": x}), max(args.repeat, 20))
     dp = float(np.abs(ort_out[0] - ref[0].numpy()).max())
     dc = float(np.abs(ort_out[1] - ref[1].numpy()).max())
-    print(f"{'inference, 1x3x224x224':28} | {'onnxruntime':>11} {'torch eager':>11} | "
+    print(f"{'same EfficientNet-Lite0 graph':28} | {'onnxruntime':>11} {'torch eager':>11} | "
           f"{'speed-up':>8} | max |diff| p, cam")
     print(f"{'':28} | {t_ort:9.2f}ms {t_torch:9.2f}ms | {t_torch / t_ort:7.2f}x | {dp:.1e}, {dc:.1e}")
 

@@ -61,11 +61,12 @@ def evaluate_package(package: ModelPackage, samples: list[Sample], out_dir: Path
     y_test = np.array([s.label for s in test])
     t_sens = threshold_for_sensitivity(y_val, p_val, 0.95)
     t_spec = max(threshold_for_specificity(y_val, p_val, 0.95), t_sens)
-    hits, energies = [], []
+    hits, hits15, energies = [], [], []
     for s, cam in zip(test, cams, strict=True):
         if cam is not None and s.boxes:
             hit, energy = pointing_game(cam, s.boxes)
             hits.append(hit)
+            hits15.append(pointing_game(cam, s.boxes, tolerance=15)[0])
             energies.append(energy)
     lo, hi = bootstrap_auroc(y_test, p_test)
     result: dict[str, Any] = {
@@ -78,6 +79,9 @@ def evaluate_package(package: ModelPackage, samples: list[Sample], out_dir: Path
             "at_0.5": confusion(y_test, p_test, 0.5),
             "calibration_error": calibration_error(y_test, p_test),
             "pointing_game": float(np.mean(hits)) if hits else float("nan"),
+            "pointing_game_15px": float(np.mean(hits15)) if hits15 else float("nan"),
+            "box_area_share": float(np.mean([sum(w * h for _, _, w, h in s.boxes) / (load_display(s.path).size)
+                                             for s in test if s.label == 1 and s.boxes])) if hits else float("nan"),
             "energy_in_boxes": float(np.mean(energies)) if energies else float("nan"),
             "localised_images": len(hits),
         },
@@ -175,14 +179,18 @@ project's copy (8-bit, longer side <= 512 px, about 15% withheld): train
 | high-specificity point (threshold {hp['threshold']:.3f}) | sensitivity {hp['sensitivity']:.3f}, specificity {hp['specificity']:.3f}, precision {hp['precision']:.3f} |
 | at p >= 0.5 | accuracy {t['at_0.5']['accuracy']:.3f}, F1 {t['at_0.5']['f1']:.3f}, confusion TP {t['at_0.5']['tp']} FP {t['at_0.5']['fp']} FN {t['at_0.5']['fn']} TN {t['at_0.5']['tn']} |
 | expected calibration error | {t['calibration_error']:.3f} |
-| Grad-CAM pointing game (map maximum in a fracture box) | {t['pointing_game']:.3f} over {t['localised_images']} fractured images |
-| share of Grad-CAM energy inside boxes | {t['energy_in_boxes']:.3f} |
+| Grad-CAM pointing game, strict (map maximum inside a fracture box) | {t['pointing_game']:.3f} over {t['localised_images']} fractured images |
+| Grad-CAM pointing game, 15 px tolerance (Zhang et al. 2016) | {t['pointing_game_15px']:.3f} |
+| share of Grad-CAM energy inside boxes (boxes cover {t['box_area_share']:.3f} of the image on average) | {t['energy_in_boxes']:.3f} |
 | CPU time per image (decode+normalize+infer+Grad-CAM, this machine) | {evaluation['cpu_seconds_per_image'] * 1000:.0f} ms |
 
 The project's targets are AUROC >= 0.90, sensitivity >= 0.90 at the high-sensitivity point
 and pointing game >= 0.5; the figures above are what this model reaches, reported as measured.
 
 ## Limits
+The Grad-CAM map comes from a 7x7 grid (one cell is about 70 px of a 512 px image) while
+fracture boxes are typically 20 to 40 px: the map shows the region the model used, not the
+fracture line, and the strict pointing game is low for that reason as much as any other.
 Small training set (one public dataset, one institution); JPEG-compressed 8-bit copies at
 <= 512 px rather than original DICOM; no external validation; subtle and healed fractures
 and implants are known hard cases; calibration is approximate. Thresholds should be
