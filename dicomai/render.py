@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import NDArray
+from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["colormap", "overlay"]
+__all__ = ["caption_band", "colormap", "overlay"]
 
-# Control points of a perceptually ordered black-red-yellow-white ("hot"-like) map that
-# stays readable on a grey radiograph.
-_STOPS = np.array([0.0, 0.35, 0.7, 1.0], dtype=np.float32)
-_COLOURS = np.array([[0, 0, 0.6], [0.9, 0.1, 0.1], [1.0, 0.85, 0.0], [1.0, 1.0, 1.0]], dtype=np.float32)
+# Control points of a jet-like map (blue - cyan - green - yellow - red), as Grad-CAM figures
+# use: the hottest region is saturated red, which stands out on white bone as well as on
+# dark soft tissue (a map ending in white would vanish on bone).
+_STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0], dtype=np.float32)
+_COLOURS = np.array([[0.0, 0.0, 0.6], [0.0, 0.5, 1.0], [0.1, 1.0, 0.5], [1.0, 0.9, 0.0], [1.0, 0.0, 0.0]],
+                    dtype=np.float32)
 
 
 def colormap(values: NDArray[np.floating]) -> NDArray[np.float32]:
@@ -45,3 +48,34 @@ def overlay(image: NDArray[np.floating], cam: NDArray[np.floating] | None, opaci
     alpha = (opacity * np.clip((c - floor) / (1.0 - floor), 0.0, 1.0))[..., None]
     out = grey * (1.0 - alpha) + colormap(c) * alpha
     return np.asarray(np.round(out * 255), dtype=np.uint8)
+
+
+def caption_band(rgb: NDArray[np.uint8], lines: list[str]) -> NDArray[np.uint8]:
+    """The image with a black band under it carrying ``lines`` in white.
+
+    Font size follows the image width (about 1/55 of it, at least 12 px) so the caption
+    stays legible from a 300 px thumbnail to a 4000 px radiograph.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected H x W x 3, got {rgb.shape}")
+    h, w, _ = rgb.shape
+    size = max(12, w // 55)
+    font = ImageFont.load_default(size=size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped: list[str] = []
+    for text in lines:  # wrap, never cut: a small image gets more, shorter lines
+        current = ""
+        for word in text.split(" "):
+            trial = f"{current} {word}".strip()
+            if current and probe.textlength(trial, font=font) > w - 8:
+                wrapped.append(current)
+                current = word
+            else:
+                current = trial
+        wrapped.append(current)
+    line_h = int(size * 1.35)
+    band = Image.new("RGB", (w, line_h * len(wrapped) + size // 2), (0, 0, 0))
+    draw = ImageDraw.Draw(band)
+    for i, text in enumerate(wrapped):
+        draw.text((4, size // 4 + i * line_h), text, fill=(255, 255, 255), font=font)
+    return np.concatenate([rgb, np.asarray(band, dtype=np.uint8)], axis=0)

@@ -1,0 +1,77 @@
+"""Tests of the Secondary Capture result object: DICOM validity, content and rendering."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from highdicom import UID
+from PIL import Image
+from pydicom import dcmread
+
+from dicomai.model import load_package
+from dicomai.normalize import to_display
+from dicomai.results import SC_SERIES_DESCRIPTION, secondary_capture
+from tests.helpers import dcmtk, missing, pydicom_data, shared_file
+from tests.synthetic import hot_spot_model
+
+
+def _dciodvfy(path: Path) -> list[str]:
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        missing("dciodvfy (apt-get install dicom3tools)")
+    out = subprocess.run([str(tool), str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def _make(tmp_path: Path, source: Path, max_side: int = 2048) -> tuple[Path, np.ndarray]:
+    pkg = load_package(hot_spot_model(tmp_path / "m"))
+    ds = dcmread(source)
+    shown = to_display(ds).image
+    cam = np.zeros_like(shown)
+    h, w = shown.shape
+    cam[h // 3: h // 2, w // 3: w // 2] = 1.0
+    sc = secondary_capture(ds, shown, cam, "positive", 0.93, pkg.manifest, UID(), max_side=max_side)
+    path = tmp_path / "sc.dcm"
+    sc.save_as(path)
+    return path, cam
+
+
+@pytest.mark.parametrize("source", ["RG3_UNCR.dcm", "RG2_JPLL.dcm", "dx_image.dcm"])
+def test_sc_is_valid_dicom(tmp_path: Path, source: str) -> None:
+    """dciodvfy reports no error; the SC belongs to the source's patient and study."""
+    src = pydicom_data(source) if source.startswith("RG3") else shared_file(source)
+    path, _ = _make(tmp_path, src)
+    assert _dciodvfy(path) == []
+    sc, orig = dcmread(path), dcmread(src, stop_before_pixels=True)
+    assert (sc.StudyInstanceUID, sc.PatientID) == (orig.StudyInstanceUID, orig.PatientID)
+    assert sc.SeriesInstanceUID != orig.SeriesInstanceUID
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert (sc.ConversionType, sc.BurnedInAnnotation) == ("WSD", "YES")
+    assert sc.SeriesDescription == SC_SERIES_DESCRIPTION and sc.Manufacturer == "dicomai"
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == orig.SOPInstanceUID
+    assert any("hot-spot-test" in v for v in sc.SoftwareVersions)
+    assert (sc.PhotometricInterpretation, sc.SamplesPerPixel, sc.BitsAllocated) == ("RGB", 3, 8)
+    assert max(sc.Rows, sc.Columns) <= 2048 + 200  # image downscaled; caption band below it
+
+
+def test_sc_renders_with_caption_and_heat_map(tmp_path: Path) -> None:
+    """dcmj2pnm renders the SC; the caption band has text and the hot region is coloured."""
+    src = pydicom_data("RG3_UNCR.dcm")
+    path, cam = _make(tmp_path, src, max_side=1024)
+    png = tmp_path / "sc.png"
+    subprocess.run([dcmtk("dcmj2pnm"), "+on", str(path), str(png)], check=True, capture_output=True)
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    h = 1024  # the 1760x1760 source downscaled to 1024
+    assert img.shape[1] == 1024 and img.shape[0] > h
+    band = img[h:]
+    assert (band.max(axis=2) < 40).mean() > 0.7  # mostly black
+    assert (band.min(axis=2) > 200).sum() > 500  # white text pixels
+    hot = img[int(h * 0.4), int(1024 * 0.42)]
+    assert hot[0] - hot[2] > 60  # red over the hot region
+    cold = img[int(h * 0.9), int(1024 * 0.1)]
+    assert abs(cold[0] - cold[1]) <= 2 and abs(cold[1] - cold[2]) <= 2  # grey elsewhere
