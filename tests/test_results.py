@@ -75,3 +75,82 @@ def test_sc_renders_with_caption_and_heat_map(tmp_path: Path) -> None:
     assert hot[0] - hot[2] > 60  # red over the hot region
     cold = img[int(h * 0.9), int(1024 * 0.1)]
     assert abs(cold[0] - cold[1]) <= 2 and abs(cold[1] - cold[2]) <= 2  # grey elsewhere
+
+
+def _study(tmp_path: Path) -> tuple[list, object]:
+    from dicomai.results import ImageFinding
+
+    pkg = load_package(hot_spot_model(tmp_path / "m"))
+    a = dcmread(pydicom_data("RG3_UNCR.dcm"))
+    b = dcmread(shared_file("RG2_JPLL.dcm"))
+    c = dcmread(pydicom_data("RG1_UNCR.dcm"))
+    for other in (b, c):  # one study
+        other.StudyInstanceUID, other.PatientID = a.StudyInstanceUID, a.PatientID
+        other.PatientName = a.PatientName
+    shown = to_display(a).image
+    sc = secondary_capture(a, shown, np.zeros_like(shown), "positive", 0.93, pkg.manifest, UID())
+    findings = [ImageFinding(a, "positive", 0.93, None, sc),
+                ImageFinding(b, "doubtful", 0.41),
+                ImageFinding(c, "not_analysed", None, "body part not analysed: CHEST")]
+    return findings, pkg
+
+
+def test_sr_content_validity_and_references(tmp_path: Path) -> None:
+    """The SR passes dciodvfy, reads back with highdicom, and says what the audit says."""
+    import highdicom.sr as hsr
+    from pydicom.sr.codedict import codes
+
+    from dicomai.results import FRACTURE, structured_report
+
+    findings, pkg = _study(tmp_path)
+    sr = structured_report(findings, "positive", 0.93, pkg.manifest, (0.3, 0.7), UID())
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+    assert _dciodvfy(path) == []
+    back = dcmread(path)
+    assert back.SeriesDescription == "AI fracture: POSITIVE"
+    assert (back.VerificationFlag, back.CompletionFlag) == ("UNVERIFIED", "COMPLETE")
+    assert back.StudyInstanceUID == findings[0].source.StudyInstanceUID
+    report = hsr.srread(path).content  # parsed back into a MeasurementReport
+    assert isinstance(report, hsr.MeasurementReport)
+    groups = report.get_image_measurement_groups()
+    assert len(groups) == 4  # three images and the study
+    values = {}
+    for grp in groups:
+        (ev,) = grp.get_qualitative_evaluations(name=FRACTURE)
+        meas = grp.get_measurements(name=hsr.CodedConcept("122157", "DCM", "Probability"))
+        refs = [r.referenced_sop_instance_uid for r in grp.source_images] if grp.source_images else []
+        values[grp.tracking_identifier] = (ev.value, meas[0].value if meas else None, refs)
+    assert values["image 1"][:2] == (codes.SCT.Present, 0.93)
+    assert values["image 1"][2] == [findings[0].source.SOPInstanceUID,
+                                    findings[0].secondary_capture.SOPInstanceUID]
+    assert values["image 2"][:2] == (codes.SCT.Indeterminate, 0.41)
+    assert values["image 3"][0].value == "373068000" and values["image 3"][1] is None
+    assert values["study"][:2] == (codes.SCT.Present, 0.93)
+    dump = subprocess.run([dcmtk("dsrdump"), str(path)], capture_output=True, text=True)
+    assert dump.returncode == 0 and "not analysed: body part" in dump.stdout  # dsrdump shortens text
+
+    def texts(items: object) -> list[str]:
+        out: list[str] = []
+        for item in items:  # type: ignore[attr-defined]
+            if getattr(item, "ValueType", "") == "TEXT":
+                out.append(item.TextValue)
+            out += texts(getattr(item, "ContentSequence", []))
+        return out
+
+    assert "not analysed: body part not analysed: CHEST" in texts(back.ContentSequence)
+    assert "hot-spot-test" in dump.stdout and "sha256=" in dump.stdout
+
+
+def test_sr_supersedes_previous(tmp_path: Path) -> None:
+    """A re-run's SR lists the SR it replaces in the Predecessor Documents Sequence."""
+    from dicomai.results import structured_report
+
+    findings, pkg = _study(tmp_path)
+    first = structured_report(findings[:1], "positive", 0.93, pkg.manifest, (0.3, 0.7), UID())
+    second = structured_report(findings, "positive", 0.93, pkg.manifest, (0.3, 0.7), UID(), previous=first)
+    pred = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert pred.ReferencedSOPInstanceUID == first.SOPInstanceUID
+    path = tmp_path / "sr2.dcm"
+    second.save_as(path)
+    assert _dciodvfy(path) == []
