@@ -91,53 +91,47 @@ def send(port: int, aec: str, files: list[Path]) -> float:
     return elapsed
 
 
+def receive(cmd: list[str], port: int, aec: str, files: list[Path], env: dict[str, str] | None = None,
+            stored: Path | None = None) -> float:
+    """Start a receiver, time one storescu run against it, stop it, check what it kept."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc)
+        return send(port, aec, files)
+    finally:
+        proc.terminate()
+        proc.wait()
+        if stored is not None:
+            n = sum(1 for p in stored.rglob("*") if p.is_file())
+            if n != len(files):
+                sys.exit(f"{aec} stored {n} of {len(files)} files")
+
+
 def run_dicomai(files: list[Path], work: Path, fsync: bool = True) -> float:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMAI_")}
     env.update({"DICOMAI_NODE__DATA_DIR": str(work / "dicomai"), "DICOMAI_NODE__PORT": str(port),
                 "DICOMAI_NODE__HOST": "127.0.0.1", "DICOMAI_LOGGING__FORMAT": "json",
-                "DICOMAI_STORAGE__MIN_FREE_MB": "64", "DICOMAI_STORAGE__FSYNC": str(fsync).lower()})
-    proc = subprocess.Popen([sys.executable, "-m", "dicomai", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port, proc)
-        return send(port, "DICOMAI", files)
-    finally:
-        proc.terminate()
-        proc.wait()
-        n = len(list((work / "dicomai" / "spool").rglob("*.dcm")))
-        if n != len(files):
-            sys.exit(f"dicomai stored {n} of {len(files)} files")
+                "DICOMAI_STORAGE__MIN_FREE_MB": "64", "DICOMAI_STORAGE__FSYNC": str(fsync).lower(),
+                # the benchmark measures receiving: no classification during the run
+                "DICOMAI_STUDIES__QUIET_PERIOD_S": "3600"})
+    return receive([sys.executable, "-m", "dicomai", "serve"], port, "DICOMAI", files, env,
+                   stored=work / "dicomai" / "spool")
 
 
 def run_storescp(files: list[Path], work: Path) -> float:
     port = free_port()
     out_dir = work / "storescp"
     out_dir.mkdir()
-    proc = subprocess.Popen([dcmtk("storescp"), "-aet", "STORESCP", "-od", str(out_dir), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=DCMTK_ENV)
-    try:
-        wait_port(port, proc)
-        return send(port, "STORESCP", files)
-    finally:
-        proc.terminate()
-        proc.wait()
-        n = len(list(out_dir.iterdir()))
-        if n != len(files):
-            sys.exit(f"storescp stored {n} of {len(files)} files")
+    return receive([dcmtk("storescp"), "-aet", "STORESCP", "-od", str(out_dir), str(port)], port,
+                   "STORESCP", files, DCMTK_ENV, stored=out_dir)
 
 
 def run_null(files: list[Path], work: Path) -> float:
     """pynetdicom with a handler that keeps nothing: the network layer's ceiling."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_null_scp.py")), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port, proc)
-        return send(port, "NULLSCP", files)
-    finally:
-        proc.terminate()
-        proc.wait()
+    return receive([sys.executable, str(Path(__file__).with_name("_null_scp.py")), str(port)], port,
+                   "NULLSCP", files)
 
 
 def main() -> None:
