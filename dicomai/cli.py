@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     tfit.add_argument("--tune-epochs", type=int, default=10)
     tfit.add_argument("--tune-blocks", choices=["all", "top"], default="top")
     tfit.add_argument("--batch", type=int, default=32)
+    tfit.add_argument("--tune-lr", type=float, default=2e-4)
+    tfit.add_argument("--patience", type=int, default=4, help="epochs without val gain before stopping")
     tfit.add_argument("--limit", type=int, default=0, help="images per split (quick runs)")
     tfit.add_argument("--no-pretrained", action="store_true")
     tfit.add_argument("--seed", type=int, default=0)
@@ -415,7 +417,8 @@ def cmd_train_fit(args: argparse.Namespace, settings: Settings) -> int:
         raise _train_missing(exc) from None
     cfg = FitConfig(backbone=args.backbone, size=args.size, head_epochs=args.head_epochs,
                     tune_epochs=args.tune_epochs, tune_blocks=args.tune_blocks, batch=args.batch,
-                    limit=args.limit, pretrained=not args.no_pretrained, seed=args.seed)
+                    limit=args.limit, pretrained=not args.no_pretrained, seed=args.seed,
+                    tune_lr=args.tune_lr, patience=args.patience)
     summary = fit(load_fracatlas(args.dataset), cfg, args.out)
     print(f"best val AUROC {summary['best_val_auroc']:.4f} at epoch {summary['best_epoch']}; "
           f"{summary['seconds']:.0f}s; {args.out / 'best.pt'}")

@@ -18,7 +18,6 @@ import hashlib
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
@@ -257,12 +256,10 @@ class Receiver:
         settings: Settings,
         spool: Spool,
         sessions: sessionmaker[Session],
-        on_stored: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.sessions = sessions
-        self.on_stored = on_stored
         self._db_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self._stats: dict[int, _AssocStats] = {}
@@ -430,25 +427,26 @@ class Receiver:
         meta: FileMetaDataset = event.file_meta
         if stats is not None:
             meta.SourceApplicationEntityTitle = stats.calling_ae
-        header = encode_header(meta)
         sha = hashlib.sha256(data).hexdigest()
         ts = str(meta.TransferSyntaxUID)
+        # One Part 10 buffer serves parsing, the spool and the quarantine alike.
+        encoded = encode_header(meta) + data
         try:
-            info = parse_instance(header + data, ts, request_uid)
+            info = parse_instance(encoded, ts, request_uid)
         except IngestError as exc:
-            return self._quarantine(exc, [header, data], sha, ts, request_uid, event, assoc_id)
+            return self._quarantine(exc, encoded, sha, ts, request_uid, event, assoc_id)
 
         # Content-addressed path: writing an identical re-send again is harmless, and it
         # saves a database round trip per instance to check for duplicates only afterwards.
         try:
             path = self.spool.write_instance(info.study_instance_uid, info.sop_instance_uid, sha,
-                                             [header, data])
+                                             [encoded])
         except IngestError as exc:
             with self.sessions.begin() as s:
                 record_event(s, _STAGE, "instance.refused", level="error", association_id=assoc_id,
                              sop_instance_uid=info.sop_instance_uid, error=exc.reason)
             return exc.status
-        size = len(header) + len(data)
+        size = len(encoded)
         rel = str(path.relative_to(self.spool.root))
         outcome = self._record(info, sha, size, rel, assoc_id)
         if stats is not None:
@@ -457,8 +455,6 @@ class Receiver:
             else:
                 stats.instances += 1
                 stats.bytes += size
-        if self.on_stored is not None and outcome != "duplicate":
-            self.on_stored(info.study_instance_uid)
         return STATUS_SUCCESS
 
     def _record(self, info: ReceivedInstance, sha: str, size: int, rel: str,
@@ -536,7 +532,7 @@ class Receiver:
                   sop_uid=info.sop_instance_uid, size=size)
         return "stored"
 
-    def _quarantine(self, exc: IngestError, chunks: list[bytes], sha: str, ts: str,
+    def _quarantine(self, exc: IngestError, encoded: bytes, sha: str, ts: str,
                     request_uid: str, event: Any, assoc_id: int | None) -> int:
         sop_class = str(event.request.AffectedSOPClassUID or "")[:64] or None
         meta = {
@@ -548,7 +544,7 @@ class Receiver:
         }
         path_str = ""
         try:
-            path = self.spool.quarantine(chunks, sha, meta)
+            path = self.spool.quarantine([encoded], sha, meta)
             path_str = str(path.relative_to(self.spool.root))
         except Exception as write_exc:  # noqa: BLE001 -- still answer with the original status
             log.error("quarantine.write_failed", error=repr(write_exc))
@@ -557,7 +553,7 @@ class Receiver:
                 received_at=utcnow(), association_id=assoc_id, path=path_str, status=exc.status,
                 reason=exc.reason, sop_class_uid=sop_class,
                 sop_instance_uid=request_uid[:64] or None,
-                size_bytes=sum(len(c) for c in chunks), sha256=sha,
+                size_bytes=len(encoded), sha256=sha,
             )
             s.add(row)
             record_event(s, _STAGE, "instance.quarantined", level="error", association_id=assoc_id,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import CursorResult, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Instance, InstanceState, Study, StudyState, record_event
@@ -76,24 +76,22 @@ class StudyMonitor:
         """Re-queue studies left ``stable``/``processing`` by a previous run."""
         now = self.clock()
         with self.sessions.begin() as s:
-            stuck = s.scalars(select(Study).where(
-                Study.state.in_([StudyState.STABLE, StudyState.PROCESSING]))).all()
-            for study in stuck:
+            # In flight when the node stopped, or with instances stored after a study was last
+            # processed: both go back to receiving and are picked up after the quiet period.
+            unprocessed = select(Instance.study_id).where(Instance.state == InstanceState.STORED)
+            studies = s.scalars(select(Study).where(or_(
+                Study.state.in_([StudyState.STABLE, StudyState.PROCESSING]),
+                Study.state.in_([StudyState.PROCESSED, StudyState.FAILED]) & Study.id.in_(unprocessed),
+            ))).all()
+            for study in studies:
+                details: dict[str, object] = {"previous_state": study.state}
+                if study.state in (StudyState.PROCESSED, StudyState.FAILED):
+                    details["unprocessed"] = True
                 record_event(s, _STAGE, "study.recovered", study_instance_uid=study.study_instance_uid,
-                             details={"previous_state": study.state})
+                             details=details)
                 study.state = StudyState.RECEIVING
                 study.state_changed_at = now
-            # Instances stored after a study was last processed re-open it on restart too.
-            reopened = s.scalars(select(Study).where(
-                Study.state.in_([StudyState.PROCESSED, StudyState.FAILED]),
-                Study.id.in_(select(Instance.study_id).where(Instance.state == InstanceState.STORED)),
-            )).all()
-            for study in reopened:
-                record_event(s, _STAGE, "study.recovered", study_instance_uid=study.study_instance_uid,
-                             details={"previous_state": study.state, "unprocessed": True})
-                study.state = StudyState.RECEIVING
-                study.state_changed_at = now
-        count = len(stuck) + len(reopened)
+        count = len(studies)
         if count:
             log.info("studies.recovered", studies=count)
         return count

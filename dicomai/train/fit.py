@@ -162,16 +162,3 @@ def fit(samples: list[Sample], cfg: FitConfig, out_dir: Path, log: bool = True) 
                "val_images": len(val_img)}
     (out_dir / "history.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-if __name__ == "__main__":  # python -m dicomai.train.fit FRACATLAS OUT [key=value ...]
-    import sys
-
-    from dicomai.train.data import load_fracatlas
-
-    root, out = Path(sys.argv[1]), Path(sys.argv[2])
-    cfg = FitConfig()
-    for kv in sys.argv[3:]:
-        k, v = kv.split("=", 1)
-        setattr(cfg, k, type(getattr(cfg, k))(v) if not isinstance(getattr(cfg, k), bool) else v == "true")
-    fit(load_fracatlas(root), cfg, out)
