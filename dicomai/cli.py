@@ -22,7 +22,10 @@ from dicomai import __version__
 from dicomai.audit import (
     Event,
     Instance,
+    OutboxItem,
+    OutboxState,
     Prediction,
+    ResultObject,
     Series,
     Study,
     current_revision,
@@ -31,6 +34,7 @@ from dicomai.audit import (
     make_engine,
     make_sessionmaker,
     open_database,
+    record_event,
     upgrade,
 )
 from dicomai.config import Settings, load_settings, masked
@@ -52,6 +56,24 @@ def _common() -> argparse.ArgumentParser:
 
 def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _dataset_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", default="auto", choices=["auto", "fracatlas", "folders", "mura", "dicom"],
+                   help="fracatlas (labels.csv, boxes.csv, images/), folders (one folder per class, "
+                        "optionally under train/val/test), mura (MURA-v1.1 CSVs), dicom (DICOM "
+                        "files + --labels CSV); auto guesses from the files")
+    p.add_argument("--labels", type=Path,
+                   help="labels CSV of the dicom layout (path, label[, split, patient_id])")
+
+
+def _samples(args: argparse.Namespace) -> Any:
+    from dicomai.train.data import DatasetError, load_dataset
+
+    try:
+        return load_dataset(args.dataset, args.layout, args.labels)
+    except (DatasetError, OSError) as exc:
+        raise DicomaiError(f"dataset: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(show)
     show.set_defaults(func=cmd_studies_show)
 
+    outbox = sub.add_parser("outbox", parents=[common], help="delivery of result objects")
+    osub = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    ols = osub.add_parser("list", parents=[common], help="outbox rows, newest first")
+    ols.add_argument("--state", choices=[s.value for s in OutboxState])
+    ols.add_argument("--destination")
+    ols.add_argument("--study", help="StudyInstanceUID")
+    ols.add_argument("--limit", type=int, default=100)
+    _json_flag(ols)
+    ols.set_defaults(func=cmd_outbox_list)
+    retry = osub.add_parser("retry", parents=[common],
+                            help="queue rows again now (a running node picks them up at its next poll)")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("ids", nargs="*", type=int, default=[], metavar="ID")
+    which.add_argument("--dead", action="store_true", help="every dead row")
+    retry.set_defaults(func=cmd_outbox_retry)
+
     model = sub.add_parser("model", parents=[common], help="model packages")
     msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     info = msub.add_parser("info", parents=[common], help="print a model package's manifest")
@@ -125,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", parents=[common],
                            help="train, evaluate and release models (needs the train extra)")
     tsub = train.add_subparsers(dest="train_command", required=True, metavar="ACTION")
-    tfit = tsub.add_parser("fit", parents=[common], help="two-phase transfer learning on FracAtlas")
-    tfit.add_argument("dataset", type=Path, help="FracAtlas folder (labels.csv, boxes.csv, images/)")
+    tfit = tsub.add_parser("fit", parents=[common], help="two-phase transfer learning")
+    tfit.add_argument("dataset", type=Path, help="dataset folder (layouts: see --layout)")
+    _dataset_flags(tfit)
     tfit.add_argument("out", type=Path, help="run folder (best.pt, history.json)")
     tfit.add_argument("--backbone", default="efficientnet_lite0",
                       choices=["efficientnet_lite0", "mobilenet_v3_small"])
@@ -145,13 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help="export + parity + evaluate + manifest + model card")
     trel.add_argument("run", type=Path, help="run folder of `train fit`")
     trel.add_argument("dataset", type=Path)
+    _dataset_flags(trel)
     trel.add_argument("package", type=Path, help="output model package folder")
     trel.add_argument("--name", default="dicomai-fracture")
     trel.add_argument("--version", default="0.1.0")
     trel.set_defaults(func=cmd_train_release)
-    teval = tsub.add_parser("evaluate", parents=[common], help="figures of a package on FracAtlas")
+    teval = tsub.add_parser("evaluate", parents=[common],
+                            help="figures of a package on a dataset's test split")
     teval.add_argument("package", type=Path)
     teval.add_argument("dataset", type=Path)
+    _dataset_flags(teval)
     teval.add_argument("--out", type=Path, default=Path("evaluation"))
     teval.set_defaults(func=cmd_train_evaluate)
 
@@ -301,6 +343,10 @@ def cmd_studies_show(args: argparse.Namespace, settings: Settings) -> int:
                            .order_by(Event.id)).all()
         preds = s.scalars(select(Prediction).where(Prediction.study_id == study.id)
                           .order_by(Prediction.id)).all()
+        objects = s.scalars(select(ResultObject).where(ResultObject.study_id == study.id)
+                            .order_by(ResultObject.id)).all()
+        deliveries = s.scalars(select(OutboxItem).join(ResultObject, ResultObject.id == OutboxItem.result_id)
+                               .where(ResultObject.study_id == study.id).order_by(OutboxItem.id)).all()
         data = {
             "study_instance_uid": study.study_instance_uid, "state": study.state,
             "patient_id": study.patient_id, "patient_name": study.patient_name,
@@ -317,6 +363,18 @@ def cmd_studies_show(args: argparse.Namespace, settings: Settings) -> int:
                  "decode_ms": p.decode_ms, "normalize_ms": p.normalize_ms, "infer_ms": p.infer_ms,
                  "gradcam_ms": p.gradcam_ms, "at": _iso(p.created_at)}
                 for p in preds
+            ],
+            "results": [
+                {"kind": o.kind, "run": o.run, "sop_instance_uid": o.sop_instance_uid,
+                 "series_instance_uid": o.series_instance_uid, "grade": o.grade, "path": o.path,
+                 "shadow": o.shadow, "replaces": next((r.sop_instance_uid for r in objects
+                                                       if r.id == o.replaces_id), None),
+                 "source_sop_instance_uid": next((i.sop_instance_uid for i, _ in rows
+                                                  if i.id == o.source_instance_id), None),
+                 "deliveries": [{"id": d.id, "destination": d.destination, "state": d.state,
+                                 "attempts": d.attempts, "last_error": d.last_error}
+                                for d in deliveries if d.result_id == o.id]}
+                for o in objects
             ],
             "instances": [
                 {"sop_instance_uid": i.sop_instance_uid, "version": i.version,
@@ -344,8 +402,67 @@ def cmd_studies_show(args: argparse.Namespace, settings: Settings) -> int:
     print("\nresults:")
     _print_table(data["predictions"], ["level", "sop_instance_uid", "run", "grade", "probability",
                                        "reason", "model"])
+    print("\nresult objects:")
+    _print_table([{**r, "deliveries": " ".join(f"{d['destination']}:{d['state']}" for d in r["deliveries"])}
+                   for r in data["results"]], ["kind", "run", "sop_instance_uid", "grade", "deliveries"])
     print("\nevents:")
     _print_table(data["events"], ["at", "stage", "event", "level", "sop_instance_uid", "error"])
+    return 0
+
+
+def _outbox_row(item: OutboxItem, result: ResultObject, study_uid: str) -> dict[str, Any]:
+    return {"id": item.id, "destination": item.destination, "state": item.state, "kind": result.kind,
+            "attempts": item.attempts, "created_at": _iso(item.created_at),
+            "next_attempt_at": _iso(item.next_attempt_at) if item.state == OutboxState.PENDING else None,
+            "last_attempt_at": _iso(item.last_attempt_at), "sent_at": _iso(item.sent_at),
+            "expires_at": _iso(item.expires_at),
+            "last_status": None if item.last_status is None else f"0x{item.last_status:04X}",
+            "last_error": item.last_error, "study_instance_uid": study_uid,
+            "sop_instance_uid": result.sop_instance_uid}
+
+
+def cmd_outbox_list(args: argparse.Namespace, settings: Settings) -> int:
+    q = (select(OutboxItem, ResultObject, Study.study_instance_uid)
+         .join(ResultObject, ResultObject.id == OutboxItem.result_id)
+         .join(Study, Study.id == ResultObject.study_id)
+         .order_by(OutboxItem.id.desc()).limit(args.limit))
+    if args.state:
+        q = q.where(OutboxItem.state == args.state)
+    if args.destination:
+        q = q.where(OutboxItem.destination == args.destination)
+    if args.study:
+        q = q.where(Study.study_instance_uid == args.study)
+    with _session(settings) as s:
+        rows = [_outbox_row(item, result, uid) for item, result, uid in s.execute(q).all()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_table(rows, ["id", "destination", "kind", "state", "attempts", "next_attempt_at",
+                            "last_status", "last_error"])
+    return 0
+
+
+def cmd_outbox_retry(args: argparse.Namespace, settings: Settings) -> int:
+    now = dt.datetime.now(dt.UTC)
+    expires = now + dt.timedelta(hours=settings.outbox.max_age_h)
+    with _session(settings) as s, s.begin():
+        q = (select(OutboxItem, ResultObject.sop_instance_uid, Study.study_instance_uid)
+             .join(ResultObject, ResultObject.id == OutboxItem.result_id)
+             .join(Study, Study.id == ResultObject.study_id))
+        q = q.where(OutboxItem.state == OutboxState.DEAD if args.dead else OutboxItem.id.in_(args.ids))
+        rows = s.execute(q).all()
+        missing = set(args.ids) - {item.id for item, _, _ in rows}
+        if missing:  # nothing changed yet: leaving the block commits nothing
+            print(f"no outbox row {', '.join(map(str, sorted(missing)))}", file=sys.stderr)
+            return 1
+        for item, sop_uid, study_uid in rows:
+            if item.state == OutboxState.SENT:
+                print(f"row {item.id} was sent already; queued again on request", file=sys.stderr)
+            record_event(s, "admin", "outbox.retry_requested", study_instance_uid=study_uid,
+                         sop_instance_uid=sop_uid, details={"item": item.id, "previous_state": item.state,
+                                                            "destination": item.destination})
+            item.state, item.next_attempt_at, item.expires_at = OutboxState.PENDING, now, expires
+    print(f"{len(rows)} row(s) queued")
     return 0
 
 
@@ -411,7 +528,6 @@ def _train_missing(exc: ImportError) -> DicomaiError:
 
 def cmd_train_fit(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        from dicomai.train.data import load_fracatlas
         from dicomai.train.fit import FitConfig, fit
     except ImportError as exc:
         raise _train_missing(exc) from None
@@ -419,7 +535,7 @@ def cmd_train_fit(args: argparse.Namespace, settings: Settings) -> int:
                     tune_epochs=args.tune_epochs, tune_blocks=args.tune_blocks, batch=args.batch,
                     limit=args.limit, pretrained=not args.no_pretrained, seed=args.seed,
                     tune_lr=args.tune_lr, patience=args.patience)
-    summary = fit(load_fracatlas(args.dataset), cfg, args.out)
+    summary = fit(_samples(args), cfg, args.out)
     print(f"best val AUROC {summary['best_val_auroc']:.4f} at epoch {summary['best_epoch']}; "
           f"{summary['seconds']:.0f}s; {args.out / 'best.pt'}")
     return 0
@@ -427,11 +543,10 @@ def cmd_train_fit(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_train_release(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        from dicomai.train.data import load_fracatlas
         from dicomai.train.release import release
     except ImportError as exc:
         raise _train_missing(exc) from None
-    pkg, report = release(args.run, load_fracatlas(args.dataset), args.package, args.name, args.version)
+    pkg, report = release(args.run, _samples(args), args.package, args.name, args.version)
     t = report["evaluation"]["test"]
     print(json.dumps({"package": str(pkg.directory), "test_auroc": t["auroc"],
                       "test_auroc_ci95": t["auroc_ci95"], "parity": report["parity"],
@@ -441,13 +556,12 @@ def cmd_train_release(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_train_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        from dicomai.train.data import load_fracatlas
         from dicomai.train.evaluate import evaluate_package
     except ImportError as exc:
         raise _train_missing(exc) from None
     from dicomai.model import load_package
 
-    result = evaluate_package(load_package(args.package), load_fracatlas(args.dataset), args.out)
+    result = evaluate_package(load_package(args.package), _samples(args), args.out)
     print(json.dumps(result, indent=2))
     return 0
 

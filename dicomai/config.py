@@ -35,6 +35,9 @@ __all__ = [
     "LoggingConfig",
     "ModelConfig",
     "NodeConfig",
+    "OutboxConfig",
+    "Output",
+    "ResultsConfig",
     "ScopeConfig",
     "Settings",
     "StorageConfig",
@@ -142,7 +145,7 @@ class StudiesConfig(_Section):
     """When a study is considered complete."""
 
     quiet_period_s: float = Field(10.0, ge=0)
-    poll_interval_s: float = Field(1.0, gt=0)
+    poll_interval_s: float = Field(0.25, gt=0)
 
 
 class DatabaseConfig(_Section):
@@ -201,15 +204,42 @@ class LoggingConfig(_Section):
         return value.lower()
 
 
+class Output(StrEnum):
+    """Result objects the node can send."""
+
+    SC = "sc"  # Secondary Capture with the Grad-CAM overlay, one per analysed image
+    SR = "sr"  # Structured Report (TID 1500), one per study and run
+
+
 class Destination(_Section):
-    """A DICOM peer the node talks to (C-ECHO now, result delivery later)."""
+    """A DICOM peer the node talks to: `dicomai echo NAME` and result delivery."""
 
     name: str = Field(min_length=1, max_length=64)
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    outputs: list[Output] = Field(default_factory=lambda: [Output.SC, Output.SR])
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class ResultsConfig(_Section):
+    """The DICOM result objects: what they look like and whether they are sent."""
+
+    shadow: bool = False  # make, keep and audit the objects, send nothing
+    max_side: int = Field(2048, ge=256, le=8192)  # SC images larger than this are downscaled
+    opacity: float = Field(0.45, ge=0, le=1)  # heat map weight where the map is at its maximum
+    floor: float = Field(0.25, ge=0, lt=1)  # map values below this are not drawn
+
+
+class OutboxConfig(_Section):
+    """Delivery of result objects: retries, back-off, give-up age."""
+
+    poll_interval_s: float = Field(2.0, gt=0)
+    batch_size: int = Field(50, ge=1, le=10000)  # objects sent over one association
+    initial_backoff_s: float = Field(10.0, gt=0)
+    max_backoff_s: float = Field(900.0, gt=0)
+    max_age_h: float = Field(72.0, gt=0)  # then the object is dead (an admin may retry it)
 
 
 class Settings(BaseSettings):
@@ -231,6 +261,8 @@ class Settings(BaseSettings):
     logging: LoggingConfig = LoggingConfig()
     model: ModelConfig = ModelConfig()
     scope: ScopeConfig = ScopeConfig()
+    results: ResultsConfig = ResultsConfig()
+    outbox: OutboxConfig = OutboxConfig()
     destinations: list[Destination] = Field(default_factory=list)
 
     @model_validator(mode="after")

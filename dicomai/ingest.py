@@ -66,7 +66,7 @@ from dicomai.config import Settings
 from dicomai.errors import IngestError
 from dicomai.spool import Spool, is_valid_uid
 
-__all__ = ["TRANSFER_SYNTAXES", "ReceivedInstance", "Receiver", "parse_instance"]
+__all__ = ["TRANSFER_SYNTAXES", "ReceivedInstance", "Receiver", "parse_instance", "set_nodelay"]
 
 log = structlog.get_logger("dicomai.ingest")
 
@@ -248,6 +248,20 @@ class _AssocStats:
     end_state: str = "closed"
 
 
+def set_nodelay(event: Any) -> None:
+    """EVT_CONN_OPEN handler: turn Nagle off on the association's socket.
+
+    Small DIMSE messages otherwise wait for the peer's delayed ACK, which caps small-instance
+    throughput near 20/s whatever either side does.
+    """
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            log.debug("tcp_nodelay.unavailable")
+
+
 class Receiver:
     """Owns the pynetdicom AE and the handlers bound to it."""
 
@@ -299,14 +313,7 @@ class Receiver:
 
     # -- association lifecycle ----------------------------------------------------------
     def _on_conn_open(self, event: Any) -> None:
-        # Small C-STORE responses otherwise wait for the peer's delayed ACK (Nagle), which
-        # caps small-instance throughput near 20/s whatever the node does.
-        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                log.debug("tcp_nodelay.unavailable")
+        set_nodelay(event)
 
     def _on_requested(self, event: Any) -> None:
         assoc = event.assoc

@@ -58,6 +58,9 @@ def configure_logging(config: LoggingConfig, stream: object | None = None) -> No
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # "skipped: maximum number of running instances reached" whenever one study takes longer
+    # than the poll interval: expected, not a warning for an admin.
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
     # pydicom logs a traceback for each decoder plugin it tries; dicomai reports the
     # resulting failure itself (event and audit row), so only keep pydicom's critical ones.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)

@@ -1,19 +1,23 @@
-"""``dicomai serve``: wires the listener, the study monitor and the scheduler together.
+"""``dicomai serve``: wires the listener, the study monitor, the scheduler and the outbox together.
 
 Start-up order: open (or create) the audit database and refuse one that is behind,
-prepare the spool, re-queue unfinished studies, start the scheduler, then listen. On
-SIGTERM/SIGINT the node stops accepting associations, lets in-flight ones finish (up to
-``node.shutdown_grace_s``), then stops the scheduler. With systemd ``Type=notify`` it
+prepare the spool, re-queue unfinished studies, start the scheduler and the outbox sender
+(which resumes whatever was pending), then listen. On SIGTERM/SIGINT the node stops
+accepting associations, lets in-flight ones finish (up to ``node.shutdown_grace_s``), then
+stops the scheduler and the sender. With systemd ``Type=notify`` it
 reports READY/STOPPING and feeds the watchdog from the scheduler thread.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
+import sys
 import threading
 import time
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 from types import FrameType
@@ -24,15 +28,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai import __version__
 from dicomai.audit import make_sessionmaker, open_database, record_event
-from dicomai.config import Settings, masked
+from dicomai.config import Output, Settings, masked
 from dicomai.infer import Classifier
 from dicomai.ingest import Receiver
 from dicomai.model import load_package
+from dicomai.outbox import OutboxWorker, Sender
 from dicomai.pipeline import ClassifyStage, NoModelStage
 from dicomai.spool import Spool
 from dicomai.studies import StudyHook, StudyMonitor
 
-__all__ = ["build_stage", "default_model_dir", "run_node", "sd_notify"]
+__all__ = ["build_stage", "default_model_dir", "limit_malloc_arenas", "run_node", "sd_notify"]
 
 log = structlog.get_logger("dicomai.node")
 
@@ -49,13 +54,31 @@ def sd_notify(message: str) -> bool:
     return True
 
 
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX`` would) before threads start.
+
+    Every association, the scheduler and the outbox run in threads; glibc gives each thread
+    its own arena, and multi-megabyte image buffers freed in one arena are not reused by
+    another. Measured with ``benchmarks/e2e.py``: peak RSS 671 MB with the default, 508 MB
+    with two arenas, same latency. An admin's own ``MALLOC_ARENA_MAX`` wins.
+    """
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-8, arenas))  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+
+
 def default_model_dir() -> Path | None:
     """The model package shipped inside dicomai, when this build has one."""
     path = Path(str(files("dicomai"))) / "models" / "default"
     return path if (path / "model.json").is_file() else None
 
 
-def build_stage(settings: Settings, sessions: sessionmaker[Session]) -> StudyHook:
+def build_stage(settings: Settings, sessions: sessionmaker[Session],
+                on_queued: Callable[[], None] | None = None) -> StudyHook:
     """The classification stage; raises ModelError (the node must not start) on a bad package."""
     path = settings.model.path or default_model_dir()
     if path is None:
@@ -66,11 +89,15 @@ def build_stage(settings: Settings, sessions: sessionmaker[Session]) -> StudyHoo
     m = package.manifest
     log.info("model.loaded", name=m.name, version=m.version, sha256=m.sha256[:16],
              providers=classifier.providers)
-    return ClassifyStage(settings, sessions, package, classifier)
+    stage = ClassifyStage(settings, sessions, package, classifier, on_queued=on_queued)
+    if stage.publisher.wants(Output.SC) or stage.publisher.wants(Output.SR):
+        log.info("results.ready", warm_up_s=round(stage.publisher.warm_up(), 3))
+    return stage
 
 
 def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     """Run the node in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    limit_malloc_arenas()
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     engine = open_database(settings.database_url, echo=settings.database.echo)
@@ -78,8 +105,9 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     spool = Spool(data_dir, fsync=settings.storage.fsync,
                   min_free_bytes=settings.storage.min_free_mb * 2**20)
     removed = spool.prepare()
+    outbox = OutboxWorker(Sender(settings, sessions), settings.outbox.poll_interval_s)
     if hook is None:
-        hook = build_stage(settings, sessions)
+        hook = build_stage(settings, sessions, on_queued=outbox.kick)
     monitor = StudyMonitor(sessions, data_dir, settings.studies.quiet_period_s, hook)
     recovered = monitor.recover()
     with sessions.begin() as s:
@@ -97,6 +125,7 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
         scheduler.add_job(sd_notify, "interval", seconds=max(watchdog_usec / 2e6, 1.0),
                           args=["WATCHDOG=1"], id="watchdog", max_instances=1, coalesce=True)
     scheduler.start()
+    outbox.start()
 
     receiver = Receiver(settings, spool, sessions)
     ae = receiver.build_ae()
@@ -127,6 +156,7 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
         log.warning("node.aborting_associations", active=receiver.active)
     ae.shutdown()
     scheduler.shutdown(wait=True)
+    outbox.stop(timeout=settings.node.shutdown_grace_s)
     with sessions.begin() as s:
         record_event(s, "node", "node.stopped")
     engine.dispose()

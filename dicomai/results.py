@@ -48,7 +48,7 @@ SC_SERIES_NUMBER = 9901
 def secondary_capture(source: Dataset, display: NDArray[np.float32], cam: NDArray[np.float32] | None,
                       grade: str, probability: float, manifest: Manifest, series_uid: str,
                       instance_number: int = 1, max_side: int = 2048, opacity: float = 0.45,
-                      floor: float = 0.25) -> SCImage:
+                      floor: float = 0.25, sop_instance_uid: str | None = None) -> SCImage:
     """The Secondary Capture of one analysed radiograph.
 
     Parameters
@@ -59,7 +59,9 @@ def secondary_capture(source: Dataset, display: NDArray[np.float32], cam: NDArra
         The displayed radiograph and its Grad-CAM map (same geometry), both in [0, 1];
         ``cam`` may be ``None`` when the model has no map.
     series_uid:
-        The result series (one per study and run, shared by its SC objects).
+        The result series (one per study, shared by its SC objects).
+    sop_instance_uid:
+        The SC's UID when it was assigned beforehand (an SR may reference it already).
     max_side:
         Larger images are downscaled so that their longer side is this many pixels.
     """
@@ -81,7 +83,8 @@ def secondary_capture(source: Dataset, display: NDArray[np.float32], cam: NDArra
     sc = SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=UID(), instance_number=instance_number, manufacturer=OWN_MANUFACTURER,
+        sop_instance_uid=sop_instance_uid or UID(), instance_number=instance_number,
+        manufacturer=OWN_MANUFACTURER,
         patient_orientation=(orientation[0], orientation[1]) if known else ("L", "F"),
         transfer_syntax_uid="1.2.840.10008.1.2.1",
     )

@@ -90,6 +90,10 @@ class Spool:
         self._durable_write(sidecar, [json.dumps(meta, indent=2, default=str).encode()])
         return final
 
+    def write_file(self, final: Path, chunks: list[bytes]) -> None:
+        """Durably write any file under the data directory (tmp, fsync, rename, fsync dir)."""
+        self._durable_write(final, chunks)
+
     def _durable_write(self, final: Path, chunks: list[bytes]) -> None:
         created_dir = not final.parent.exists()
         if created_dir:

@@ -253,6 +253,7 @@ class Orthanc:
     aet: str = "ORTHANC"
     http_port: int = field(default_factory=free_port)
     dicom_port: int = field(default_factory=free_port)
+    extra: dict[str, Any] = field(default_factory=dict)  # more Orthanc configuration options
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Orthanc:
@@ -267,10 +268,11 @@ class Orthanc:
             "AuthenticationEnabled": False, "HttpBindAddress": "127.0.0.1",
             "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
             "Plugins": [], "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False,
+            **self.extra,
         }
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config))
-        log = open(self.workdir / "orthanc.log", "wb")  # noqa: SIM115
+        log = open(self.workdir / "orthanc.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen([binary, str(cfg)], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -280,6 +282,12 @@ class Orthanc:
             except OSError:
                 time.sleep(0.1)
         raise AssertionError("Orthanc did not start:\n" + (self.workdir / "orthanc.log").read_text())
+
+    def study_series(self, study_uid: str) -> list[dict[str, Any]]:
+        """The series Orthanc holds for a study (empty when it has none)."""
+        found = self.post("/tools/lookup", study_uid)
+        ids = [f["ID"] for f in found if f["Type"] == "Study"]
+        return self.get(f"/studies/{ids[0]}/series") if ids else []  # type: ignore[no-any-return]
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.http_port}{path}"

@@ -66,4 +66,4 @@ def test_node_refuses_outdated_database(tmp_path: Path) -> None:
     assert "run `dicomai db upgrade`" in out.stderr
     assert subprocess.run([*run, "db", "upgrade"], env=env, capture_output=True).returncode == 0
     cur = subprocess.run([*run, "db", "current"], env=env, capture_output=True, text=True)
-    assert cur.returncode == 0 and "current: 0002" in cur.stdout
+    assert cur.returncode == 0 and "current: 0003" in cur.stdout

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import (
     Instance,
     InstanceState,
+    OutboxItem,
     Prediction,
+    ResultObject,
     Series,
     Study,
     StudyState,
@@ -54,6 +58,34 @@ def _bad_variants(tmp: Path) -> dict[str, Path]:
     return out
 
 
+@dataclass(frozen=True)
+class _Row(WorkInstance):
+    study_id: int = 0
+
+
+def _rows(sessions: sessionmaker[Session], study_uid: str, files: list[tuple[str, Path]]) -> list[_Row]:
+    """A study in ``processing`` with one stored instance per (SOP Instance UID, file)."""
+    now = utcnow()
+    with sessions.begin() as s:
+        study = Study(study_instance_uid=study_uid, state=StudyState.PROCESSING, first_received_at=now,
+                      last_received_at=now, state_changed_at=now, reopen_count=0)
+        s.add(study)
+        s.flush()
+        series = Series(study_id=study.id, series_instance_uid=f"{study_uid}.1")
+        s.add(series)
+        s.flush()
+        rows = []
+        for uid, path in files:
+            inst = Instance(study_id=study.id, series_id=series.id, sop_instance_uid=uid,
+                            sop_class_uid="1.2.840.10008.5.1.4.1.1.1", transfer_syntax_uid="x", version=1,
+                            size_bytes=1, sha256="0" * 64, spool_path=str(path), state=InstanceState.STORED,
+                            received_at=now)
+            s.add(inst)
+            s.flush()
+            rows.append(_Row(inst.id, uid, inst.sop_class_uid, path, study.id))
+    return rows
+
+
 def test_bad_images_fail_alone(tmp_path: Path) -> None:
     """Corrupt, unsupported and zero-size images are failed with reasons; the rest is graded."""
     settings = load_settings(environ={"DICOMAI_NODE__DATA_DIR": str(tmp_path / "data"),
@@ -62,25 +94,9 @@ def test_bad_images_fail_alone(tmp_path: Path) -> None:
     pkg = load_package(hot_spot_model(tmp_path / "model"))
     stage = ClassifyStage(settings, sessions, pkg, Classifier(pkg))
     files = {**_bad_variants(tmp_path), "good": pydicom_data("RG3_UNCR.dcm")}
-    now = utcnow()
-    with sessions.begin() as s:
-        study = Study(study_instance_uid="1.2.3", state=StudyState.PROCESSING, first_received_at=now,
-                      last_received_at=now, state_changed_at=now, reopen_count=0)
-        s.add(study)
-        s.flush()
-        series = Series(study_id=study.id, series_instance_uid="1.2.3.1")
-        s.add(series)
-        s.flush()
-        work = []
-        for name, path in files.items():
-            inst = Instance(study_id=study.id, series_id=series.id, sop_instance_uid=f"1.2.3.1.{len(work)}",
-                            sop_class_uid="1.2.840.10008.5.1.4.1.1.1", transfer_syntax_uid="x", version=1,
-                            size_bytes=1, sha256="0" * 64, spool_path=str(path), state=InstanceState.STORED,
-                            received_at=now)
-            s.add(inst)
-            s.flush()
-            work.append((name, WorkInstance(inst.id, inst.sop_instance_uid, inst.sop_class_uid, path)))
-        study_id = study.id
+    uids = [(f"1.2.3.1.{n}", p) for n, p in enumerate(files.values())]
+    work = list(zip(files, _rows(sessions, "1.2.3", uids), strict=True))
+    study_id = work[0][1].study_id
     stage(StudyWork(study_id, "1.2.3", 0, tuple(w for _, w in work)))
     with sessions() as s:
         image_rows = s.scalars(select(Prediction).where(Prediction.level == "image"))
@@ -134,3 +150,42 @@ def test_node_refuses_a_bad_model(tmp_path: Path, node_factory: type[Node]) -> N
     node.start(wait=False)
     assert node.proc is not None and node.proc.wait(timeout=60) == 2
     assert "does not match the manifest" in node.log()
+
+
+def test_interrupted_run_makes_planned_captures_later(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node stopped between the two steps (SR recorded and queued, SCs not made yet): the
+    next pass over the study makes the SCs with the UIDs the SR already references, and
+    queues them; nothing is classified twice."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 9\n')
+    settings = load_settings(cfg, environ={"DICOMAI_NODE__DATA_DIR": str(tmp_path / "data")})
+    sessions = make_sessionmaker(open_database(settings.database_url))
+    pkg = load_package(hot_spot_model(tmp_path / "model"))
+    stage = ClassifyStage(settings, sessions, pkg, Classifier(pkg))
+    study_uid, (path,) = make_study([pydicom_data("RG3_UNCR.dcm")], tmp_path / "s")
+    ds = dcmread(path, stop_before_pixels=True)
+    (inst,) = _rows(sessions, study_uid, [(ds.SOPInstanceUID, path)])
+    work = StudyWork(inst.study_id, study_uid, 0, (inst,))
+    # Step 2 never runs: the process "stops" right after step 1's commit.
+    monkeypatch.setattr(stage, "_maps_and_captures", lambda *args: 0)
+    stage(work)
+    with sessions() as s:
+        rows = {r.kind: r for r in s.scalars(select(ResultObject))}
+        assert set(rows) == {"sr", "sc"} and rows["sc"].path is None
+        assert s.scalar(select(Instance.state)) == InstanceState.PROCESSED
+        planned_uid = rows["sc"].sop_instance_uid
+    sr = dcmread(tmp_path / "data" / str(rows["sr"].path))
+    assert planned_uid in str(sr)  # the SR references the SC before it exists
+    monkeypatch.undo()
+    stage(StudyWork(work.study_id, study_uid, 0, ()))  # the next pass, as after a restart
+    with sessions() as s:
+        sc = s.scalars(select(ResultObject).where(ResultObject.kind == "sc")).one()
+        kinds = sorted(s.scalars(select(ResultObject.kind).join(
+            OutboxItem, OutboxItem.result_id == ResultObject.id)))
+        assert s.scalar(select(func.count()).select_from(Prediction)) == 2  # image + study, once
+    assert sc.sop_instance_uid == planned_uid and sc.path
+    made = dcmread(tmp_path / "data" / sc.path)
+    assert made.SOPInstanceUID == planned_uid and made.SourceImageSequence[0].ReferencedSOPInstanceUID == (
+        ds.SOPInstanceUID)
+    assert kinds == ["sc", "sr"]

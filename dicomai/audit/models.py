@@ -32,8 +32,11 @@ __all__ = [
     "Event",
     "Instance",
     "InstanceState",
+    "OutboxItem",
+    "OutboxState",
     "Prediction",
     "Quarantined",
+    "ResultObject",
     "Series",
     "Study",
     "StudyState",
@@ -78,6 +81,12 @@ class InstanceState(StrEnum):
     STORED = "stored"  # durable in the spool, not yet processed
     PROCESSED = "processed"
     FAILED = "failed"
+
+
+class OutboxState(StrEnum):
+    PENDING = "pending"  # to be sent (again) at next_attempt_at
+    SENT = "sent"  # the destination confirmed storage
+    DEAD = "dead"  # given up: a permanent rejection or older than the maximum age
 
 
 class Base(DeclarativeBase):
@@ -205,6 +214,55 @@ class Prediction(Base):
     infer_ms: Mapped[float | None]
     gradcam_ms: Mapped[float | None]
     created_at: Mapped[dt.datetime]
+
+
+class ResultObject(Base):
+    """A DICOM object the node made: a Secondary Capture (``sc``) or a Structured Report (``sr``).
+
+    An SC row is written when its UID is assigned (the study's SR references it) and gets its
+    ``path`` once the object is made; an empty ``path`` means "planned, not made yet".
+    """
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(4))
+    run: Mapped[int] = mapped_column(Integer)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    source_instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), index=True)
+    replaces_id: Mapped[int | None] = mapped_column(ForeignKey("results.id"))
+    grade: Mapped[str | None] = mapped_column(String(16))
+    path: Mapped[str | None] = mapped_column(String(512))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    shadow: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[dt.datetime]
+
+
+class OutboxItem(Base):
+    """One result object for one destination, until it is delivered or given up."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (UniqueConstraint("result_id", "destination", name="uq_outbox_result_destination"),
+                      Index("ix_outbox_state_next", "state", "next_attempt_at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"))
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(8))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime]
+    next_attempt_at: Mapped[dt.datetime]
+    expires_at: Mapped[dt.datetime]
+    last_attempt_at: Mapped[dt.datetime | None]
+    sent_at: Mapped[dt.datetime | None]
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    result: Mapped[ResultObject] = relationship()
 
 
 class Event(Base):

@@ -1,0 +1,324 @@
+"""Results back to the PACS: SC and SR made by the node, delivered to a real Orthanc.
+
+Each test starts the node (shipped model) and, where it needs one, Orthanc on free loopback
+ports; the node's outbox is driven only through DICOM, its CLI and its audit database.
+"""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicomai.outbox import Outcome, backoff_s, status_outcome
+from dicomai.results import SC_SERIES_DESCRIPTION
+from tests.helpers import Node, Orthanc, dcmtk, make_study, pydicom_data, shared_file, storescu
+from tests.test_results import _dciodvfy
+
+_FRACTURE = "125605004"
+_PROBABILITY = "122157"
+_GRADE_CODE = {"positive": "52101004", "doubtful": "82334004", "negative": "272519000"}  # SCT Present etc.
+
+
+def _config(path: Path, orthanc_port: int, outputs: str = '["sc", "sr"]', extra: str = "") -> Path:
+    path.write_text(f"""
+[[destinations]]
+name = "pacs"
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = {orthanc_port}
+outputs = {outputs}
+
+[outbox]
+poll_interval_s = 0.5
+initial_backoff_s = 0.5
+max_backoff_s = 1.0
+{extra}
+""")
+    return path
+
+
+def _two_views(tmp_path: Path) -> tuple[str, list[Path]]:
+    return make_study([pydicom_data("RG3_UNCR.dcm"), shared_file("RG2_JPLL.dcm")], tmp_path / "study")
+
+
+def _outbox(node: Node, *args: str) -> list[dict[str, Any]]:
+    import json
+
+    return json.loads(node.cli("outbox", "list", "--json", *args).stdout)  # type: ignore[no-any-return]
+
+
+def _wait(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+def _download(orthanc: Orthanc, instance_id: str) -> Dataset:
+    with urllib.request.urlopen(orthanc.url(f"/instances/{instance_id}/file"), timeout=30) as rsp:
+        return dcmread(io.BytesIO(rsp.read()))
+
+
+def _walk(items: Any) -> list[Dataset]:
+    out: list[Dataset] = []
+    for item in items:
+        out.append(item)
+        if "ContentSequence" in item:
+            out += _walk(item.ContentSequence)
+    return out
+
+
+def _sr_groups(sr: Dataset) -> list[dict[str, Any]]:
+    """Per TID 1501 group: referenced SOP instances, finding value and probability."""
+    groups = []
+    for item in _walk(sr.ContentSequence):
+        if item.ConceptNameCodeSequence[0].CodeValue != "125007":  # Measurement Group
+            continue
+        content = _walk(item.ContentSequence)
+        refs = [c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for c in content
+                if c.ValueType == "IMAGE"]
+        finding = [c.ConceptCodeSequence[0].CodeValue for c in content if c.ValueType == "CODE"
+                   and c.ConceptNameCodeSequence[0].CodeValue == _FRACTURE]
+        prob = [float(c.MeasuredValueSequence[0].NumericValue) for c in content if c.ValueType == "NUM"
+                and c.ConceptNameCodeSequence[0].CodeValue == _PROBABILITY]
+        ident = [c.TextValue for c in content if c.ValueType == "TEXT"
+                 and c.ConceptNameCodeSequence[0].CodeValue == "112039"]  # Tracking Identifier
+        groups.append({"refs": refs, "finding": finding[0] if finding else None,
+                       "probability": prob[0] if prob else None, "id": ident[0] if ident else None})
+    return groups
+
+
+def test_status_outcomes_and_backoff() -> None:
+    """Success/warning -> sent; object refused -> dead; resources/processing failure -> retry."""
+    assert status_outcome(0x0000) == Outcome.SENT
+    assert status_outcome(0xB000) == Outcome.SENT  # coercion of data elements: a warning
+    assert status_outcome(0x0122) == Outcome.DEAD  # SOP class not supported
+    assert status_outcome(0xA900) == Outcome.DEAD  # data set does not match SOP class
+    assert status_outcome(0xC000) == Outcome.DEAD  # cannot understand
+    assert status_outcome(0xA700) == Outcome.RETRY  # out of resources
+    assert status_outcome(0x0110) == Outcome.RETRY  # processing failure
+    delays = [backoff_s(n, 10, 900, rng=lambda: 1.0) for n in range(1, 10)]
+    assert delays[:4] == [10, 20, 40, 80] and delays[-1] == 900
+    assert backoff_s(3, 10, 900, rng=lambda: 0.0) == 20  # jitter keeps at least half the delay
+
+
+def test_results_reach_orthanc(node_factory: type[Node], tmp_path: Path, db_url: str) -> None:
+    """Orthanc forwards a two-view study; 2 SC and 1 SR come back into the same study.
+
+    The SR's findings and probabilities equal the audit database; every object the node wrote
+    passes dciodvfy without errors; the SC renders (dcmj2pnm) with caption band and heat map.
+    """
+    orthanc = Orthanc(tmp_path / "orthanc", {})
+    node = node_factory(data_dir=tmp_path / "data", db_url=db_url,
+                        config=_config(tmp_path / "n.toml", orthanc.dicom_port))
+    orthanc.modalities = {"dicomai": ("DICOMAI", "127.0.0.1", node.port)}
+    orthanc.start()
+    try:
+        node.start()
+        study_uid, files = _two_views(tmp_path)
+        for f in files:
+            orthanc.post("/instances", f.read_bytes())
+        (orthanc_study,) = orthanc.get("/studies")
+        job = orthanc.post("/modalities/dicomai/store", {"Resources": [orthanc_study], "Synchronous": True})
+        assert job.get("FailedInstancesCount", 0) == 0, job
+        _wait(lambda: [r["state"] for r in _outbox(node)] == ["sent"] * 3, 90, "SC, SC and SR sent")
+        series = orthanc.study_series(study_uid)
+        assert len(series) == 4
+        by_desc = {x["MainDicomTags"].get("SeriesDescription", ""): x for x in series}
+        sc_series = by_desc[SC_SERIES_DESCRIPTION]
+        (sr_desc,) = [d for d in by_desc if d.startswith("AI fracture:")]
+        assert len(sc_series["Instances"]) == 2 and len(by_desc[sr_desc]["Instances"]) == 1
+        assert sc_series["MainDicomTags"]["Modality"] == "OT"
+        assert by_desc[sr_desc]["MainDicomTags"]["Modality"] == "SR"
+        sr = _download(orthanc, by_desc[sr_desc]["Instances"][0])
+        scs = [_download(orthanc, i) for i in sc_series["Instances"]]
+        originals = {dcmread(f, stop_before_pixels=True).SOPInstanceUID: f for f in files}
+        for ds in [sr, *scs]:
+            assert ds.StudyInstanceUID == study_uid and ds.PatientID == "PID-SECRET-42"
+        assert {sc.SourceImageSequence[0].ReferencedSOPInstanceUID for sc in scs} == set(originals)
+
+        # The SR says what the audit database says.
+        db = node.study(study_uid)
+        images = {p["sop_instance_uid"]: p for p in db["predictions"] if p["level"] == "image"}
+        (study_row,) = [p for p in db["predictions"] if p["level"] == "study"]
+        assert sr_desc == f"AI fracture: {study_row['grade'].upper()}"
+        sc_of = {sc.SourceImageSequence[0].ReferencedSOPInstanceUID: sc.SOPInstanceUID for sc in scs}
+        groups = _sr_groups(sr)
+        per_image = [g for g in groups if g["id"] != "study"]
+        assert len(per_image) == 2
+        for g in per_image:
+            source = g["refs"][0]
+            assert g["refs"] == [source, sc_of[source]]
+            assert g["finding"] == _GRADE_CODE[images[source]["grade"]]
+            assert g["probability"] == pytest.approx(images[source]["probability"], abs=5e-5)
+        (study_group,) = [g for g in groups if g["id"] == "study"]
+        assert study_group["probability"] == pytest.approx(study_row["probability"], abs=5e-5)
+        assert sr.VerificationFlag == "UNVERIFIED"
+
+        # Delivered once each, on the first attempt; the files the node kept are valid DICOM.
+        rows = _outbox(node)
+        assert sorted(r["kind"] for r in rows) == ["sc", "sc", "sr"]
+        assert all(r["state"] == "sent" and r["attempts"] == 1 for r in rows), rows
+        for r in db["results"]:
+            path = node.data_dir / r["path"]
+            assert dcmread(path).SOPInstanceUID == r["sop_instance_uid"]
+            assert _dciodvfy(path) == [], path
+
+        # The SC as a viewer shows it: grey radiograph, coloured heat map, caption band.
+        png = tmp_path / "sc.png"
+        sc_file = tmp_path / "sc.dcm"
+        scs[0].save_as(sc_file)
+        subprocess.run([dcmtk("dcmj2pnm"), "+on", str(sc_file), str(png)], check=True, capture_output=True)
+        rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+        source = dcmread(originals[scs[0].SourceImageSequence[0].ReferencedSOPInstanceUID],
+                         stop_before_pixels=True)
+        h = round(source.Rows * min(1.0, 2048 / max(source.Rows, source.Columns)))
+        image, band = rgb[:h], rgb[h:]
+        assert band.shape[0] > 20 and (band.max(axis=2) < 40).mean() > 0.6  # a black band ...
+        assert (band.min(axis=2) > 200).sum() > 200  # ... with white text
+        coloured = (image.max(axis=2) - image.min(axis=2)) > 60
+        assert 0.002 < coloured.mean() < 0.9  # a heat map, not a grey image nor a flood
+    finally:
+        orthanc.stop()
+
+
+def _db(node: Node) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{node.data_dir / 'audit.sqlite3'}?mode=ro", uri=True, timeout=30)
+
+
+def _states(node: Node) -> dict[str, int]:
+    with _db(node) as conn:
+        return dict(conn.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
+
+
+def test_orthanc_down_then_back(node_factory: type[Node], tmp_path: Path) -> None:
+    """Results due while Orthanc is stopped wait in the outbox and arrive once when it is back."""
+    orthanc = Orthanc(tmp_path / "orthanc", {})
+    node = node_factory(data_dir=tmp_path / "data", config=_config(tmp_path / "n.toml", orthanc.dicom_port))
+    node.start()
+    study_uid, files = _two_views(tmp_path)
+    assert storescu(node.port, files).returncode == 0
+    pending = _wait(lambda: (lambda r: r if len(r) == 3 and all(x["attempts"] >= 2 for x in r) else None)(
+        _outbox(node)), 60, "three results retried while Orthanc is down")
+    assert all(r["state"] == "pending" and "cannot associate" in r["last_error"] for r in pending)
+    orthanc.start()
+    try:
+        _wait(lambda: _states(node) == {"sent": 3}, 60, "delivery after Orthanc is back")
+        series = orthanc.study_series(study_uid)
+        uids = [dcmread(io.BytesIO(urllib.request.urlopen(orthanc.url(f"/instances/{i}/file")).read()),
+                        stop_before_pixels=True).SOPInstanceUID for s in series for i in s["Instances"]]
+        assert sorted(uids) == sorted(r["sop_instance_uid"] for r in pending)  # each once
+        with _db(node) as conn:
+            sent = conn.execute("SELECT count(*), count(DISTINCT sop_instance_uid) FROM events "
+                                "WHERE event = 'outbox.sent'").fetchone()
+            retries = conn.execute("SELECT count(*) FROM events WHERE event = 'outbox.retry'").fetchone()[0]
+        assert sent == (3, 3) and retries >= 6
+    finally:
+        orthanc.stop()
+
+
+def test_node_killed_while_sending(node_factory: type[Node], tmp_path: Path) -> None:
+    """kill -9 between two deliveries; after restart everything arrives and nothing twice."""
+    orthanc = Orthanc(tmp_path / "orthanc", {})
+    cfg = _config(tmp_path / "n.toml", orthanc.dicom_port, extra="batch_size = 1")
+    node = node_factory(data_dir=tmp_path / "data", config=cfg)
+    orthanc.start()
+    try:
+        node.start()
+        study_uid, files = make_study([pydicom_data("RG3_UNCR.dcm")], tmp_path / "study", copies=10)
+        assert storescu(node.port, files).returncode == 0
+        states = _wait(lambda: (lambda s: s if s.get("sent", 0) >= 1 and s.get("pending", 0) >= 2 else None)(
+            _states(node)), 90, "delivery under way", interval=0.01)
+        node.kill9()
+        assert states.get("sent", 0) < 11
+        node.start()
+        _wait(lambda: _states(node) == {"sent": 11}, 90, "every result delivered after restart")
+        series = orthanc.study_series(study_uid)
+        in_orthanc = sorted(dcmread(io.BytesIO(urllib.request.urlopen(
+            orthanc.url(f"/instances/{i}/file")).read()), stop_before_pixels=True).SOPInstanceUID
+            for s in series for i in s["Instances"])
+        with _db(node) as conn:
+            made = sorted(r[0] for r in conn.execute("SELECT sop_instance_uid FROM results").fetchall())
+            per_item = conn.execute("SELECT max(n) FROM (SELECT count(*) AS n FROM events "
+                                    "WHERE event = 'outbox.sent' GROUP BY sop_instance_uid)").fetchone()[0]
+        assert len(made) == 11 and in_orthanc == made
+        assert per_item == 1
+    finally:
+        orthanc.stop()
+
+
+def test_rejecting_destination_is_dead_after_one_attempt(node_factory: type[Node], tmp_path: Path) -> None:
+    """Orthanc does not know the node's AE title: dead after one attempt, with the reason."""
+    orthanc = Orthanc(tmp_path / "orthanc", {}, extra={"DicomAlwaysAllowStore": False,
+                                                       "DicomAlwaysAllowEcho": False})
+    node = node_factory(data_dir=tmp_path / "data",
+                        config=_config(tmp_path / "n.toml", orthanc.dicom_port, outputs='["sr"]'))
+    orthanc.start()
+    try:
+        node.start()
+        _, files = _two_views(tmp_path)
+        assert storescu(node.port, files).returncode == 0
+        (row,) = _wait(lambda: [r for r in _outbox(node) if r["state"] == "dead"], 60, "a dead row")
+        assert row["kind"] == "sr" and row["attempts"] == 1
+        assert "rejected permanent" in row["last_error"].lower(), row
+        assert "calling ae title not recognised" in row["last_error"].lower(), row
+        assert node.cli("outbox", "retry", "--dead").returncode == 0
+        assert _outbox(node)[0]["state"] in ("pending", "dead")
+        (again,) = _wait(lambda: [r for r in _outbox(node, "--state", "dead") if r["attempts"] == 2],
+                         30, "the retried row dead again")
+        assert node.cli("outbox", "retry", "999999", check=False).returncode == 1
+        with _db(node) as conn:
+            events = [r[0] for r in conn.execute(
+                "SELECT event FROM events WHERE stage IN ('outbox', 'admin') ORDER BY id").fetchall()]
+        assert events == ["outbox.dead", "outbox.retry_requested", "outbox.dead"]
+    finally:
+        orthanc.stop()
+
+
+def test_shadow_mode_and_reopened_study(node_factory: type[Node], tmp_path: Path) -> None:
+    """Shadow mode: objects made, kept and audited, nothing queued. A late image re-opens the
+    study: one new SC (same series), and a new SR over both images that supersedes the first."""
+    cfg = _config(tmp_path / "n.toml", 9, extra="[results]\nshadow = true")
+    node = node_factory(data_dir=tmp_path / "data", config=cfg).start()
+    study_uid, files = _two_views(tmp_path)
+    assert storescu(node.port, files[:1]).returncode == 0
+    node.wait_state(study_uid, "processed")
+    _wait(lambda: (lambda r: len(r) == 2 and all(x["path"] for x in r))(node.study(study_uid)["results"]),
+          20, "first run's objects")
+    assert storescu(node.port, files[1:]).returncode == 0
+    study = _wait(lambda: (lambda s: s if s["state"] == "processed" and len(s["results"]) == 4
+                           and all(x["path"] for x in s["results"]) else None)(node.study(study_uid)),
+                  60, "second run's objects")
+    results = study["results"]
+    assert [(r["kind"], r["run"]) for r in results] == [("sr", 0), ("sc", 0), ("sr", 1), ("sc", 1)]
+    assert all(r["shadow"] and r["deliveries"] == [] for r in results)
+    assert _outbox(node) == []
+    first_sr, first_sc, second_sr, second_sc = (dcmread(node.data_dir / r["path"]) for r in results)
+    assert first_sc.SeriesInstanceUID == second_sc.SeriesInstanceUID
+    assert (first_sc.InstanceNumber, second_sc.InstanceNumber) == (1, 2)
+    assert [r["source_sop_instance_uid"] for r in (results[1], results[3])] == [
+        dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    assert second_sr.SeriesInstanceUID != first_sr.SeriesInstanceUID
+    predecessor = second_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first_sr.SOPInstanceUID
+    assert results[2]["replaces"] == first_sr.SOPInstanceUID
+    refs = {g["refs"][0] for g in _sr_groups(second_sr) if g["id"] != "study"}
+    assert refs == {dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+    assert len(_sr_groups(first_sr)) == 2  # one image, plus the study group
+    for r in results:
+        assert _dciodvfy(node.data_dir / r["path"]) == []
