@@ -172,8 +172,17 @@ class Sender:
             if isinstance(event.primitive, A_ASSOCIATE) and event.primitive.result is not None:
                 answers.append(event.primitive)
 
+        opened: list[bool] = []
+        handlers: list[Any] = [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_CONN_OPEN, lambda _e: opened.append(True)),
+                    (evt.EVT_ACSE_RECV, _on_acse)]
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=node.max_pdu_size,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_ACSE_RECV, _on_acse)])
+                             evt_handlers=handlers)
+        if not assoc.is_established and opened and not answers:
+            # Connected, but no answer seen: a peer that rejects and closes at once can race
+            # pynetdicom's reading of the A-ASSOCIATE-RJ (seen with Orthanc). Ask once more
+            # so that a permanent rejection is recognised on this attempt.
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=node.max_pdu_size,
+                                 evt_handlers=handlers)
         where = f"{dest.ae_title}@{dest.host}:{dest.port}"
         if not assoc.is_established:
             rj = answers[0] if answers else None
