@@ -173,8 +173,9 @@ class Sender:
                 answers.append(event.primitive)
 
         opened: list[bool] = []
-        handlers: list[Any] = [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_CONN_OPEN, lambda _e: opened.append(True)),
-                    (evt.EVT_ACSE_RECV, _on_acse)]
+        handlers: list[Any] = [(evt.EVT_CONN_OPEN, set_nodelay),
+                               (evt.EVT_CONN_OPEN, lambda _e: opened.append(True)),
+                               (evt.EVT_ACSE_RECV, _on_acse)]
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=node.max_pdu_size,
                              evt_handlers=handlers)
         if not assoc.is_established and opened and not answers:
