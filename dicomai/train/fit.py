@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 from dicomai.train.data import Sample, prepare
 from dicomai.train.metrics import auroc
 from dicomai.train.nets import IMAGENET_MEAN, IMAGENET_STD, FractureNet, build
+from dicomai.train.tflite_weights import calibrate_batchnorm
 
 __all__ = ["FitConfig", "fit", "predict"]
 
@@ -23,6 +24,7 @@ __all__ = ["FitConfig", "fit", "predict"]
 @dataclass
 class FitConfig:
     backbone: str = "efficientnet_lite0"
+    head: str = "linear"  # "linear" (GAP, dropout, dense) or "hybrid" (extra conv blocks, MLP)
     size: int = 224
     batch: int = 32
     head_epochs: int = 2
@@ -76,7 +78,7 @@ def _epoch(net: FractureNet, images: np.ndarray, labels: np.ndarray, opt: torch.
            frozen: bool) -> float:
     net.train()
     if frozen:
-        net.features.eval()  # keep BatchNorm statistics of the frozen backbone
+        net.backbone.eval()  # keep BatchNorm statistics of the frozen backbone
     aug = _augment()
     order = np.random.permutation(len(images))
     total, n = 0.0, 0
@@ -97,68 +99,119 @@ def _epoch(net: FractureNet, images: np.ndarray, labels: np.ndarray, opt: torch.
     return total / n
 
 
-def fit(samples: list[Sample], cfg: FitConfig, out_dir: Path, log: bool = True) -> dict[str, object]:
-    """Train; write ``best.pt`` and ``history.json`` in ``out_dir``; return the summary."""
+def _rng_state() -> dict[str, object]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, object]) -> None:
+    random.setstate(state["python"])  # type: ignore[arg-type]
+    np.random.set_state(state["numpy"])  # type: ignore[arg-type]
+    torch.set_rng_state(state["torch"])  # type: ignore[arg-type]
+
+
+def fit(samples: list[Sample], cfg: FitConfig, out_dir: Path, log: bool = True,
+        resume: bool = False) -> dict[str, object]:
+    """Train; write ``best.pt``, ``last.pt`` and ``history.json`` in ``out_dir``; return the summary.
+
+    ``last.pt`` (written after every epoch: weights, optimizer, schedule, RNG states, history)
+    lets ``resume=True`` continue an interrupted run where it stopped, with the same result as
+    an uninterrupted one.
+    """
     _seed(cfg.seed)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     out_dir.mkdir(parents=True, exist_ok=True)
     split = {s: [x for x in samples if x.split == s] for s in ("train", "val")}
     if cfg.limit:
         split = {k: v[: cfg.limit] for k, v in split.items()}
-    t0 = time.time()
     train_img, _ = prepare(split["train"], cfg.size)
     val_img, _ = prepare(split["val"], cfg.size)
     y_train = np.array([s.label for s in split["train"]], np.int64)
     y_val = np.array([s.label for s in split["val"]], np.int64)
-    net = build(cfg.backbone, pretrained=cfg.pretrained)
+    net = build(cfg.backbone, pretrained=cfg.pretrained, head=cfg.head)
+    if cfg.backbone == "mobilenet_v2" and cfg.pretrained:
+        # Folded TFLite batch norms get real statistics, so fine-tuning starts where it should.
+        calibrate_batchnorm(net.backbone, _to_input(torch.from_numpy(train_img[:64])))
     pos = max(int(y_train.sum()), 1)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(y_train) - pos) / pos))
     history: list[dict[str, object]] = []
-    best = {"auroc": -1.0, "epoch": -1}
-    ckpt = out_dir / "best.pt"
-
-    def evaluate(epoch: int, phase: str, loss: float) -> bool:
+    best: dict[str, float] = {"auroc": -1.0, "epoch": -1}
+    ckpt, last = out_dir / "best.pt", out_dir / "last.pt"
+    state: dict[str, object] | None = None
+    if resume and last.exists():
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{last}: written with another configuration; start a new run folder")
+        net.load_state_dict(state["net"])  # type: ignore[arg-type]
+        history, best = state["history"], state["best"]  # type: ignore[assignment]
+    elapsed0 = float(state["seconds"]) if state else 0.0  # type: ignore[arg-type]
+    t0 = time.time()
+    total_epochs = cfg.head_epochs + cfg.tune_epochs
+    done = int(state["epoch"]) if state else 0  # type: ignore[call-overload]
+    stale = int(state["stale"]) if state else 0  # type: ignore[call-overload]
+    stopped = bool(state["stopped"]) if state else False
+    steps = cfg.tune_epochs * ((len(train_img) + cfg.batch - 1) // cfg.batch)
+    opt: torch.optim.Optimizer | None = None
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None
+    phase = ""
+    for epoch in range(done + 1, total_epochs + 1):
+        if stopped:
+            break
+        if (epoch <= cfg.head_epochs) != (phase == "head") or opt is None:
+            phase = "head" if epoch <= cfg.head_epochs else "tune"
+            opt, sched = _phase(net, cfg, phase, steps)
+            if state is not None and state["phase"] == phase:
+                opt.load_state_dict(state["opt"])  # type: ignore[arg-type]
+                if sched is not None and state["sched"] is not None:
+                    sched.load_state_dict(state["sched"])  # type: ignore[arg-type]
+            if state is not None:
+                _set_rng_state(state["rng"])  # type: ignore[arg-type]
+                state = None
+        loss = _epoch(net, train_img, y_train, opt, sched, loss_fn, cfg, frozen=phase == "head")
         score = auroc(y_val, predict(net, val_img))
+        seconds = elapsed0 + time.time() - t0
         history.append({"epoch": epoch, "phase": phase, "loss": loss, "val_auroc": score,
-                        "seconds": round(time.time() - t0, 1)})
+                        "seconds": round(seconds, 1)})
         if log:
             print(json.dumps(history[-1]), flush=True)
         if score > best["auroc"]:
-            best.update(auroc=score, epoch=epoch)
+            best = {"auroc": score, "epoch": epoch}
             torch.save(net.state_dict(), ckpt)
-            return True
-        return False
-
-    for p in net.features.parameters():
-        p.requires_grad = False
-    opt: torch.optim.Optimizer = torch.optim.AdamW(net.head.parameters(), lr=cfg.head_lr,
-                                                   weight_decay=cfg.weight_decay)
-    epoch = 0
-    for _ in range(cfg.head_epochs):
-        epoch += 1
-        evaluate(epoch, "head", _epoch(net, train_img, y_train, opt, None, loss_fn, cfg, frozen=True))
-    params = list(net.features.parameters())
-    if cfg.tune_blocks == "top":
-        params = params[len(params) // 2:]
-    for p in params:
-        p.requires_grad = True
-    opt = torch.optim.AdamW([{"params": params, "lr": cfg.tune_lr},
-                             {"params": net.head.parameters(), "lr": cfg.tune_lr * 5}],
-                            weight_decay=cfg.weight_decay)
-    steps = cfg.tune_epochs * ((len(train_img) + cfg.batch - 1) // cfg.batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[cfg.tune_lr, cfg.tune_lr * 5],
-                                                total_steps=max(steps, 1), pct_start=0.15)
-    stale = 0
-    for _ in range(cfg.tune_epochs):
-        epoch += 1
-        improved = evaluate(epoch, "tune", _epoch(net, train_img, y_train, opt, sched, loss_fn, cfg,
-                                                  frozen=False))
-        stale = 0 if improved else stale + 1
-        if stale >= cfg.patience:
-            break
+            stale = 0
+        elif phase == "tune":
+            stale += 1
+        stopped = phase == "tune" and stale >= cfg.patience
+        tmp = last.with_suffix(".tmp")
+        torch.save({"config": asdict(cfg), "epoch": epoch, "phase": phase, "net": net.state_dict(),
+                    "opt": opt.state_dict(), "sched": sched.state_dict() if sched else None,
+                    "rng": _rng_state(), "history": history, "best": best, "stale": stale,
+                    "stopped": stopped, "seconds": seconds}, tmp)
+        tmp.replace(last)
+    seconds = float(history[-1]["seconds"]) if history else 0.0  # type: ignore[arg-type]
     summary = {"config": asdict(cfg), "best_epoch": best["epoch"], "best_val_auroc": best["auroc"],
-               "seconds": round(time.time() - t0, 1), "history": history,
+               "seconds": seconds, "history": history,
                "threads": torch.get_num_threads(), "train_images": len(train_img),
                "val_images": len(val_img)}
     (out_dir / "history.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _phase(net: FractureNet, cfg: FitConfig, phase: str, steps: int,
+           ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """Phase 1: only the new layers learn (backbone frozen). Phase 2: fine-tune at a lower rate."""
+    backbone = list(net.backbone.parameters())
+    ids = {id(p) for p in backbone}
+    new = [p for p in net.parameters() if id(p) not in ids]
+    if phase == "head":
+        for p in backbone:
+            p.requires_grad = False
+        return torch.optim.AdamW(new, lr=cfg.head_lr, weight_decay=cfg.weight_decay), None
+    tuned = backbone[len(backbone) // 2:] if cfg.tune_blocks == "top" else backbone
+    for p in backbone:
+        p.requires_grad = False
+    for p in tuned:
+        p.requires_grad = True
+    opt = torch.optim.AdamW([{"params": tuned, "lr": cfg.tune_lr},
+                             {"params": new, "lr": cfg.tune_lr * 5}], weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[cfg.tune_lr, cfg.tune_lr * 5],
+                                                total_steps=max(steps, 1), pct_start=0.15)
+    return opt, sched

