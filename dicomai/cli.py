@@ -212,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     texp.add_argument("--lime-samples", type=int, default=500, help="perturbed images per LIME explanation")
     texp.add_argument("--methods", default="gradcam,saliency,lime")
     texp.set_defaults(func=cmd_train_explain)
+    tcmp = tsub.add_parser("compare", parents=[common],
+                           help="released packages side by side (Markdown): figures, size, CPU latency")
+    tcmp.add_argument("packages", type=Path, nargs="+")
+    tcmp.add_argument("--threads", type=int, default=1, help="onnxruntime threads for the latency")
+    _json_flag(tcmp)
+    tcmp.set_defaults(func=cmd_train_compare)
 
     config = sub.add_parser("config", parents=[common], help="configuration")
     csub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -599,6 +605,14 @@ def cmd_train_explain(args: argparse.Namespace, settings: Settings) -> int:
                         "seconds_per_image"])
     print(f"{result['images']} fractured test images; boxes cover {result['box_area_share']:.3f} "
           f"of an image; {args.out / 'explain.json'}")
+    return 0
+
+
+def cmd_train_compare(args: argparse.Namespace, settings: Settings) -> int:
+    from dicomai.train.compare import compare_packages, markdown_table  # onnx: dev or train extra
+
+    rows = compare_packages(args.packages, threads=args.threads)
+    print(json.dumps(rows, indent=2) if args.json else markdown_table(rows, args.threads))
     return 0
 
 

@@ -76,3 +76,31 @@ def test_echo_configured_destination(node: Node, tmp_path: Path) -> None:
     assert "status 0x0000" in ok.stdout
     bad = node.cli("echo", "wrong", "--config", str(cfg), check=False)
     assert bad.returncode == 1 and "rejected" in bad.stdout
+
+
+def test_train_compare_reads_the_packages_figures() -> None:
+    """`train compare` (no PyTorch needed): the shipped package's own figures, its parameter count
+    from the ONNX graph and a measured latency."""
+    import onnx
+    from onnx import numpy_helper
+
+    from dicomai.model import load_package
+    from dicomai.node import default_model_dir
+
+    shipped = default_model_dir()
+    assert shipped is not None
+    run = subprocess.run([sys.executable, "-m", "dicomai", "train", "compare", str(shipped),
+                          "--json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    (row,) = json.loads(run.stdout)
+    manifest = load_package(shipped).manifest
+    assert row["package"] == f"{manifest.name} {manifest.version}"
+    assert row["auroc"] == manifest.metrics["test"]["auroc"]
+    graph = onnx.load(str(shipped / "model.onnx")).graph
+    params = sum(numpy_helper.to_array(t).size for t in graph.initializer)
+    assert row["params_m"] * 1e6 == pytest.approx(params)
+    assert row["latency_ms"] > 0
+    table = subprocess.run([sys.executable, "-m", "dicomai", "train", "compare", str(shipped)],
+                           capture_output=True, text=True, timeout=300).stdout.splitlines()
+    assert len(table) == 3 and table[2].startswith(f"| {manifest.name} {manifest.version} |")
+    assert f"{manifest.metrics['test']['auroc']:.3f}" in table[2]
