@@ -9,6 +9,8 @@ boxes are used.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import time
 from collections.abc import Callable
@@ -89,9 +91,10 @@ def _lime(net: FractureNet, boxed: NDArray[np.float32], lime_samples: int) -> Ma
 
     rgb = np.repeat(boxed[..., None].astype(np.float64), 3, axis=2)
     explainer = lime_image.LimeImageExplainer(random_state=0)
-    exp = explainer.explain_instance(rgb, classify, labels=(1,), top_labels=None, hide_color=0,
-                                     num_samples=lime_samples, batch_size=64, segmentation_fn=segment,
-                                     random_seed=0)
+    with contextlib.redirect_stderr(io.StringIO()):  # lime draws a progress bar per image
+        exp = explainer.explain_instance(rgb, classify, labels=(1,), top_labels=None, hide_color=0,
+                                         num_samples=lime_samples, batch_size=64,
+                                         segmentation_fn=segment, random_seed=0)
     weights = dict(exp.local_exp[1])
     lut = np.array([max(weights.get(k, 0.0), 0.0) for k in range(int(exp.segments.max()) + 1)])
     out: Map = lut[exp.segments].astype(np.float32)
