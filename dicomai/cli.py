@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     tfit.add_argument("--head", choices=["linear", "hybrid"], default="linear",
                       help="linear: pooling, dropout, dense; hybrid: extra conv blocks and an MLP")
     tfit.add_argument("--resume", action="store_true", help="continue the run in OUT from its last.pt")
+    tfit.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     tfit.add_argument("--size", type=int, default=224)
     tfit.add_argument("--head-epochs", type=int, default=2)
     tfit.add_argument("--tune-epochs", type=int, default=10)
@@ -553,7 +554,8 @@ def cmd_train_fit(args: argparse.Namespace, settings: Settings) -> int:
         from dicomai.train.fit import FitConfig, fit
     except ImportError as exc:
         raise _train_missing(exc) from None
-    cfg = FitConfig(backbone=args.backbone, head=args.head, size=args.size, head_epochs=args.head_epochs,
+    cfg = FitConfig(backbone=args.backbone, head=args.head, device=args.device, size=args.size,
+                    head_epochs=args.head_epochs,
                     tune_epochs=args.tune_epochs, tune_blocks=args.tune_blocks, batch=args.batch,
                     limit=args.limit, pretrained=not args.no_pretrained, seed=args.seed,
                     tune_lr=args.tune_lr, patience=args.patience)

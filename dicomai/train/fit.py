@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 from dicomai.train.data import Sample, prepare
 from dicomai.train.metrics import auroc
@@ -37,6 +38,7 @@ class FitConfig:
     seed: int = 0
     pretrained: bool = True
     limit: int = 0  # >0: only this many images per split (tests)
+    device: str = "auto"  # CUDA when present, else the CPU
 
 
 def _seed(seed: int) -> None:
@@ -63,31 +65,48 @@ def _to_input(images: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def _device(net: nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
+def choose_device(wanted: str) -> torch.device:
+    """"auto": CUDA when present, else the CPU; or the device named."""
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(wanted)
+
+
 def predict(net: FractureNet, images: np.ndarray, batch: int = 64) -> np.ndarray:
     net.eval()
     out = []
+    device = _device(net)
     with torch.inference_mode():
         for i in range(0, len(images), batch):
-            x = _to_input(torch.from_numpy(images[i:i + batch]))
-            out.append(torch.sigmoid(net(x)).numpy())
+            x = _to_input(torch.from_numpy(images[i:i + batch])).to(device)
+            out.append(torch.sigmoid(net(x)).cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 
 def _epoch(net: FractureNet, images: np.ndarray, labels: np.ndarray, opt: torch.optim.Optimizer,
            sched: torch.optim.lr_scheduler.LRScheduler | None, loss_fn: nn.Module, cfg: FitConfig,
-           frozen: bool) -> float:
+           frozen: bool, progress: str = "") -> float:
+    """One pass over the training images; a progress bar on stderr when ``progress`` names it."""
     net.train()
     if frozen:
         net.backbone.eval()  # keep BatchNorm statistics of the frozen backbone
     aug = _augment()
     order = np.random.permutation(len(images))
     total, n = 0.0, 0
-    for i in range(0, len(order), cfg.batch):
+    device = _device(net)
+    starts = range(0, len(order), cfg.batch)
+    for i in tqdm(starts, desc=progress, unit="batch", leave=False, disable=not progress):
         idx = order[i:i + cfg.batch]
         imgs = torch.stack([aug(torch.from_numpy(images[j])[None])[0] for j in idx])
         x = _to_input(imgs)
+        # noise drawn on the CPU whatever the device, so that runs repeat across devices
         x = x + 0.02 * torch.randn_like(x) * (torch.rand(len(idx), 1, 1, 1) < 0.3)  # light noise
-        y = torch.from_numpy(labels[idx]).float()
+        x = x.to(device)
+        y = torch.from_numpy(labels[idx]).float().to(device)
         opt.zero_grad()
         loss = loss_fn(net(x), y)
         loss.backward()
@@ -131,8 +150,10 @@ def fit(samples: list[Sample], cfg: FitConfig, out_dir: Path, log: bool = True,
     if cfg.backbone == "mobilenet_v2" and cfg.pretrained:
         # Folded TFLite batch norms get real statistics, so fine-tuning starts where it should.
         calibrate_batchnorm(net.backbone, _to_input(torch.from_numpy(train_img[:64])))
+    device = choose_device(cfg.device)
+    net.to(device)
     pos = max(int(y_train.sum()), 1)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(y_train) - pos) / pos))
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(y_train) - pos) / pos, device=device))
     history: list[dict[str, object]] = []
     best: dict[str, float] = {"auroc": -1.0, "epoch": -1}
     ckpt, last = out_dir / "best.pt", out_dir / "last.pt"
@@ -166,7 +187,8 @@ def fit(samples: list[Sample], cfg: FitConfig, out_dir: Path, log: bool = True,
             if state is not None:
                 _set_rng_state(state["rng"])  # type: ignore[arg-type]
                 state = None
-        loss = _epoch(net, train_img, y_train, opt, sched, loss_fn, cfg, frozen=phase == "head")
+        loss = _epoch(net, train_img, y_train, opt, sched, loss_fn, cfg, frozen=phase == "head",
+                      progress=f"epoch {epoch}/{total_epochs} ({phase})" if log else "")
         score = auroc(y_val, predict(net, val_img))
         seconds = elapsed0 + time.time() - t0
         history.append({"epoch": epoch, "phase": phase, "loss": loss, "val_auroc": score,
@@ -189,7 +211,7 @@ def fit(samples: list[Sample], cfg: FitConfig, out_dir: Path, log: bool = True,
     seconds = float(history[-1]["seconds"]) if history else 0.0  # type: ignore[arg-type]
     summary = {"config": asdict(cfg), "best_epoch": best["epoch"], "best_val_auroc": best["auroc"],
                "seconds": seconds, "history": history,
-               "threads": torch.get_num_threads(), "train_images": len(train_img),
+               "threads": torch.get_num_threads(), "device": str(device), "train_images": len(train_img),
                "val_images": len(val_img)}
     (out_dir / "history.json").write_text(json.dumps(summary, indent=2))
     return summary

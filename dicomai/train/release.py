@@ -34,7 +34,7 @@ def release(fit_dir: Path, samples: list[Sample], package_dir: Path, name: str, 
         "seconds": summary["seconds"], "train_images": summary["train_images"],
         "data": "FracAtlas (CC BY 4.0), project copy, split train/val/test from labels.csv",
         "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                    f"{summary['threads']} torch threads",
+                    f"{summary['threads']} torch threads, device {summary.get('device', 'cpu')}",
         "epochs": len(summary["history"]),
     }
     provisional = {"high_sensitivity": 0.5, "high_specificity": 0.5}
