@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     tfit.add_argument("--head", choices=["linear", "hybrid"], default="linear",
                       help="linear: pooling, dropout, dense; hybrid: extra conv blocks and an MLP")
     tfit.add_argument("--resume", action="store_true", help="continue the run in OUT from its last.pt")
+    tfit.add_argument("--output-stride", type=int, choices=[32, 16], default=32,
+                      help="16: dilated last stage, a Grad-CAM grid twice as fine "
+                           "(mobilenet_v2, mobilenet_v3_small)")
     tfit.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     tfit.add_argument("--size", type=int, default=224)
     tfit.add_argument("--head-epochs", type=int, default=2)
@@ -555,6 +558,7 @@ def cmd_train_fit(args: argparse.Namespace, settings: Settings) -> int:
     except ImportError as exc:
         raise _train_missing(exc) from None
     cfg = FitConfig(backbone=args.backbone, head=args.head, device=args.device, size=args.size,
+                    output_stride=args.output_stride,
                     head_epochs=args.head_epochs,
                     tune_epochs=args.tune_epochs, tune_blocks=args.tune_blocks, batch=args.batch,
                     limit=args.limit, pretrained=not args.no_pretrained, seed=args.seed,

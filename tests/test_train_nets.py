@@ -83,6 +83,31 @@ def test_onnx_parity_every_backbone_and_head(backbone: str, head: str, tmp_path:
     assert checks["gradcam_pearson_min"] >= 0.99
 
 
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "mobilenet_v3_small"])
+def test_output_stride_16_doubles_the_map_and_keeps_parity(backbone: str, tmp_path: Path) -> None:
+    """The dilated last stage: a 2x finer Grad-CAM grid, same weights, exported exactly."""
+    pytest.importorskip("pytorch_grad_cam")
+    from dicomai.train.export import export_package, parity
+    from dicomai.train.nets import build
+
+    torch.manual_seed(0)
+    coarse = build(backbone, pretrained=False)
+    fine = build(backbone, pretrained=False, output_stride=16)
+    fine.load_state_dict(coarse.state_dict())  # same parameters, only strides and dilations differ
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        assert fine.eval().features(x).shape[-2:] == (8, 8)
+        assert coarse.eval().features(x).shape[-2:] == (4, 4)
+    with torch.no_grad():
+        fine.head.layers[-1].weight.abs_()
+    pkg = export_package(fine.eval(), tmp_path / "pkg", "os16", "0", 128,
+                         {"high_sensitivity": 0.3, "high_specificity": 0.6}, {}, {})
+    checks = parity(fine, pkg, _radiograph_like(4))
+    assert checks["max_abs_prob_diff"] <= 1e-4 and checks["gradcam_pearson_min"] >= 0.99
+    with pytest.raises(ValueError, match="output stride 16"):
+        build("resnet50", pretrained=False, output_stride=16)
+
+
 def _imagenet_check_images() -> list[tuple[str, np.ndarray]]:
     data = pytest.importorskip("skimage.data")
     from PIL import Image

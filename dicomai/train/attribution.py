@@ -38,7 +38,8 @@ Map = NDArray[np.float32]
 def load_run(run: Path) -> tuple[FractureNet, int]:
     """The best checkpoint of a ``train fit`` run folder and its input size."""
     cfg = json.loads((run / "history.json").read_text())["config"]
-    net = build(cfg["backbone"], pretrained=False, head=cfg.get("head", "linear"))
+    net = build(cfg["backbone"], pretrained=False, head=cfg.get("head", "linear"),
+                output_stride=cfg.get("output_stride", 32))
     net.load_state_dict(torch.load(run / "best.pt", map_location="cpu"))
     return net.eval(), int(cfg["size"])
 

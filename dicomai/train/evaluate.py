@@ -184,6 +184,8 @@ def write_model_card(package: ModelPackage, evaluation: dict[str, Any], training
                      path: Path) -> None:
     """MODEL_CARD.md: intended use, data, figures with intervals, limits, attribution."""
     m, t = package.manifest, evaluation["test"]
+    stride = int(training.get("output_stride", 32))
+    grid = m.input.height // stride
     hs, hp = t["high_sensitivity"], t["high_specificity"]
     lo, hi = t["auroc_ci95"]
     text = f"""# Model card: {m.name} {m.version}
@@ -197,7 +199,8 @@ spine, skull or paediatric imaging; not validated outside the data below.
 ## Model
 {training.get('backbone')} ({_origin(training)}), {_head_text(training.get('head', 'linear'))}.
 Input {m.input.height}x{m.input.width}, letterboxed, grey replicated to 3 channels,
-ImageNet mean/std. Grad-CAM of the last convolutional stage is computed inside the ONNX
+ImageNet mean/std. Grad-CAM of the last convolutional stage ({grid}x{grid} grid, output
+stride {stride}) is computed inside the ONNX
 graph (exact: the head's gradient is written out analytically). ONNX sha256 `{m.sha256}`.
 
 ## Training
@@ -233,8 +236,8 @@ The project's targets are AUROC >= 0.90, sensitivity >= 0.90 at the high-sensiti
 and pointing game >= 0.5; the figures above are what this model reaches, reported as measured.
 
 ## Limits
-The Grad-CAM map comes from a 7x7 grid (one cell is about 70 px of a 512 px image) while
-fracture boxes are typically 20 to 40 px: the map shows the region the model used, not the
+The Grad-CAM map comes from a {grid}x{grid} grid (one cell is about {512 // grid} px of a
+512 px image) while fracture boxes are typically 20 to 40 px: the map shows the region the model used, not the
 fracture line, and the strict pointing game is low for that reason as much as any other.
 Small training set (one public dataset, one institution); JPEG-compressed 8-bit copies at
 <= 512 px rather than original DICOM; no external validation; subtle and healed fractures

@@ -26,6 +26,7 @@ __all__ = ["FitConfig", "fit", "predict"]
 class FitConfig:
     backbone: str = "efficientnet_lite0"
     head: str = "linear"  # "linear" (GAP, dropout, dense) or "hybrid" (extra conv blocks, MLP)
+    output_stride: int = 32  # 16: dilated last stage, Grad-CAM grid twice as fine
     size: int = 224
     batch: int = 32
     head_epochs: int = 2
@@ -146,7 +147,7 @@ def fit(samples: list[Sample], cfg: FitConfig, out_dir: Path, log: bool = True,
     val_img, _ = prepare(split["val"], cfg.size)
     y_train = np.array([s.label for s in split["train"]], np.int64)
     y_val = np.array([s.label for s in split["val"]], np.int64)
-    net = build(cfg.backbone, pretrained=cfg.pretrained, head=cfg.head)
+    net = build(cfg.backbone, pretrained=cfg.pretrained, head=cfg.head, output_stride=cfg.output_stride)
     if cfg.backbone == "mobilenet_v2" and cfg.pretrained:
         # Folded TFLite batch norms get real statistics, so fine-tuning starts where it should.
         calibrate_batchnorm(net.backbone, _to_input(torch.from_numpy(train_img[:64])))

@@ -189,11 +189,44 @@ BACKBONES: dict[str, Callable[[bool], tuple[nn.Module, int]]] = {
 }
 
 
-def build(backbone: str, pretrained: bool = True, head: str = "linear", dropout: float = 0.3) -> FractureNet:
-    """A supported backbone with the chosen head."""
+OUTPUT_STRIDE_16 = ("mobilenet_v2", "mobilenet_v3_small")
+
+
+def output_stride_16(features: nn.Module) -> None:
+    """Halve the backbone's output stride (32 -> 16): a Grad-CAM grid twice as fine.
+
+    The last stride-2 convolution gets stride 1 and every later spatial convolution
+    dilation 2 ("atrous", as DeepLab does), so the pretrained weights keep their receptive
+    fields while the last stage runs at twice the resolution (14x14 instead of 7x7 at
+    224 px). Only for backbones whose stride-2 convolutions all lie on the main path.
+    """
+    convs = [(parent, name, m) for parent in features.modules() for name, m in parent.named_children()
+             if isinstance(m, nn.Conv2d)]
+    last = max(i for i, (_, _, m) in enumerate(convs) if m.stride == (2, 2))
+    parent, _, conv = convs[last]
+    conv.stride = (1, 1)
+    conv.padding = ((conv.kernel_size[0] - 1) // 2, (conv.kernel_size[1] - 1) // 2)
+    for name, child in parent.named_children():  # TF "SAME" padding of the TFLite weights
+        if isinstance(child, nn.ZeroPad2d):
+            setattr(parent, name, nn.Identity())
+    for _, _, m in convs[last + 1:]:
+        if m.kernel_size != (1, 1):
+            m.dilation = (2, 2)
+            m.padding = (m.kernel_size[0] - 1, m.kernel_size[1] - 1)
+
+
+def build(backbone: str, pretrained: bool = True, head: str = "linear", dropout: float = 0.3,
+          output_stride: int = 32) -> FractureNet:
+    """A supported backbone with the chosen head (and output stride: 32, or 16 where supported)."""
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r} (known: {', '.join(BACKBONES)})")
     features, channels = BACKBONES[backbone](pretrained)
+    if output_stride == 16:
+        if backbone not in OUTPUT_STRIDE_16:
+            raise ValueError(f"output stride 16 is supported for {', '.join(OUTPUT_STRIDE_16)}")
+        output_stride_16(features)
+    elif output_stride != 32:
+        raise ValueError(f"output stride {output_stride}: 32 or 16")
     return FractureNet(features, channels, head, dropout)
 
 

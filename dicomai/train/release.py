@@ -24,11 +24,13 @@ def release(fit_dir: Path, samples: list[Sample], package_dir: Path, name: str, 
     """Export the best checkpoint of ``fit_dir`` into ``package_dir`` with its figures."""
     summary = json.loads((fit_dir / "history.json").read_text())
     cfg = summary["config"]
-    net = build(cfg["backbone"], pretrained=False, head=cfg.get("head", "linear"))
+    net = build(cfg["backbone"], pretrained=False, head=cfg.get("head", "linear"),
+                output_stride=cfg.get("output_stride", 32))
     net.load_state_dict(torch.load(fit_dir / "best.pt", map_location="cpu"))
     net.eval()
     training: dict[str, Any] = {
         "backbone": cfg["backbone"], "head": cfg.get("head", "linear"),
+        "output_stride": cfg.get("output_stride", 32),
         "pretrained": cfg.get("pretrained", True), "tune_blocks": cfg["tune_blocks"], "seed": cfg["seed"],
         "best_epoch": summary["best_epoch"], "best_val_auroc": summary["best_val_auroc"],
         "seconds": summary["seconds"], "train_images": summary["train_images"],
