@@ -209,11 +209,18 @@ def fit(samples: list[Sample], cfg: FitConfig, out_dir: Path, log: bool = True,
                     "rng": _rng_state(), "history": history, "best": best, "stale": stale,
                     "stopped": stopped, "seconds": seconds}, tmp)
         tmp.replace(last)
+        _summary(out_dir, cfg, best, history, device, len(train_img), len(val_img), finished=False)
+    return _summary(out_dir, cfg, best, history, device, len(train_img), len(val_img), finished=True)
+
+
+def _summary(out_dir: Path, cfg: FitConfig, best: dict[str, float], history: list[dict[str, object]],
+             device: torch.device, n_train: int, n_val: int, finished: bool) -> dict[str, object]:
+    """``history.json``, rewritten after every epoch: a run in progress can be read or released."""
     seconds = float(history[-1]["seconds"]) if history else 0.0  # type: ignore[arg-type]
     summary = {"config": asdict(cfg), "best_epoch": best["epoch"], "best_val_auroc": best["auroc"],
-               "seconds": seconds, "history": history,
-               "threads": torch.get_num_threads(), "device": str(device), "train_images": len(train_img),
-               "val_images": len(val_img)}
+               "seconds": seconds, "history": history, "finished": finished,
+               "threads": torch.get_num_threads(), "device": str(device), "train_images": n_train,
+               "val_images": n_val}
     (out_dir / "history.json").write_text(json.dumps(summary, indent=2))
     return summary
 
