@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     tfit.add_argument("--limit", type=int, default=0, help="images per split (quick runs)")
     tfit.add_argument("--no-pretrained", action="store_true")
     tfit.add_argument("--seed", type=int, default=0)
+    tfit.add_argument("--box-weight", type=float, default=0.0, metavar="W",
+                      help="box guidance: weight of a loss that pulls the Grad-CAM into the fracture "
+                           "boxes of the training images (needs boxes: FracAtlas); 0: off")
     tfit.set_defaults(func=cmd_train_fit)
     trel = tsub.add_parser("release", parents=[common],
                            help="export + parity + evaluate + manifest + model card")
@@ -562,7 +565,7 @@ def cmd_train_fit(args: argparse.Namespace, settings: Settings) -> int:
                     head_epochs=args.head_epochs,
                     tune_epochs=args.tune_epochs, tune_blocks=args.tune_blocks, batch=args.batch,
                     limit=args.limit, pretrained=not args.no_pretrained, seed=args.seed,
-                    tune_lr=args.tune_lr, patience=args.patience)
+                    tune_lr=args.tune_lr, patience=args.patience, box_weight=args.box_weight)
     summary = fit(_samples(args), cfg, args.out, resume=args.resume)
     print(f"best val AUROC {summary['best_val_auroc']:.4f} at epoch {summary['best_epoch']}; "
           f"{summary['seconds']:.0f}s; {args.out / 'best.pt'}")

@@ -51,7 +51,9 @@ def compare_packages(directories: list[Path], threads: int = 1, repeats: int = 2
         rows.append({
             "package": f"{m.name} {m.version}", "backbone": training.get("backbone", "?"),
             "head": training.get("head", "linear"), "pretrained": training.get("pretrained", True),
-            "input": m.input.height, "auroc": t.get("auroc"), "auroc_ci95": t.get("auroc_ci95"),
+            "input": m.input.height, "output_stride": int(training.get("output_stride", 32)),
+            "box_weight": float(training.get("box_weight", 0.0)),
+            "auroc": t.get("auroc"), "auroc_ci95": t.get("auroc_ci95"),
             "hs_sens": hs.get("sensitivity"), "hs_spec": hs.get("specificity"),
             "hp_sens": hp.get("sensitivity"), "hp_spec": hp.get("specificity"),
             "pointing_game": t.get("pointing_game"), "pointing_game_15px": t.get("pointing_game_15px"),
@@ -72,12 +74,14 @@ def markdown_table(rows: list[dict[str, Any]], threads: int = 1) -> str:
     head = ("| model | backbone, head | val AUROC | test AUROC (95% CI) | high-sens. point: sens / spec "
             "| high-spec. point: sens / spec | pointing game (15 px) | params | ONNX | "
             f"CPU ms ({threads} thread) | training |")
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         ci = r["auroc_ci95"] or [None, None]
         origin = "ImageNet" if r["pretrained"] else "scratch"
+        extra = "".join([f", output stride {r['output_stride']}" if r["output_stride"] != 32 else "",
+                         f", box guidance {r['box_weight']:g}" if r["box_weight"] > 0 else ""])
         lines.append(
-            f"| {r['package']} | {r['backbone']} ({origin}), {r['head']}, {r['input']} px "
+            f"| {r['package']} | {r['backbone']} ({origin}), {r['head']}, {r['input']} px{extra} "
             f"| {_f(r['val_auroc'])} | {_f(r['auroc'])} ({_f(ci[0])}-{_f(ci[1])}) "
             f"| {_f(r['hs_sens'])} / {_f(r['hs_spec'])} | {_f(r['hp_sens'])} / {_f(r['hp_spec'])} "
             f"| {_f(r['pointing_game'])} ({_f(r['pointing_game_15px'])}) | {r['params_m']:.2f} M "

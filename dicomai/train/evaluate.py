@@ -180,6 +180,14 @@ def _head_text(head: str) -> str:
     return "global average pooling, dropout, one logit"
 
 
+def _guidance_text(training: dict[str, Any]) -> str:
+    weight = float(training.get("box_weight", 0.0))
+    if weight <= 0:
+        return ""
+    return (f" box guidance (weight {weight:g}): on fractured training images a second loss "
+            "term pulls the Grad-CAM into the fracture boxes (dicomai.train.guidance);")
+
+
 def write_model_card(package: ModelPackage, evaluation: dict[str, Any], training: dict[str, Any],
                      path: Path) -> None:
     """MODEL_CARD.md: intended use, data, figures with intervals, limits, attribution."""
@@ -207,7 +215,7 @@ graph (exact: the head's gradient is written out analytically). ONNX sha256 `{m.
 Two phases: head only on the frozen backbone, then fine-tuning ({training.get('tune_blocks')}
 layers) with AdamW and a one-cycle schedule; class imbalance handled by the positive-class
 weight of the loss; flips, rotation, zoom, shear, brightness/contrast, blur and noise as
-augmentations; model chosen on validation AUROC (best epoch {training.get('best_epoch')},
+augmentations;{_guidance_text(training)} model chosen on validation AUROC (best epoch {training.get('best_epoch')},
 val AUROC {training.get('best_val_auroc', float('nan')):.3f}). Hardware: {training.get('hardware')};
 training time {training.get('seconds', 0) / 60:.0f} min. Seed {training.get('seed')}.
 

@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 from dicomai.train.data import Sample, prepare
+from dicomai.train.guidance import box_loss, box_masks, cell_targets, guided_forward
 from dicomai.train.metrics import auroc
 from dicomai.train.nets import IMAGENET_MEAN, IMAGENET_STD, FractureNet, build
 from dicomai.train.tflite_weights import calibrate_batchnorm
@@ -37,6 +39,7 @@ class FitConfig:
     weight_decay: float = 1e-4
     patience: int = 4
     seed: int = 0
+    box_weight: float = 0.0  # >0: box guidance of the Grad-CAM (needs fracture boxes), see guidance.py
     pretrained: bool = True
     limit: int = 0  # >0: only this many images per split (tests)
     device: str = "auto"  # CUDA when present, else the CPU
@@ -90,8 +93,12 @@ def predict(net: FractureNet, images: np.ndarray, batch: int = 64) -> np.ndarray
 
 def _epoch(net: FractureNet, images: np.ndarray, labels: np.ndarray, opt: torch.optim.Optimizer,
            sched: torch.optim.lr_scheduler.LRScheduler | None, loss_fn: nn.Module, cfg: FitConfig,
-           frozen: bool, progress: str = "") -> float:
-    """One pass over the training images; a progress bar on stderr when ``progress`` names it."""
+           frozen: bool, progress: str = "", masks: np.ndarray | None = None) -> float:
+    """One pass over the training images; a progress bar on stderr when ``progress`` names it.
+
+    With ``masks`` (box masks, see :mod:`dicomai.train.guidance`) each mask takes the same
+    geometric augmentation as its image, and the box loss is added with ``cfg.box_weight``.
+    """
     net.train()
     if frozen:
         net.backbone.eval()  # keep BatchNorm statistics of the frozen backbone
@@ -102,14 +109,25 @@ def _epoch(net: FractureNet, images: np.ndarray, labels: np.ndarray, opt: torch.
     starts = range(0, len(order), cfg.batch)
     for i in tqdm(starts, desc=progress, unit="batch", leave=False, disable=not progress):
         idx = order[i:i + cfg.batch]
-        imgs = torch.stack([aug(torch.from_numpy(images[j])[None])[0] for j in idx])
+        if masks is None:
+            imgs = torch.stack([aug(torch.from_numpy(images[j])[None])[0] for j in idx])
+        else:
+            pairs = [aug(tv_tensors.Image(torch.from_numpy(images[j])[None]),
+                         tv_tensors.Mask(torch.from_numpy(masks[j])[None])) for j in idx]
+            imgs = torch.stack([im[0] for im, _ in pairs])
+            boxes = torch.stack([m[0] for _, m in pairs]).to(device)
         x = _to_input(imgs)
         # noise drawn on the CPU whatever the device, so that runs repeat across devices
         x = x + 0.02 * torch.randn_like(x) * (torch.rand(len(idx), 1, 1, 1) < 0.3)  # light noise
         x = x.to(device)
         y = torch.from_numpy(labels[idx]).float().to(device)
         opt.zero_grad()
-        loss = loss_fn(net(x), y)
+        if masks is None:
+            loss = loss_fn(net(x), y)
+        else:
+            logit, cam = guided_forward(net, x)
+            targets = cell_targets(boxes, (cam.shape[1], cam.shape[2]))
+            loss = loss_fn(logit, y) + cfg.box_weight * box_loss(cam, targets, y > 0.5)
         loss.backward()
         opt.step()
         if sched is not None:
@@ -143,10 +161,15 @@ def fit(samples: list[Sample], cfg: FitConfig, out_dir: Path, log: bool = True,
     split = {s: [x for x in samples if x.split == s] for s in ("train", "val")}
     if cfg.limit:
         split = {k: v[: cfg.limit] for k, v in split.items()}
-    train_img, _ = prepare(split["train"], cfg.size)
+    train_img, train_geoms = prepare(split["train"], cfg.size)
     val_img, _ = prepare(split["val"], cfg.size)
     y_train = np.array([s.label for s in split["train"]], np.int64)
     y_val = np.array([s.label for s in split["val"]], np.int64)
+    masks = None
+    if cfg.box_weight > 0:
+        if not any(s.boxes for s in split["train"]):
+            raise ValueError("--box-weight needs fracture boxes in the training split (FracAtlas layout)")
+        masks = box_masks(split["train"], train_geoms, cfg.size)
     net = build(cfg.backbone, pretrained=cfg.pretrained, head=cfg.head, output_stride=cfg.output_stride)
     if cfg.backbone == "mobilenet_v2" and cfg.pretrained:
         # Folded TFLite batch norms get real statistics, so fine-tuning starts where it should.
@@ -189,7 +212,7 @@ def fit(samples: list[Sample], cfg: FitConfig, out_dir: Path, log: bool = True,
                 _set_rng_state(state["rng"])  # type: ignore[arg-type]
                 state = None
         loss = _epoch(net, train_img, y_train, opt, sched, loss_fn, cfg, frozen=phase == "head",
-                      progress=f"epoch {epoch}/{total_epochs} ({phase})" if log else "")
+                      progress=f"epoch {epoch}/{total_epochs} ({phase})" if log else "", masks=masks)
         score = auroc(y_val, predict(net, val_img))
         seconds = elapsed0 + time.time() - t0
         history.append({"epoch": epoch, "phase": phase, "loss": loss, "val_auroc": score,

@@ -30,7 +30,7 @@ def release(fit_dir: Path, samples: list[Sample], package_dir: Path, name: str, 
     net.eval()
     training: dict[str, Any] = {
         "backbone": cfg["backbone"], "head": cfg.get("head", "linear"),
-        "output_stride": cfg.get("output_stride", 32),
+        "output_stride": cfg.get("output_stride", 32), "box_weight": cfg.get("box_weight", 0.0),
         "pretrained": cfg.get("pretrained", True), "tune_blocks": cfg["tune_blocks"], "seed": cfg["seed"],
         "best_epoch": summary["best_epoch"], "best_val_auroc": summary["best_val_auroc"],
         "seconds": summary["seconds"], "train_images": summary["train_images"],
