@@ -54,3 +54,32 @@ def test_calibration_and_pointing_game() -> None:
     cam[30, 40] = 1.0
     assert pointing_game(cam, [(35, 25, 10, 10)]) == (True, 1.0)
     assert pointing_game(cam, [(0, 0, 10, 10)])[0] is False
+
+
+def test_pointing_ceiling_equals_the_best_one_hot_map() -> None:
+    """The ceiling is hit exactly when some one-cell map, drawn back by the node, hits the box."""
+    from dicomai.explain import gradcam_on_image
+    from dicomai.normalize import letterbox
+    from dicomai.train.metrics import pointing_ceiling
+
+    _, geom = letterbox(np.zeros((512, 380), np.float32), 224, 224)
+    grid = (7, 7)
+    # cell (3, 3) lands near (189.5, 255.5) of the original: a box around it can be hit ...
+    assert pointing_ceiling([(180.0, 245.0, 20.0, 20.0)], geom, grid)
+    # ... a box between cell centres cannot, unless 15 px of tolerance reach a centre
+    assert not pointing_ceiling([(210.0, 280.0, 12.0, 12.0)], geom, grid)
+    assert pointing_ceiling([(200.0, 270.0, 12.0, 12.0)], geom, grid, tolerance=15)
+    rng = np.random.default_rng(0)
+    outcomes = []
+    for _ in range(40):
+        x, y = rng.uniform(0, 350), rng.uniform(0, 480)
+        boxes = [(float(x), float(y), float(rng.uniform(8, 40)), float(rng.uniform(8, 40)))]
+        brute = False
+        for r in range(7):
+            for c in range(7):
+                onehot = np.zeros(grid, np.float32)
+                onehot[r, c] = 1
+                brute |= pointing_game(gradcam_on_image(onehot, geom), boxes)[0]
+        assert pointing_ceiling(boxes, geom, grid) == brute, boxes
+        outcomes.append(brute)
+    assert 0 < sum(outcomes) < len(outcomes)  # both cases occurred

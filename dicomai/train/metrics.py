@@ -7,11 +7,15 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
+from dicomai.explain import gradcam_on_image
+from dicomai.normalize import Letterbox
+
 __all__ = [
     "auroc",
     "bootstrap_auroc",
     "calibration_error",
     "confusion",
+    "pointing_ceiling",
     "pointing_game",
     "threshold_for_sensitivity",
     "threshold_for_specificity",
@@ -109,3 +113,29 @@ def pointing_game(cam: NDArray[np.floating], boxes: list[tuple[float, float, flo
               for x, y, w, h in boxes)
     total = float(cam.sum())
     return bool(hit), float(cam[inside].sum() / total) if total > 0 else 0.0
+
+
+def pointing_ceiling(boxes: list[tuple[float, float, float, float]], geom: Letterbox, grid: tuple[int, int],
+                     tolerance: float = 0.0) -> bool:
+    """Could any map on this grid win the pointing game on this image?
+
+    The node draws the map back with bilinear resampling, whose maximum lies at a cell centre (ties
+    aside); so the best possible hit rate is the share of images where some cell centre,
+    carried to the original image, falls in a box (within ``tolerance`` px). It bounds the
+    pointing game of every model with this input size and grid, however well trained. Cells
+    whose centre lands within 2 px of a box are checked with the node's own resampling.
+    """
+    h, w = grid
+    ys = ((np.arange(h) + 0.5) * geom.dst_h / h - geom.top) * geom.src_h / geom.new_h - 0.5
+    xs = ((np.arange(w) + 0.5) * geom.dst_w / w - geom.left) * geom.src_w / geom.new_w - 0.5
+    slack = tolerance + 2
+    for x, y, bw, bh in boxes:
+        rows = np.flatnonzero((ys >= y - slack) & (ys <= y + bh + slack))
+        cols = np.flatnonzero((xs >= x - slack) & (xs <= x + bw + slack))
+        for r in rows:
+            for c in cols:
+                onehot = np.zeros(grid, np.float32)
+                onehot[r, c] = 1.0
+                if pointing_game(gradcam_on_image(onehot, geom), boxes, tolerance)[0]:
+                    return True
+    return False
