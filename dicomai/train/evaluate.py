@@ -91,8 +91,10 @@ def evaluate_package(package: ModelPackage, samples: list[Sample], out_dir: Path
             # the best any map on this grid could score (bilinear maxima sit at cell centres)
             "pointing_game_ceiling": float(np.mean(ceiling)) if ceiling else float("nan"),
             "pointing_game_ceiling_15px": float(np.mean(ceiling15)) if ceiling15 else float("nan"),
-            "box_area_share": float(np.mean([sum(w * h for _, _, w, h in s.boxes) / (load_display(s.path).size)
-                                             for s in test if s.label == 1 and s.boxes])) if hits else float("nan"),
+            # image sizes from the inference pass's geometry: no second decode of every image
+            "box_area_share": float(np.mean([sum(w * h for _, _, w, h in s.boxes) / (g.src_h * g.src_w)
+                                             for s, g in zip(test, geoms, strict=True)
+                                             if s.label == 1 and s.boxes])) if hits else float("nan"),
             "energy_in_boxes": float(np.mean(energies)) if energies else float("nan"),
             "localised_images": len(hits),
         },
