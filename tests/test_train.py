@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers import REPO, missing
@@ -78,7 +79,6 @@ def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
 
 def _assert_confusion_png(path: Path, manifest: dict[str, object]) -> None:
     """Two 2x2 matrices; a cell is greener (correct) or redder (wrong) the more images it holds."""
-    import numpy as np
     from PIL import Image
 
     img = np.asarray(Image.open(path).convert("RGB")).astype(int)
@@ -87,3 +87,26 @@ def _assert_confusion_png(path: Path, manifest: dict[str, object]) -> None:
     points = [manifest["metrics"]["test"][k] for k in ("high_sensitivity", "high_specificity")]  # type: ignore[index]
     assert green.any() == any(c["tp"] + c["tn"] for c in points)
     assert red.any() == any(c["fp"] + c["fn"] for c in points)
+
+
+def test_validation_images_are_the_node_input_exactly() -> None:
+    """Model selection scores the pixels the node feeds the model, not a uint8 rounding of them."""
+    _require_train_extra()
+    import torch
+
+    from dicomai.infer import preprocess
+    from dicomai.model import load_package
+    from dicomai.train.data import load_display, load_fracatlas, prepare
+    from dicomai.train.fit import _to_input
+
+    pkg = load_package(REPO / "dicomai" / "models" / "default")
+    size = pkg.manifest.input.height
+    val = [s for s in load_fracatlas(FRACATLAS) if s.split == "val"][:4]
+    node = np.stack([preprocess(load_display(s.path), pkg).tensor for s in val])
+    exact, _ = prepare(val, size, exact=True)
+    rounded, _ = prepare(val, size)
+    assert exact.dtype == np.float32 and rounded.dtype == np.uint8
+    assert np.abs(_to_input(torch.from_numpy(exact)).numpy() - node).max() <= 1e-6
+    # the uint8 cache of the training images is a rounding: close, but not the node's input
+    diff = np.abs(_to_input(torch.from_numpy(rounded)).numpy() - node).max()
+    assert 0 < diff <= 0.5 / 255 / min(pkg.manifest.preprocessing.std) + 1e-6

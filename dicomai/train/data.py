@@ -183,12 +183,18 @@ def load_display(path: Path) -> NDArray[np.float32]:
         return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
 
 
-def prepare(samples: list[Sample], size: int) -> tuple[NDArray[np.uint8], list[Letterbox]]:
-    """Letterboxed images (uint8, N x size x size) exactly as the node feeds the model."""
-    out = np.zeros((len(samples), size, size), np.uint8)
+def prepare(samples: list[Sample], size: int, exact: bool = False,
+            ) -> tuple[NDArray[np.uint8] | NDArray[np.float32], list[Letterbox]]:
+    """Letterboxed images (N x size x size) through the node's own preprocessing.
+
+    By default stored as uint8 (a quarter of the memory, for the training images, which are
+    augmented anyway); with ``exact`` as the float32 values in [0, 1] that the node feeds the
+    model, so that model selection on validation sees the node's pixels, not a rounding of them.
+    """
+    out = np.zeros((len(samples), size, size), np.float32 if exact else np.uint8)
     geoms = []
     for i, s in enumerate(samples):
         boxed, geom = letterbox(load_display(s.path), size, size)
-        out[i] = np.round(boxed * 255).astype(np.uint8)
+        out[i] = boxed if exact else np.round(boxed * 255)
         geoms.append(geom)
     return out, geoms

@@ -62,8 +62,9 @@ def _augment() -> v2.Compose:
 
 
 def _to_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 N x H x W -> normalized float N x 3 x H x W (the node's preprocessing)."""
-    x = images.float().div(255.0).unsqueeze(1).repeat(1, 3, 1, 1)
+    """N x H x W (uint8 0-255 or float 0-1) -> normalized float N x 3 x H x W (the node's preprocessing)."""
+    x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+    x = x.unsqueeze(1).repeat(1, 3, 1, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -162,7 +163,7 @@ def fit(samples: list[Sample], cfg: FitConfig, out_dir: Path, log: bool = True,
     if cfg.limit:
         split = {k: v[: cfg.limit] for k, v in split.items()}
     train_img, train_geoms = prepare(split["train"], cfg.size)
-    val_img, _ = prepare(split["val"], cfg.size)
+    val_img, _ = prepare(split["val"], cfg.size, exact=True)  # selection on the node's own pixels
     y_train = np.array([s.label for s in split["train"]], np.int64)
     y_val = np.array([s.label for s in split["val"]], np.int64)
     masks = None
