@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     texp.add_argument("run", type=Path, help="run folder of `train fit` (best.pt)")
     texp.add_argument("dataset", type=Path, help="a dataset with fracture boxes (FracAtlas)")
     _dataset_flags(texp)
-    texp.add_argument("--out", type=Path, default=Path("explain"))
+    texp.add_argument("--out", type=Path, default=None, help="default: RUN/explain")
     texp.add_argument("--images", type=int, default=30, help="fractured test images with boxes")
     texp.add_argument("--lime-samples", type=int, default=500, help="perturbed images per LIME explanation")
     texp.add_argument("--methods", default="gradcam,saliency,lime")
@@ -607,13 +607,14 @@ def cmd_train_explain(args: argparse.Namespace, settings: Settings) -> int:
     if unknown or not methods:
         raise DicomaiError(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
     net, size = load_run(args.run)
-    result = compare_methods(net, size, _samples(args), args.out, images=args.images,
+    out = args.out or args.run / "explain"  # beside the run it explains, not in the working directory
+    result = compare_methods(net, size, _samples(args), out, images=args.images,
                              lime_samples=args.lime_samples, methods=methods)
     rows = [{"method": m, **{k: round(v, 3) for k, v in r.items()}} for m, r in result["methods"].items()]
     _print_table(rows, ["method", "pointing_game", "pointing_game_15px", "energy_in_boxes",
                         "seconds_per_image"])
     print(f"{result['images']} fractured test images; boxes cover {result['box_area_share']:.3f} "
-          f"of an image; {args.out / 'explain.json'}")
+          f"of an image; {out / 'explain.json'}")
     return 0
 
 

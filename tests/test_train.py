@@ -66,12 +66,14 @@ def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
                           "--json", str(small[-1].path)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["model"] == "tiny 0.0.1"
-    # The offline comparison of explanation methods runs on the same run folder.
+    # The offline comparison of explanation methods runs on the same run folder (and writes
+    # into it by default, not into the working directory).
     run = subprocess.run([sys.executable, "-m", "dicomai", "train", "explain", str(tmp_path / "run"),
-                          str(FRACATLAS), "--images", "2", "--lime-samples", "30", "--out",
-                          str(tmp_path / "explain")], capture_output=True, text=True, timeout=300)
+                          str(FRACATLAS), "--images", "2", "--lime-samples", "30"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    explained = json.loads((tmp_path / "explain" / "explain.json").read_text())
+    assert not (tmp_path / "explain").exists()
+    explained = json.loads((tmp_path / "run" / "explain" / "explain.json").read_text())
     assert explained["images"] == 2 and set(explained["methods"]) == {"gradcam", "saliency", "lime"}
     assert all(0 <= m["pointing_game"] <= 1 for m in explained["methods"].values())
     assert "lime" in run.stdout
