@@ -193,9 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="box guidance: weight of a loss that pulls the Grad-CAM into the fracture "
                            "boxes of the training images (needs boxes: FracAtlas); 0: off")
     tfit.set_defaults(func=cmd_train_fit)
+    tens = tsub.add_parser("ensemble", parents=[common],
+                           help="several runs as one network (mean logit), scored on validation")
+    tens.add_argument("dataset", type=Path, help="the dataset the runs were trained on (its val split)")
+    _dataset_flags(tens)
+    tens.add_argument("out", type=Path, help="run folder for the ensemble (best.pt, history.json)")
+    tens.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                      help="run folders of `train fit` (linear heads, same input size)")
+    tens.set_defaults(func=cmd_train_ensemble)
     trel = tsub.add_parser("release", parents=[common],
                            help="export + parity + evaluate + manifest + model card")
-    trel.add_argument("run", type=Path, help="run folder of `train fit`")
+    trel.add_argument("run", type=Path, help="run folder of `train fit` or `train ensemble`")
     trel.add_argument("dataset", type=Path)
     _dataset_flags(trel)
     trel.add_argument("package", type=Path, help="output model package folder")
@@ -572,6 +580,25 @@ def cmd_train_fit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_train_ensemble(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from dicomai.train.ensemble import make_ensemble
+    except ImportError as exc:
+        raise _train_missing(exc) from None
+    try:
+        summary = make_ensemble(args.runs, _samples(args), args.out)
+    except ValueError as exc:
+        raise DicomaiError(f"ensemble: {exc}") from None
+    rows = [{"run": m["run"], "backbone": m["config"]["backbone"], "val_auroc": round(m["val_auroc"], 4)}
+            for m in summary["members"]]
+    rows.append({"run": str(args.out), "backbone": "ensemble",
+                 "val_auroc": round(summary["best_val_auroc"], 4)})
+    _print_table(rows, ["run", "backbone", "val_auroc"])
+    print(f"{summary['val_images']} validation images; release it with "
+          f"`dicomai train release {args.out} {args.dataset} PACKAGE`")
+    return 0
+
+
 def cmd_train_release(args: argparse.Namespace, settings: Settings) -> int:
     try:
         from dicomai.train.release import release
@@ -599,14 +626,16 @@ def cmd_train_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_train_explain(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        from dicomai.train.attribution import METHODS, compare_methods, load_run
+        from dicomai.train.attribution import METHODS, compare_methods
+        from dicomai.train.nets import load_run
     except ImportError as exc:
         raise _train_missing(exc) from None
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = set(methods) - set(METHODS)
     if unknown or not methods:
         raise DicomaiError(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
-    net, size = load_run(args.run)
+    net, summary = load_run(args.run)
+    size = int(summary["config"]["size"])
     out = args.out or args.run / "explain"  # beside the run it explains, not in the working directory
     result = compare_methods(net, size, _samples(args), out, images=args.images,
                              lime_samples=args.lime_samples, methods=methods)

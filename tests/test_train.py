@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,20 +28,28 @@ def _require_train_extra() -> None:
         missing(f"FracAtlas at {FRACATLAS}")
 
 
-def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
-    """A few images, one epoch per phase, 64 px: export, parity with PyTorch and grad-cam, classify."""
-    _require_train_extra()
-    from dicomai.infer import Classifier, preprocess
-    from dicomai.model import load_package
-    from dicomai.train.data import load_display, load_fracatlas
-    from dicomai.train.fit import FitConfig, fit
-    from dicomai.train.release import release
+def _small_fracatlas() -> list[Any]:
+    """8 normal and 8 fractured FracAtlas images of each split."""
+    from dicomai.train.data import load_fracatlas
 
     samples = load_fracatlas(FRACATLAS)
     small = []
     for split in ("train", "val", "test"):
         for label in (0, 1):
             small += [s for s in samples if s.split == split and s.label == label][:8]
+    return small
+
+
+def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
+    """A few images, one epoch per phase, 64 px: export, parity with PyTorch and grad-cam, classify."""
+    _require_train_extra()
+    from dicomai.infer import Classifier, preprocess
+    from dicomai.model import load_package
+    from dicomai.train.data import load_display
+    from dicomai.train.fit import FitConfig, fit
+    from dicomai.train.release import release
+
+    small = _small_fracatlas()
     cfg = FitConfig(size=64, batch=8, head_epochs=1, tune_epochs=1)
     summary = fit(small, cfg, tmp_path / "run", log=False)
     assert (tmp_path / "run" / "best.pt").exists() and len(summary["history"]) == 2  # type: ignore[arg-type]
@@ -77,6 +86,51 @@ def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
     assert explained["images"] == 2 and set(explained["methods"]) == {"gradcam", "saliency", "lime"}
     assert all(0 <= m["pointing_game"] <= 1 for m in explained["methods"].values())
     assert "lime" in run.stdout
+
+
+def test_ensemble_of_two_runs_releases_and_serves(tmp_path: Path) -> None:
+    """Two tiny runs on 2x2 and 4x4 grids -> `train ensemble` -> release with parity -> the node."""
+    _require_train_extra()
+    from dicomai.infer import Classifier, preprocess
+    from dicomai.model import load_package
+    from dicomai.train.data import load_display
+    from dicomai.train.ensemble import make_ensemble
+    from dicomai.train.fit import FitConfig, fit
+    from dicomai.train.release import release
+
+    small = _small_fracatlas()
+    runs = []
+    for stride in (32, 16):
+        cfg = FitConfig(backbone="mobilenet_v3_small", pretrained=False, output_stride=stride, size=64,
+                        batch=8, head_epochs=1, tune_epochs=1, seed=stride)
+        fit(small, cfg, tmp_path / f"os{stride}", log=False)
+        runs.append(tmp_path / f"os{stride}")
+    summary = make_ensemble(runs, small, tmp_path / "ens")
+    # Members are scored on the same validation pixels as `train fit` scored them.
+    for member in summary["members"]:
+        assert member["val_auroc"] == pytest.approx(member["best_val_auroc"], abs=1e-9)
+    assert 0 <= summary["best_val_auroc"] <= 1 and summary["config"]["output_stride"] == 16
+    pkg, report = release(tmp_path / "ens", small, tmp_path / "pkg", "tiny-ensemble", "0.0.1",
+                          parity_images=4)
+    assert report["parity"]["max_abs_prob_diff"] <= 1e-4
+    assert report["parity"]["gradcam_compared"] > 0 and report["parity"]["gradcam_pearson_min"] >= 0.99
+    training = pkg.manifest.training
+    assert training["backbone"] == "ensemble"
+    assert [m["output_stride"] for m in training["members"]] == [32, 16]
+    assert pkg.manifest.metrics["val_auroc"] == pytest.approx(summary["best_val_auroc"], abs=1e-4)
+    card = (tmp_path / "pkg" / "MODEL_CARD.md").read_text()
+    assert "Ensemble of 2 networks" in card and "4x4 grid" in card
+    clf = Classifier(load_package(tmp_path / "pkg"))
+    (out,) = clf.predict([preprocess(load_display(small[-1].path), pkg)])
+    assert 0 <= out.probability <= 1 and out.gradcam is not None and out.gradcam.shape == (4, 4)
+    # The CLI refuses runs that cannot be one network, with the reason and a non-zero status.
+    fit(small, FitConfig(backbone="mobilenet_v3_small", pretrained=False, size=96, batch=8, head_epochs=1,
+                         tune_epochs=0), tmp_path / "os32-96", log=False)
+    cli = subprocess.run([sys.executable, "-m", "dicomai", "train", "ensemble", str(FRACATLAS),
+                          str(tmp_path / "bad"), str(runs[0]), str(tmp_path / "os32-96")],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode != 0 and "different input sizes" in cli.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def _assert_confusion_png(path: Path, manifest: dict[str, object]) -> None:

@@ -108,6 +108,55 @@ def test_output_stride_16_doubles_the_map_and_keeps_parity(backbone: str, tmp_pa
         build("resnet50", pretrained=False, output_stride=16)
 
 
+def test_ensemble_is_one_network_mean_logit_and_exact_gradcam(tmp_path: Path) -> None:
+    """Members on 4x4 and 8x8 grids: mean logit, the Grad-CAM of the concatenated stage, parity."""
+    pytest.importorskip("pytorch_grad_cam")
+    from dicomai.train.export import export_package, parity
+    from dicomai.train.nets import ExportWrapper, build, ensemble
+
+    torch.manual_seed(0)
+    members = [build("mobilenet_v3_small", pretrained=False), build("mobilenet_v2", pretrained=False,
+                                                                   output_stride=16)]
+    for i, m in enumerate(members):
+        for bn in m.modules():  # batch statistics as running statistics: activations of order 1
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.momentum = 1.0
+        with torch.no_grad():
+            m.train().features(torch.randn(8, 3, 128, 128))
+            m.head.layers[-1].weight.abs_()
+            m.head.layers[-1].bias.fill_(0.1 * (i + 1))
+        m.eval()
+    net = ensemble(members, 128)
+    x = torch.randn(3, 3, 128, 128)
+    with torch.no_grad():
+        logits = torch.stack([m(x) for m in members])
+        biases = torch.stack([m.head.layers[-1].bias for m in members])
+        assert (logits - biases).abs().min() > 0.01  # the features count, not only the biases
+        assert torch.allclose(net(x), logits.mean(dim=0), atol=1e-5)
+        # Independent reference: each cell's contribution to the mean logit, on the fine grid.
+        ref = torch.zeros(3, 8, 8)
+        for m in members:
+            a = m.features(x)
+            r = 8 // a.shape[-1]
+            a = a.repeat_interleave(r, dim=2).repeat_interleave(r, dim=3)
+            ref += torch.einsum("nkhw,k->nhw", a, m.head.layers[-1].weight[0]) / (64 * len(members))
+        probs, cam = ExportWrapper(net)(x)
+    assert cam.shape == (3, 8, 8)
+    assert torch.allclose(cam, torch.relu(ref), atol=1e-5)
+    assert torch.allclose(probs[:, 1], torch.sigmoid(logits.mean(dim=0)), atol=1e-6)
+    assert cam.amax() > 0
+    pkg = export_package(net, tmp_path / "pkg", "ensemble", "0", 128,
+                         {"high_sensitivity": 0.3, "high_specificity": 0.6}, {}, {})
+    checks = parity(net, pkg, _radiograph_like(4))
+    assert checks["max_abs_prob_diff"] <= 1e-4
+    assert checks["gradcam_compared"] >= 2 and checks["gradcam_pearson_min"] >= 0.99
+    # What cannot be one network is refused with the reason.
+    with pytest.raises(ValueError, match="do not nest"):
+        ensemble(members, 80)  # 3x3 and 5x5
+    with pytest.raises(ValueError, match="linear heads"):
+        ensemble([members[0], build("mobilenet_v3_small", pretrained=False, head="hybrid")], 128)
+
+
 def _imagenet_check_images() -> list[tuple[str, np.ndarray]]:
     data = pytest.importorskip("skimage.data")
     from PIL import Image

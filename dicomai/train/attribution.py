@@ -27,21 +27,12 @@ from dicomai.normalize import letterbox
 from dicomai.render import overlay
 from dicomai.train.data import Sample, load_display
 from dicomai.train.metrics import pointing_game
-from dicomai.train.nets import IMAGENET_MEAN, IMAGENET_STD, ExportWrapper, FractureNet, build
+from dicomai.train.nets import IMAGENET_MEAN, IMAGENET_STD, ExportWrapper, FractureNet
 
-__all__ = ["METHODS", "compare_methods", "load_run"]
+__all__ = ["METHODS", "compare_methods"]
 
 METHODS = ("gradcam", "saliency", "lime")
 Map = NDArray[np.float32]
-
-
-def load_run(run: Path) -> tuple[FractureNet, int]:
-    """The best checkpoint of a ``train fit`` run folder and its input size."""
-    cfg = json.loads((run / "history.json").read_text())["config"]
-    net = build(cfg["backbone"], pretrained=False, head=cfg.get("head", "linear"),
-                output_stride=cfg.get("output_stride", 32))
-    net.load_state_dict(torch.load(run / "best.pt", map_location="cpu"))
-    return net.eval(), int(cfg["size"])
 
 
 def _normalize(boxed: torch.Tensor) -> torch.Tensor:

@@ -201,6 +201,42 @@ def _guidance_text(training: dict[str, Any]) -> str:
             "term pulls the Grad-CAM into the fracture boxes (dicomai.train.guidance);")
 
 
+def _model_text(training: dict[str, Any]) -> str:
+    if training.get("backbone") != "ensemble":
+        return f"{training.get('backbone')} ({_origin(training)}), {_head_text(training.get('head', 'linear'))}"
+    members = "; ".join(
+        f"{m['backbone']} ({_origin(m)}; output stride {m.get('output_stride', 32)}"
+        + (f"; box guidance {m['box_weight']:g}" if m.get("box_weight") else "") + ")"
+        for m in training["members"])
+    return (f"Ensemble of {len(training['members'])} networks, each {_head_text('linear')}: {members}. "
+            "Its logit is the mean of the members' logits: one linear head on their last convolutional "
+            "stages side by side, so it is exported, and its Grad-CAM computed, as one network "
+            "(`dicomai train ensemble`)")
+
+
+def _training_text(training: dict[str, Any]) -> str:
+    recipe = ("two phases: head only on the frozen backbone, then fine-tuning ({tune} layers) with "
+              "AdamW and a one-cycle schedule; class imbalance handled by the positive-class weight of "
+              "the loss; flips, rotation, zoom, shear, brightness/contrast, blur and noise as "
+              "augmentations;{guidance}")
+    hardware = (f"Hardware: {training.get('hardware')}; training time {training.get('seconds', 0) / 60:.0f} min"
+                + (" (all members)." if training.get("backbone") == "ensemble" else "."))
+    if training.get("backbone") != "ensemble":
+        text = recipe.format(tune=training.get("tune_blocks"), guidance=_guidance_text(training))
+        return (f"{text[0].upper()}{text[1:]} model chosen on validation AUROC (best epoch "
+                f"{training.get('best_epoch')}, val AUROC {training.get('best_val_auroc', float('nan')):.3f}). "
+                f"{hardware} Seed {training.get('seed')}.")
+    members = "; ".join(
+        f"{m['backbone']}: best epoch {m['best_epoch']} of {m['epochs']}, val AUROC {m['best_val_auroc']:.3f}, "
+        f"{m['seconds'] / 60:.0f} min, seed {m['seed']}" for m in training["members"])
+    tune = "/".join(sorted({str(m.get("tune_blocks")) for m in training["members"]}))
+    guided: dict[str, Any] = next((m for m in training["members"] if m.get("box_weight")), {})
+    text = recipe.format(tune=tune, guidance=_guidance_text(guided))
+    return (f"Each member trained on its own, {text} each member's epoch chosen on its validation "
+            f"AUROC ({members}). The ensemble's val AUROC: "
+            f"{training.get('best_val_auroc', float('nan')):.3f}. {hardware}")
+
+
 def write_model_card(package: ModelPackage, evaluation: dict[str, Any], training: dict[str, Any],
                      path: Path) -> None:
     """MODEL_CARD.md: intended use, data, figures with intervals, limits, attribution."""
@@ -218,19 +254,14 @@ shoulder) inside the dicomai node: it flags studies for a radiologist to read fi
 spine, skull or paediatric imaging; not validated outside the data below.
 
 ## Model
-{training.get('backbone')} ({_origin(training)}), {_head_text(training.get('head', 'linear'))}.
+{_model_text(training)}.
 Input {m.input.height}x{m.input.width}, letterboxed, grey replicated to 3 channels,
 ImageNet mean/std. Grad-CAM of the last convolutional stage ({grid}x{grid} grid, output
 stride {stride}) is computed inside the ONNX
 graph (exact: the head's gradient is written out analytically). ONNX sha256 `{m.sha256}`.
 
 ## Training
-Two phases: head only on the frozen backbone, then fine-tuning ({training.get('tune_blocks')}
-layers) with AdamW and a one-cycle schedule; class imbalance handled by the positive-class
-weight of the loss; flips, rotation, zoom, shear, brightness/contrast, blur and noise as
-augmentations;{_guidance_text(training)} model chosen on validation AUROC (best epoch {training.get('best_epoch')},
-val AUROC {training.get('best_val_auroc', float('nan')):.3f}). Hardware: {training.get('hardware')};
-training time {training.get('seconds', 0) / 60:.0f} min. Seed {training.get('seed')}.
+{_training_text(training)}
 
 ## Data
 FracAtlas (Abedeen I. et al., "FracAtlas: A Dataset for Fracture Classification, Localization

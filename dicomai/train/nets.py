@@ -8,14 +8,17 @@ output of ``features``: the last convolutional stage.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["BACKBONES", "HEADS", "ExportWrapper", "FractureNet", "Head", "build"]
+__all__ = ["BACKBONES", "HEADS", "EnsembleFeatures", "ExportWrapper", "FractureNet", "Head", "build",
+           "ensemble", "from_config", "load_run"]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -228,6 +231,79 @@ def build(backbone: str, pretrained: bool = True, head: str = "linear", dropout:
     elif output_stride != 32:
         raise ValueError(f"output stride {output_stride}: 32 or 16")
     return FractureNet(features, channels, head, dropout)
+
+
+class EnsembleFeatures(nn.Module):
+    """Several networks' last convolutional stages side by side, on the finest member's grid.
+
+    Channels are concatenated; a coarser member's map is repeated (nearest neighbour, an
+    integer factor) up to the finest grid, which leaves its global average, hence its
+    member's logit, unchanged.
+    """
+
+    def __init__(self, members: list[nn.Module], repeats: list[int]) -> None:
+        super().__init__()
+        if len(members) != len(repeats):
+            raise ValueError("one repeat factor per member")
+        self.members = nn.ModuleList(members)
+        self.repeats = [int(r) for r in repeats]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = []
+        for features, r in zip(self.members, self.repeats, strict=True):
+            a = features(x)
+            maps.append(a if r == 1 else nn.functional.interpolate(a, scale_factor=r, mode="nearest"))
+        return torch.cat(maps, dim=1)
+
+
+def ensemble(members: list[FractureNet], size: int) -> FractureNet:
+    """Networks with linear heads as one :class:`FractureNet` whose logit is the mean of theirs.
+
+    A linear head on average-pooled features is additive, so the mean of the members' logits
+    is one linear head (their weights side by side, divided by the number of members; the
+    mean of their biases) on the concatenation of their last stages. The result is an
+    ordinary network: its Grad-CAM at the concatenated stage is exact and exported as for a
+    single one, and it is the mean of the members' maps before the ReLU, each cell weighted
+    by what it contributes to the ensemble's logit.
+    """
+    if len(members) < 2:
+        raise ValueError("an ensemble needs at least two networks")
+    if any(m.head.kind != "linear" for m in members):
+        raise ValueError("ensembles need linear heads (the hybrid head's MLP does not add up)")
+    with torch.no_grad():
+        grids = [tuple(m.eval().features(torch.zeros(1, 3, size, size)).shape[2:]) for m in members]
+    finest = (max(g[0] for g in grids), max(g[1] for g in grids))
+    repeats = [finest[0] // g[0] for g in grids]
+    if any((g[0] * r, g[1] * r) != finest for g, r in zip(grids, repeats, strict=True)):
+        raise ValueError(f"the members' grids at {size} px do not nest: {grids}")
+    lasts: list[nn.Linear] = []
+    for m in members:
+        assert isinstance(m.head.layers[-1], nn.Linear)
+        lasts.append(m.head.layers[-1])
+    net = FractureNet(EnsembleFeatures([m.features for m in members], repeats),
+                      sum(lin.in_features for lin in lasts))
+    head = net.head.layers[-1]
+    assert isinstance(head, nn.Linear)
+    with torch.no_grad():
+        head.weight.copy_(torch.cat([lin.weight for lin in lasts], dim=1) / len(members))
+        head.bias.copy_(torch.stack([lin.bias for lin in lasts]).mean(dim=0))
+    return net.eval()
+
+
+def from_config(cfg: dict[str, Any]) -> FractureNet:
+    """The untrained network a run's configuration (``history.json``) describes."""
+    if cfg["backbone"] == "ensemble":
+        return ensemble([from_config(m) for m in cfg["members"]], int(cfg["size"]))
+    return build(cfg["backbone"], pretrained=False, head=cfg.get("head", "linear"),
+                 output_stride=cfg.get("output_stride", 32))
+
+
+def load_run(run: Path) -> tuple[FractureNet, dict[str, Any]]:
+    """The best checkpoint of a run folder (``train fit`` or ``train ensemble``) and its summary."""
+    summary: dict[str, Any] = json.loads((run / "history.json").read_text())
+    net = from_config(summary["config"])
+    net.load_state_dict(torch.load(run / "best.pt", map_location="cpu"))
+    return net.eval(), summary
 
 
 class ExportWrapper(nn.Module):

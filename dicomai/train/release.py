@@ -2,33 +2,34 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dicomai.model import ModelPackage
 from dicomai.train.data import Sample, load_display
 from dicomai.train.evaluate import evaluate_package, write_model_card
 from dicomai.train.export import export_package, parity
-from dicomai.train.nets import build
+from dicomai.train.nets import load_run
 
 __all__ = ["release"]
 
 
-def release(fit_dir: Path, samples: list[Sample], package_dir: Path, name: str, version: str,
-            parity_images: int = 8) -> tuple[ModelPackage, dict[str, Any]]:
-    """Export the best checkpoint of ``fit_dir`` into ``package_dir`` with its figures."""
-    summary = json.loads((fit_dir / "history.json").read_text())
+def _training(summary: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's and model card's ``training`` block from a run's ``history.json``."""
     cfg = summary["config"]
-    net = build(cfg["backbone"], pretrained=False, head=cfg.get("head", "linear"),
-                output_stride=cfg.get("output_stride", 32))
-    net.load_state_dict(torch.load(fit_dir / "best.pt", map_location="cpu"))
-    net.eval()
-    training: dict[str, Any] = {
+    if cfg["backbone"] == "ensemble":
+        members = [_training(m) for m in summary["members"]]
+        return {
+            "backbone": "ensemble", "head": "linear", "output_stride": cfg["output_stride"],
+            "members": members, "pretrained": all(m["pretrained"] for m in members),
+            "box_weight": max(m["box_weight"] for m in members),
+            "best_val_auroc": summary["best_val_auroc"],
+            "seconds": sum(m["seconds"] for m in members), "train_images": members[0]["train_images"],
+            "data": members[0]["data"], "hardware": members[0]["hardware"],
+        }
+    return {
         "backbone": cfg["backbone"], "head": cfg.get("head", "linear"),
         "output_stride": cfg.get("output_stride", 32), "box_weight": cfg.get("box_weight", 0.0),
         "pretrained": cfg.get("pretrained", True), "tune_blocks": cfg["tune_blocks"], "seed": cfg["seed"],
@@ -39,13 +40,21 @@ def release(fit_dir: Path, samples: list[Sample], package_dir: Path, name: str, 
                     f"{summary['threads']} torch threads, device {summary.get('device', 'cpu')}",
         "epochs": len(summary["history"]),
     }
+
+
+def release(fit_dir: Path, samples: list[Sample], package_dir: Path, name: str, version: str,
+            parity_images: int = 8) -> tuple[ModelPackage, dict[str, Any]]:
+    """Export the best checkpoint of ``fit_dir`` (``train fit`` or ``train ensemble``) with its figures."""
+    net, summary = load_run(fit_dir)
+    size = int(summary["config"]["size"])
+    training = _training(summary)
     provisional = {"high_sensitivity": 0.5, "high_specificity": 0.5}
-    package = export_package(net, package_dir, name, version, cfg["size"], provisional, training, {})
+    package = export_package(net, package_dir, name, version, size, provisional, training, {})
     some = [load_display(s.path) for s in samples if s.split == "val"][:parity_images]
     checks = parity(net, package, some)
     evaluation = evaluate_package(package, samples, package_dir / "evaluation")
     metrics = {"test": evaluation["test"], "val_auroc": evaluation["val"]["auroc"], "parity": checks}
-    package = export_package(net, package_dir, name, version, cfg["size"],
+    package = export_package(net, package_dir, name, version, size,
                              evaluation["operating_points"], training, metrics)
     write_model_card(package, evaluation, training, package_dir / "MODEL_CARD.md")
     return package, {"evaluation": evaluation, "parity": checks}
