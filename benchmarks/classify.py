@@ -38,16 +38,20 @@ SHARED = REPO.parent / "shared" / "data" / "dicom"
 
 
 def build_standin(directory: Path, size: int = 224) -> Any:
-    """The shipped architecture (EfficientNet-Lite0 + GAP + linear) with random weights,
-    exported by the training pipeline's own exporter; returns the PyTorch wrapper."""
+    """The shipped architecture (from its manifest's training block: backbone, head, output
+    stride, or an ensemble's members) with random weights, exported by the training
+    pipeline's own exporter; returns the PyTorch wrapper."""
     import torch
 
+    from dicomai.node import default_model_dir
     from dicomai.train.export import export_package
-    from dicomai.train.nets import ExportWrapper, build
+    from dicomai.train.nets import ExportWrapper, from_config
 
+    shipped = default_model_dir()
+    training = load_package(shipped).manifest.training if shipped else {}
     torch.manual_seed(0)
-    net = build("efficientnet_lite0", pretrained=False).eval()
-    export_package(net, directory, "efficientnet-lite0-standin", "0", size,
+    net = from_config({"backbone": "efficientnet_lite0", **training, "size": size}).eval()
+    export_package(net, directory, f"{training.get('backbone', 'efficientnet_lite0')}-standin", "0", size,
                    {"high_sensitivity": 0.3, "high_specificity": 0.7}, {}, {})
     return ExportWrapper(net).eval()
 
@@ -132,7 +136,7 @@ def main() -> None:
     t_ort = median_ms(lambda: sess.run(None, {"input": x}), max(args.repeat, 20))
     dp = float(np.abs(ort_out[0] - ref[0].numpy()).max())
     dc = float(np.abs(ort_out[1] - ref[1].numpy()).max())
-    print(f"{'same EfficientNet-Lite0 graph':28} | {'onnxruntime':>11} {'torch eager':>11} | "
+    print(f"{'same graph as shipped':28} | {'onnxruntime':>11} {'torch eager':>11} | "
           f"{'speed-up':>8} | max |diff| p, cam")
     print(f"{'':28} | {t_ort:9.2f}ms {t_torch:9.2f}ms | {t_torch / t_ort:7.2f}x | {dp:.1e}, {dc:.1e}")
 

@@ -96,6 +96,9 @@ def test_train_compare_reads_the_packages_figures() -> None:
     manifest = load_package(shipped).manifest
     assert row["package"] == f"{manifest.name} {manifest.version}"
     assert row["auroc"] == manifest.metrics["test"]["auroc"]
+    members = manifest.training.get("members", [])  # an ensemble (`train ensemble`) names its members
+    assert row["backbone"] == ("ensemble of " + " + ".join(m["backbone"] for m in members) if members
+                               else manifest.training["backbone"])
     graph = onnx.load(str(shipped / "model.onnx")).graph
     params = sum(numpy_helper.to_array(t).size for t in graph.initializer)
     assert row["params_m"] * 1e6 == pytest.approx(params)

@@ -48,8 +48,12 @@ def compare_packages(directories: list[Path], threads: int = 1, repeats: int = 2
         t = (m.metrics or {}).get("test", {})
         training = m.training or {}
         hs, hp = t.get("high_sensitivity", {}), t.get("high_specificity", {})
+        members = training.get("members", [])
+        backbone = training.get("backbone", "?")
+        if members:  # `train ensemble`: name the members, count their epochs
+            backbone = "ensemble of " + " + ".join(str(x.get("backbone", "?")) for x in members)
         rows.append({
-            "package": f"{m.name} {m.version}", "backbone": training.get("backbone", "?"),
+            "package": f"{m.name} {m.version}", "backbone": backbone,
             "head": training.get("head", "linear"), "pretrained": training.get("pretrained", True),
             "input": m.input.height, "output_stride": int(training.get("output_stride", 32)),
             "box_weight": float(training.get("box_weight", 0.0)),
@@ -61,7 +65,9 @@ def compare_packages(directories: list[Path], threads: int = 1, repeats: int = 2
             "params_m": _parameters(d / "model.onnx") / 1e6,
             "onnx_mb": (d / "model.onnx").stat().st_size / 1e6,
             "latency_ms": _latency_ms(d, threads, repeats),
-            "train_minutes": float(training.get("seconds", 0)) / 60, "epochs": training.get("epochs"),
+            "train_minutes": float(training.get("seconds", 0)) / 60,
+            "epochs": (" + ".join(str(x.get("epochs")) for x in members) if members
+                       else training.get("epochs")),
         })
     return rows
 

@@ -208,7 +208,7 @@ def _model_text(training: dict[str, Any]) -> str:
         f"{m['backbone']} ({_origin(m)}; output stride {m.get('output_stride', 32)}"
         + (f"; box guidance {m['box_weight']:g}" if m.get("box_weight") else "") + ")"
         for m in training["members"])
-    return (f"Ensemble of {len(training['members'])} networks, each {_head_text('linear')}: {members}. "
+    return (f"Ensemble of {len(training['members'])} networks, each with {_head_text('linear')}: {members}. "
             "Its logit is the mean of the members' logits: one linear head on their last convolutional "
             "stages side by side, so it is exported, and its Grad-CAM computed, as one network "
             "(`dicomai train ensemble`)")
