@@ -532,6 +532,9 @@ def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
           f"positive >= {m.operating_points.high_specificity}")
     print(f"body parts        {', '.join(m.body_parts) or '(any)'}")
     for key, value in {**m.training, **m.metrics}.items():
+        if key == "members":  # an ensemble (`train ensemble`): one short line per member
+            value = "; ".join(f"{x.get('backbone')} (val AUROC {x.get('best_val_auroc', float('nan')):.3f}, "
+                              f"epoch {x.get('best_epoch')} of {x.get('epochs')})" for x in value)
         print(f"{key:17} {value}")
     return 0
 

@@ -30,6 +30,13 @@ def test_shipped_model_verifies() -> None:
     assert run.returncode == 0, run.stderr
     card = (_shipped() / "MODEL_CARD.md").read_text()
     assert "FracAtlas" in card and "doi:10.1038/s41597-023-02432-4" in card
+    # `model info` gives an admin one short line per member of an ensemble
+    info = subprocess.run([sys.executable, "-m", "dicomai", "model", "info", str(_shipped())],
+                          capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0, info.stderr
+    manifest = json.loads((_shipped() / "model.json").read_text())
+    for member in manifest["training"].get("members", []):
+        assert f"{member['backbone']} (val AUROC {member['best_val_auroc']:.3f}, epoch" in info.stdout
 
 
 @pytest.mark.integration
