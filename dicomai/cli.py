@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     trel.add_argument("package", type=Path, help="output model package folder")
     trel.add_argument("--name", default="dicomai-fracture")
     trel.add_argument("--version", default="0.1.0")
+    trel.add_argument("--weights", choices=["float32", "float16"], default="float32",
+                      help="how model.onnx stores the weights: float16 halves the file; the graph "
+                           "computes in float32 either way, and the release compares the two")
     trel.set_defaults(func=cmd_train_release)
     teval = tsub.add_parser("evaluate", parents=[common],
                             help="figures of a package on a dataset's test split")
@@ -524,6 +527,7 @@ def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
     m = pkg.manifest
     print(f"{m.name} {m.version}  ({pkg.directory})")
     print(f"sha256            {m.sha256}")
+    print(f"weights           stored as {m.weights}, computed in float32")
     print(f"input             {m.input.name} {m.input.layout} {m.input.channels}x{m.input.height}"
           f"x{m.input.width}, {m.preprocessing.resize}")
     print(f"outputs           {m.outputs.probabilities}; Grad-CAM: {m.outputs.gradcam or 'none'}")
@@ -607,7 +611,8 @@ def cmd_train_release(args: argparse.Namespace, settings: Settings) -> int:
         from dicomai.train.release import release
     except ImportError as exc:
         raise _train_missing(exc) from None
-    pkg, report = release(args.run, _samples(args), args.package, args.name, args.version)
+    pkg, report = release(args.run, _samples(args), args.package, args.name, args.version,
+                          weights=args.weights)
     t = report["evaluation"]["test"]
     print(json.dumps({"package": str(pkg.directory), "test_auroc": t["auroc"],
                       "test_auroc_ci95": t["auroc_ci95"], "parity": report["parity"],

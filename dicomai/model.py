@@ -89,6 +89,8 @@ class Manifest(_Strict):
     positive_class: str
     operating_points: OperatingPoints
     body_parts: list[str] = Field(default_factory=list)
+    # how model.onnx stores its weights; the graph computes in float32 either way
+    weights: Literal["float32", "float16"] = "float32"
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
 

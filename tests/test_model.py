@@ -32,6 +32,7 @@ def test_wrong_hash_is_refused(tmp_path: Path) -> None:
     ({"operating_points": {"high_sensitivity": 0.9, "high_specificity": 0.1}}, "operating_points"),
     ({"preprocessing": {"mean": [0], "std": [1]}}, "mean/std"),
     ({"surprise": 1}, "surprise"),
+    ({"weights": "int8"}, "weights"),
 ])
 def test_inconsistent_manifest_is_refused(tmp_path: Path, patch: dict[str, object], message: str) -> None:
     """An inconsistent manifest is refused with the field named."""

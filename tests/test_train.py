@@ -70,6 +70,20 @@ def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
     img = load_display(small[-1].path)
     (out,) = clf.predict([preprocess(img, pkg)])
     assert 0 <= out.probability <= 1 and out.gradcam is not None
+    # Half-precision weight storage: about half the file, the same network within rounding,
+    # figures and card of the float16 package.
+    half, report16 = release(tmp_path / "run", small, tmp_path / "pkg16", "tiny", "0.0.2", parity_images=4,
+                             weights="float16", storage_images=16)
+    storage = report16["parity"]["storage"]
+    assert storage["images"] == 16 and storage["gradcam_compared"] > 0
+    assert storage["onnx_bytes"] < 0.6 * storage["reference_onnx_bytes"]
+    assert storage["onnx_bytes"] == half.onnx_path.stat().st_size
+    assert storage["max_abs_prob_diff"] <= 1e-2 and storage["gradcam_pearson_min"] >= 0.99
+    assert report16["parity"]["max_abs_prob_diff"] <= 1e-4  # the float32 export, as above
+    assert load_package(tmp_path / "pkg16").manifest.weights == "float16"
+    assert "stored as float16" in (tmp_path / "pkg16" / "MODEL_CARD.md").read_text()
+    (out16,) = Classifier(half).predict([preprocess(img, half)])
+    assert abs(out16.probability - out.probability) <= 1e-2 and out16.gradcam is not None
     # ... and by the offline CLI.
     run = subprocess.run([sys.executable, "-m", "dicomai", "classify", "--model", str(tmp_path / "pkg"),
                           "--json", str(small[-1].path)], capture_output=True, text=True, timeout=300)

@@ -309,3 +309,37 @@ def test_explain_methods_find_an_obvious_lesion(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "explain.json").read_text())["methods"].keys() == {
         "gradcam", "saliency", "lime"}
     assert (tmp_path / "out" / "explain_gallery.png").exists()
+
+
+def test_float16_storage_keeps_the_arithmetic_and_the_tensors_float16_cannot_hold(tmp_path: Path) -> None:
+    """Weights behind Casts: float32 outputs; small and subnormal-heavy tensors stay float32."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dicomai.train.export import _store_float16
+
+    rng = np.random.default_rng(0)
+    ordinary = rng.normal(0, 1, (16, 16)).astype(np.float32)
+    tiny = (rng.normal(0, 1, (16, 16)) * 1e-5).astype(np.float32)  # mostly below 2**-14
+    bias = (rng.normal(0, 1, (16,)) * 1e-4).astype(np.float32)  # fewer than 64 values; of the product's order
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "ordinary"], ["a"]),
+         helper.make_node("MatMul", ["a", "tiny"], ["b"]),
+         helper.make_node("Add", ["b", "bias"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+        [numpy_helper.from_array(v, n) for n, v in (("ordinary", ordinary), ("tiny", tiny), ("bias", bias))])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    _store_float16(path)
+    stored = {i.name: i.data_type for i in onnx.load(str(path)).graph.initializer}
+    assert stored == {"ordinary.fp16": TensorProto.FLOAT16, "tiny": TensorProto.FLOAT,
+                      "bias": TensorProto.FLOAT}
+    x = rng.normal(0, 1, (3, 16)).astype(np.float32)
+    (y,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert y.dtype == np.float32
+    half = ordinary.astype(np.float16).astype(np.float32)
+    assert np.allclose(y, x @ half @ tiny + bias, rtol=1e-4, atol=1e-10)
+    # a mutation check: had ``tiny`` been rounded (subnormals), the result would be off
+    assert not np.allclose(y, x @ half @ tiny.astype(np.float16).astype(np.float32) + bias, rtol=1e-4, atol=0)

@@ -237,6 +237,17 @@ def _training_text(training: dict[str, Any]) -> str:
             f"{training.get('best_val_auroc', float('nan')):.3f}. {hardware}")
 
 
+def _storage_text(weights: str, metrics: dict[str, Any]) -> str:
+    storage = metrics.get("parity", {}).get("storage")
+    if weights == "float32" or not storage:
+        return ""
+    return (f"\nWeights are stored as {weights} in the ONNX file (the graph computes in float32): "
+            f"{storage['onnx_bytes'] / 1e6:.1f} MB instead of {storage['reference_onnx_bytes'] / 1e6:.1f} MB. "
+            f"Against the float32 export, probabilities differ by at most {storage['max_abs_prob_diff']:.1e} "
+            f"and the Grad-CAM maps correlate with r >= {storage['gradcam_pearson_min']:.4f} on "
+            f"{storage['images']} validation images; every figure below is the {weights} package's.")
+
+
 def write_model_card(package: ModelPackage, evaluation: dict[str, Any], training: dict[str, Any],
                      path: Path) -> None:
     """MODEL_CARD.md: intended use, data, figures with intervals, limits, attribution."""
@@ -258,7 +269,7 @@ spine, skull or paediatric imaging; not validated outside the data below.
 Input {m.input.height}x{m.input.width}, letterboxed, grey replicated to 3 channels,
 ImageNet mean/std. Grad-CAM of the last convolutional stage ({grid}x{grid} grid, output
 stride {stride}) is computed inside the ONNX
-graph (exact: the head's gradient is written out analytically). ONNX sha256 `{m.sha256}`.
+graph (exact: the head's gradient is written out analytically). ONNX sha256 `{m.sha256}`.{_storage_text(m.weights, m.metrics)}
 
 ## Training
 {_training_text(training)}

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from dicomai.model import ModelPackage
 from dicomai.train.data import Sample, load_display
 from dicomai.train.evaluate import evaluate_package, write_model_card
-from dicomai.train.export import export_package, parity
+from dicomai.train.export import export_package, parity, storage_parity
 from dicomai.train.nets import load_run
 
 __all__ = ["release"]
@@ -43,18 +44,29 @@ def _training(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def release(fit_dir: Path, samples: list[Sample], package_dir: Path, name: str, version: str,
-            parity_images: int = 8) -> tuple[ModelPackage, dict[str, Any]]:
-    """Export the best checkpoint of ``fit_dir`` (``train fit`` or ``train ensemble``) with its figures."""
+            parity_images: int = 8, weights: str = "float32", storage_images: int = 64,
+            ) -> tuple[ModelPackage, dict[str, Any]]:
+    """Export the best checkpoint of ``fit_dir`` (``train fit`` or ``train ensemble``) with its figures.
+
+    Parity with PyTorch and the grad-cam package is checked on the float32 export; with
+    ``weights="float16"`` the package is then written with half-precision weights, compared
+    with that float32 export on ``storage_images`` validation images, and evaluated as shipped.
+    """
     net, summary = load_run(fit_dir)
     size = int(summary["config"]["size"])
     training = _training(summary)
     provisional = {"high_sensitivity": 0.5, "high_specificity": 0.5}
-    package = export_package(net, package_dir, name, version, size, provisional, training, {})
     some = [load_display(s.path) for s in samples if s.split == "val"][:parity_images]
-    checks = parity(net, package, some)
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = export_package(net, Path(tmp), name, version, size, provisional, training, {})
+        checks: dict[str, Any] = parity(net, reference, some)
+        package = export_package(net, package_dir, name, version, size, provisional, training, {}, weights)
+        if weights != "float32":
+            more = [load_display(s.path) for s in samples if s.split == "val"][:storage_images]
+            checks["storage"] = storage_parity(reference, package, more)
     evaluation = evaluate_package(package, samples, package_dir / "evaluation")
     metrics = {"test": evaluation["test"], "val_auroc": evaluation["val"]["auroc"], "parity": checks}
     package = export_package(net, package_dir, name, version, size,
-                             evaluation["operating_points"], training, metrics)
+                             evaluation["operating_points"], training, metrics, weights)
     write_model_card(package, evaluation, training, package_dir / "MODEL_CARD.md")
     return package, {"evaluation": evaluation, "parity": checks}
