@@ -44,13 +44,14 @@ def _training(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def release(fit_dir: Path, samples: list[Sample], package_dir: Path, name: str, version: str,
-            parity_images: int = 8, weights: str = "float32", storage_images: int = 64,
+            parity_images: int = 8, weights: str = "float32", storage_images: int | None = None,
             ) -> tuple[ModelPackage, dict[str, Any]]:
     """Export the best checkpoint of ``fit_dir`` (``train fit`` or ``train ensemble``) with its figures.
 
     Parity with PyTorch and the grad-cam package is checked on the float32 export; with
     ``weights="float16"`` the package is then written with half-precision weights, compared
-    with that float32 export on ``storage_images`` validation images, and evaluated as shipped.
+    with that float32 export on the validation images (the first ``storage_images`` of them
+    when given), and evaluated as shipped.
     """
     net, summary = load_run(fit_dir)
     size = int(summary["config"]["size"])
