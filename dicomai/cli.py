@@ -40,6 +40,7 @@ from dicomai.audit import (
 from dicomai.config import Settings, load_settings, masked
 from dicomai.errors import DicomaiError
 from dicomai.logging import configure_logging
+from dicomai.model import WEIGHT_STORAGE
 
 __all__ = ["main"]
 
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     trel.add_argument("package", type=Path, help="output model package folder")
     trel.add_argument("--name", default="dicomai-fracture")
     trel.add_argument("--version", default="0.1.0")
-    trel.add_argument("--weights", choices=["float32", "float16"], default="float32",
+    trel.add_argument("--weights", choices=WEIGHT_STORAGE, default="float32",
                       help="how model.onnx stores the weights: float16 halves the file; the graph "
                            "computes in float32 either way, and the release compares the two")
     trel.set_defaults(func=cmd_train_release)

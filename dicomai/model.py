@@ -78,6 +78,10 @@ class OperatingPoints(_Strict):
         return self
 
 
+# how model.onnx may store its weights (`train release --weights`); the graph computes in float32
+WEIGHT_STORAGE = ("float32", "float16")
+
+
 class Manifest(_Strict):
     name: str
     version: str

@@ -11,12 +11,10 @@ import torch
 from torch import nn
 
 from dicomai.infer import Classifier, preprocess
-from dicomai.model import ModelPackage, load_package, sha256_file
+from dicomai.model import WEIGHT_STORAGE, ModelPackage, load_package, sha256_file
 from dicomai.train.nets import IMAGENET_MEAN, IMAGENET_STD, ExportWrapper, FractureNet
 
-__all__ = ["WEIGHT_STORAGE", "export_package", "parity", "storage_parity"]
-
-WEIGHT_STORAGE = ("float32", "float16")
+__all__ = ["export_package", "parity", "storage_parity"]
 
 FRACTURE_BODY_PARTS = ["HAND", "HANDS", "FINGER", "THUMB", "WRIST", "FOREARM", "ELBOW", "ARM", "HUMERUS",
                        "SHOULDER", "CLAVICLE", "SCAPULA", "HIP", "PELVIS", "FEMUR", "UPPERLEG", "KNEE",
