@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     tfit.add_argument("--resume", action="store_true", help="continue the run in OUT from its last.pt")
     tfit.add_argument("--output-stride", type=int, choices=[32, 16], default=32,
                       help="16: dilated last stage, a Grad-CAM grid twice as fine "
-                           "(mobilenet_v2, mobilenet_v3_small)")
+                           "(efficientnet_lite0, mobilenet_v2, mobilenet_v3_small)")
     tfit.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     tfit.add_argument("--size", type=int, default=224)
     tfit.add_argument("--head-epochs", type=int, default=2)

@@ -192,7 +192,7 @@ BACKBONES: dict[str, Callable[[bool], tuple[nn.Module, int]]] = {
 }
 
 
-OUTPUT_STRIDE_16 = ("mobilenet_v2", "mobilenet_v3_small")
+OUTPUT_STRIDE_16 = ("efficientnet_lite0", "mobilenet_v2", "mobilenet_v3_small")
 
 
 def output_stride_16(features: nn.Module) -> None:
@@ -205,17 +205,23 @@ def output_stride_16(features: nn.Module) -> None:
     """
     convs = [(parent, name, m) for parent in features.modules() for name, m in parent.named_children()
              if isinstance(m, nn.Conv2d)]
-    last = max(i for i, (_, _, m) in enumerate(convs) if m.stride == (2, 2))
+    last = max(i for i, (_, _, m) in enumerate(convs) if tuple(m.stride) == (2, 2))
     parent, _, conv = convs[last]
     conv.stride = (1, 1)
     conv.padding = ((conv.kernel_size[0] - 1) // 2, (conv.kernel_size[1] - 1) // 2)
     for name, child in parent.named_children():  # TF "SAME" padding of the TFLite weights
         if isinstance(child, nn.ZeroPad2d):
             setattr(parent, name, nn.Identity())
-    for _, _, m in convs[last + 1:]:
-        if m.kernel_size != (1, 1):
+    for _, _, m in convs[last:]:
+        if m.kernel_size == (1, 1):
+            continue
+        if m is not conv:
             m.dilation = (2, 2)
             m.padding = (m.kernel_size[0] - 1, m.kernel_size[1] - 1)
+        if isinstance(getattr(m, "static_padding", None), nn.ZeroPad2d):
+            # efficientnet_lite_pytorch's TF "SAME" padding, fixed for stride and dilation at
+            # construction: the padding is now the symmetric one of a stride-1 convolution
+            m.static_padding = nn.Identity()
 
 
 def build(backbone: str, pretrained: bool = True, head: str = "linear", dropout: float = 0.3,
