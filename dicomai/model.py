@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -79,7 +79,8 @@ class OperatingPoints(_Strict):
 
 
 # how model.onnx may store its weights (`train release --weights`); the graph computes in float32
-WEIGHT_STORAGE = ("float32", "float16")
+WeightStorage = Literal["float32", "float16"]
+WEIGHT_STORAGE: tuple[str, ...] = get_args(WeightStorage)
 
 
 class Manifest(_Strict):
@@ -93,8 +94,7 @@ class Manifest(_Strict):
     positive_class: str
     operating_points: OperatingPoints
     body_parts: list[str] = Field(default_factory=list)
-    # how model.onnx stores its weights; the graph computes in float32 either way
-    weights: Literal["float32", "float16"] = "float32"
+    weights: WeightStorage = "float32"
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
 

@@ -59,10 +59,14 @@ def release(fit_dir: Path, samples: list[Sample], package_dir: Path, name: str, 
     provisional = {"high_sensitivity": 0.5, "high_specificity": 0.5}
     some = [load_display(s.path) for s in samples if s.split == "val"][:parity_images]
     with tempfile.TemporaryDirectory() as tmp:
-        reference = export_package(net, Path(tmp), name, version, size, provisional, training, {})
+        # the float32 export: the package itself, or the reference a compressed package is compared with
+        reference = export_package(net, package_dir if weights == "float32" else Path(tmp), name, version,
+                                   size, provisional, training, {})
         checks: dict[str, Any] = parity(net, reference, some)
-        package = export_package(net, package_dir, name, version, size, provisional, training, {}, weights)
+        package = reference
         if weights != "float32":
+            package = export_package(net, package_dir, name, version, size, provisional, training, {},
+                                     weights)
             more = [load_display(s.path) for s in samples if s.split == "val"][:storage_images]
             checks["storage"] = storage_parity(reference, package, more)
     evaluation = evaluate_package(package, samples, package_dir / "evaluation")
