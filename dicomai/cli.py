@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     tfit.add_argument("--box-weight", type=float, default=0.0, metavar="W",
                       help="box guidance: weight of a loss that pulls the Grad-CAM into the fracture "
                            "boxes of the training images (needs boxes: FracAtlas); 0: off")
+    tfit.add_argument("--box-phases", choices=["both", "tune"], default="both",
+                      help="phases with the box loss: both, or tune (not while the head learns on "
+                           "the frozen backbone)")
     tfit.set_defaults(func=cmd_train_fit)
     tens = tsub.add_parser("ensemble", parents=[common],
                            help="several runs as one network (mean logit), scored on validation")
@@ -581,7 +584,8 @@ def cmd_train_fit(args: argparse.Namespace, settings: Settings) -> int:
                     head_epochs=args.head_epochs,
                     tune_epochs=args.tune_epochs, tune_blocks=args.tune_blocks, batch=args.batch,
                     limit=args.limit, pretrained=not args.no_pretrained, seed=args.seed,
-                    tune_lr=args.tune_lr, patience=args.patience, box_weight=args.box_weight)
+                    tune_lr=args.tune_lr, patience=args.patience, box_weight=args.box_weight,
+                    box_phases=args.box_phases)
     summary = fit(_samples(args), cfg, args.out, resume=args.resume)
     print(f"best val AUROC {summary['best_val_auroc']:.4f} at epoch {summary['best_epoch']}; "
           f"{summary['seconds']:.0f}s; {args.out / 'best.pt'}")

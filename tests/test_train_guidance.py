@@ -164,3 +164,21 @@ def test_fit_with_box_weight(tmp_path: Path) -> None:
     bare = [Sample(s.image_id, s.path, s.label, s.split, s.region) for s in samples]
     with pytest.raises(ValueError, match="box"):
         fit(bare, cfg, tmp_path / "run2", log=False)
+
+
+def test_box_phases_tune_leaves_the_head_phase_unguided(tmp_path: Path) -> None:
+    """With box_phases="tune" the head phase is the unguided run's exactly; the tuning phase is not."""
+    _fracatlas_like(tmp_path / "ds")
+    samples = load_fracatlas(tmp_path / "ds")
+    base = dict(backbone="mobilenet_v3_small", pretrained=False, size=64, batch=4, head_epochs=1,
+                tune_epochs=1)
+    losses = {}
+    for name, extra in {"off": {}, "both": {"box_weight": 0.5},
+                        "tune": {"box_weight": 0.5, "box_phases": "tune"}}.items():
+        summary = fit(samples, FitConfig(**base, **extra), tmp_path / name, log=False)  # type: ignore[arg-type]
+        losses[name] = [h["loss"] for h in summary["history"]]  # type: ignore[attr-defined]
+    assert losses["tune"][0] == losses["off"][0]
+    assert losses["both"][0] != losses["off"][0]
+    assert losses["tune"][1] != losses["off"][1]
+    with pytest.raises(ValueError, match="box_phases"):
+        fit(samples, FitConfig(**base, box_weight=0.5, box_phases="head"), tmp_path / "bad", log=False)  # type: ignore[arg-type]

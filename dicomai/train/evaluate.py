@@ -197,7 +197,8 @@ def _guidance_text(training: dict[str, Any]) -> str:
     weight = float(training.get("box_weight", 0.0))
     if weight <= 0:
         return ""
-    return (f" box guidance (weight {weight:g}): on fractured training images a second loss "
+    phases = " while fine-tuning only" if training.get("box_phases") == "tune" else ""
+    return (f" box guidance (weight {weight:g}{phases}): on fractured training images a second loss "
             "term pulls the Grad-CAM into the fracture boxes (dicomai.train.guidance);")
 
 

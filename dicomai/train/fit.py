@@ -21,7 +21,9 @@ from dicomai.train.metrics import auroc
 from dicomai.train.nets import IMAGENET_MEAN, IMAGENET_STD, FractureNet, build
 from dicomai.train.tflite_weights import calibrate_batchnorm
 
-__all__ = ["FitConfig", "fit", "predict"]
+__all__ = ["BOX_PHASES", "FitConfig", "fit", "predict"]
+
+BOX_PHASES = ("both", "tune")  # the training phases in which the box loss applies
 
 
 @dataclass
@@ -40,6 +42,7 @@ class FitConfig:
     patience: int = 4
     seed: int = 0
     box_weight: float = 0.0  # >0: box guidance of the Grad-CAM (needs fracture boxes), see guidance.py
+    box_phases: str = "both"  # "both", or "tune": no box loss while the head learns on the frozen backbone
     pretrained: bool = True
     limit: int = 0  # >0: only this many images per split (tests)
     device: str = "auto"  # CUDA when present, else the CPU
@@ -166,6 +169,8 @@ def fit(samples: list[Sample], cfg: FitConfig, out_dir: Path, log: bool = True,
     val_img, _ = prepare(split["val"], cfg.size, exact=True)  # selection on the node's own pixels
     y_train = np.array([s.label for s in split["train"]], np.int64)
     y_val = np.array([s.label for s in split["val"]], np.int64)
+    if cfg.box_phases not in BOX_PHASES:
+        raise ValueError(f"box_phases: {cfg.box_phases!r}, not one of {BOX_PHASES}")
     masks = None
     if cfg.box_weight > 0:
         if not any(s.boxes for s in split["train"]):
@@ -212,8 +217,10 @@ def fit(samples: list[Sample], cfg: FitConfig, out_dir: Path, log: bool = True,
             if state is not None:
                 _set_rng_state(state["rng"])  # type: ignore[arg-type]
                 state = None
+        guided = masks is not None and (cfg.box_phases == "both" or phase == "tune")
         loss = _epoch(net, train_img, y_train, opt, sched, loss_fn, cfg, frozen=phase == "head",
-                      progress=f"epoch {epoch}/{total_epochs} ({phase})" if log else "", masks=masks)
+                      progress=f"epoch {epoch}/{total_epochs} ({phase})" if log else "",
+                      masks=masks if guided else None)
         score = auroc(y_val, predict(net, val_img))
         seconds = elapsed0 + time.time() - t0
         history.append({"epoch": epoch, "phase": phase, "loss": loss, "val_auroc": score,

@@ -33,6 +33,7 @@ def _training(summary: dict[str, Any]) -> dict[str, Any]:
     return {
         "backbone": cfg["backbone"], "head": cfg.get("head", "linear"),
         "output_stride": cfg.get("output_stride", 32), "box_weight": cfg.get("box_weight", 0.0),
+        "box_phases": cfg.get("box_phases", "both"),
         "pretrained": cfg.get("pretrained", True), "tune_blocks": cfg["tune_blocks"], "seed": cfg["seed"],
         "best_epoch": summary["best_epoch"], "best_val_auroc": summary["best_val_auroc"],
         "seconds": summary["seconds"], "train_images": summary["train_images"],
