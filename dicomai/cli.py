@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     tens.add_argument("out", type=Path, help="run folder for the ensemble (best.pt, history.json)")
     tens.add_argument("runs", type=Path, nargs="+", metavar="RUN",
                       help="run folders of `train fit` (linear heads, same input size)")
+    tens.add_argument("--gradcam-from", type=Path, metavar="RUN",
+                      help="one of the runs: take the Grad-CAM at its last stage only (a box-guided "
+                           "member whose map points); default: all members' stages")
     tens.set_defaults(func=cmd_train_ensemble)
     trel = tsub.add_parser("release", parents=[common],
                            help="export + parity + evaluate + manifest + model card")
@@ -598,7 +601,7 @@ def cmd_train_ensemble(args: argparse.Namespace, settings: Settings) -> int:
     except ImportError as exc:
         raise _train_missing(exc) from None
     try:
-        summary = make_ensemble(args.runs, _samples(args), args.out)
+        summary = make_ensemble(args.runs, _samples(args), args.out, gradcam_from=args.gradcam_from)
     except ValueError as exc:
         raise DicomaiError(f"ensemble: {exc}") from None
     rows = [{"run": m["run"], "backbone": m["config"]["backbone"], "val_auroc": round(m["val_auroc"], 4)}

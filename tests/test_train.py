@@ -145,6 +145,23 @@ def test_ensemble_of_two_runs_releases_and_serves(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=300)
     assert cli.returncode != 0 and "different input sizes" in cli.stderr
     assert not (tmp_path / "bad").exists()
+    # Grad-CAM from one member: recorded in the run, rebuilt from it, named in the model card.
+    import torch
+
+    from dicomai.train.evaluate import _model_text
+    from dicomai.train.nets import ExportWrapper, load_run
+    from dicomai.train.release import _training
+
+    one = make_ensemble(runs, small, tmp_path / "ens1", gradcam_from=runs[1])
+    assert one["config"]["gradcam_member"] == 1 and one["best_val_auroc"] == summary["best_val_auroc"]
+    net, saved = load_run(tmp_path / "ens1")
+    with torch.no_grad():
+        _, cam = ExportWrapper(net)(torch.zeros(1, 3, 64, 64))
+    assert cam.shape == (1, 4, 4)
+    text = _model_text(_training(saved))
+    assert "taken at the last stage of member 2 (mobilenet_v3_small)" in text
+    with pytest.raises(ValueError, match="not one of the ensemble's runs"):
+        make_ensemble(runs, small, tmp_path / "ens2", gradcam_from=tmp_path / "os32-96")
 
 
 def _assert_confusion_png(path: Path, manifest: dict[str, object]) -> None:

@@ -122,11 +122,9 @@ def test_output_stride_16_doubles_the_map_and_keeps_parity(backbone: str, exact:
         build("resnet50", pretrained=False, output_stride=16)
 
 
-def test_ensemble_is_one_network_mean_logit_and_exact_gradcam(tmp_path: Path) -> None:
-    """Members on 4x4 and 8x8 grids: mean logit, the Grad-CAM of the concatenated stage, parity."""
-    pytest.importorskip("pytorch_grad_cam")
-    from dicomai.train.export import export_package, parity
-    from dicomai.train.nets import ExportWrapper, build, ensemble
+def _ensemble_members() -> list[torch.nn.Module]:
+    """Two untrained networks (4x4 and 8x8 grids at 128 px) with activations of order 1."""
+    from dicomai.train.nets import build
 
     torch.manual_seed(0)
     members = [build("mobilenet_v3_small", pretrained=False), build("mobilenet_v2", pretrained=False,
@@ -140,6 +138,16 @@ def test_ensemble_is_one_network_mean_logit_and_exact_gradcam(tmp_path: Path) ->
             m.head.layers[-1].weight.abs_()
             m.head.layers[-1].bias.fill_(0.1 * (i + 1))
         m.eval()
+    return members
+
+
+def test_ensemble_is_one_network_mean_logit_and_exact_gradcam(tmp_path: Path) -> None:
+    """Members on 4x4 and 8x8 grids: mean logit, the Grad-CAM of the concatenated stage, parity."""
+    pytest.importorskip("pytorch_grad_cam")
+    from dicomai.train.export import export_package, parity
+    from dicomai.train.nets import ExportWrapper, build, ensemble
+
+    members = _ensemble_members()
     net = ensemble(members, 128)
     x = torch.randn(3, 3, 128, 128)
     with torch.no_grad():
@@ -169,6 +177,38 @@ def test_ensemble_is_one_network_mean_logit_and_exact_gradcam(tmp_path: Path) ->
         ensemble(members, 80)  # 3x3 and 5x5
     with pytest.raises(ValueError, match="linear heads"):
         ensemble([members[0], build("mobilenet_v3_small", pretrained=False, head="hybrid")], 128)
+
+
+@pytest.mark.parametrize("member", [0, 1])
+def test_ensemble_gradcam_from_one_member_is_that_members_map(member: int, tmp_path: Path) -> None:
+    """An ensemble explained at one member's stage: the same score, that member's own map, parity."""
+    pytest.importorskip("pytorch_grad_cam")
+    from dicomai.train.export import export_package, parity
+    from dicomai.train.nets import ExportWrapper, ensemble
+
+    members = _ensemble_members()
+    everywhere, one = ensemble(members, 128), ensemble(members, 128, gradcam_member=member)
+    x = torch.randn(3, 3, 128, 128)
+    with torch.no_grad():
+        p_all, cam_all = ExportWrapper(everywhere)(x)
+        p_one, cam_one = ExportWrapper(one)(x)
+        _, own = ExportWrapper(members[member])(x)
+    assert torch.equal(p_one, p_all)
+    assert cam_one.shape == own.shape == (3, 4 * (member + 1), 4 * (member + 1))  # the member's grid
+    assert cam_one.amax() > 0
+    assert torch.allclose(cam_one, own / len(members), atol=1e-6, rtol=1e-4)
+    r = 8 // own.shape[-1]
+    coarse_all = cam_all[:, ::r, ::r]  # the concatenated stage's map on the member's grid
+    one_n = cam_one / cam_one.amax(dim=(1, 2), keepdim=True)
+    all_n = coarse_all / coarse_all.amax(dim=(1, 2), keepdim=True)
+    assert (one_n - all_n).abs().amax() > 0.1  # not that map
+    pkg = export_package(one, tmp_path / "pkg", "ensemble", "0", 128,
+                         {"high_sensitivity": 0.3, "high_specificity": 0.6}, {}, {})
+    checks = parity(one, pkg, _radiograph_like(4))
+    assert checks["max_abs_prob_diff"] <= 1e-4
+    assert checks["gradcam_compared"] >= 2 and checks["gradcam_pearson_min"] >= 0.99
+    with pytest.raises(ValueError, match="gradcam_member 2"):
+        ensemble(members, 128, gradcam_member=2)
 
 
 def _imagenet_check_images() -> list[tuple[str, np.ndarray]]:

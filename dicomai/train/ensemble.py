@@ -24,20 +24,29 @@ from dicomai.train.nets import ensemble, load_run
 __all__ = ["make_ensemble"]
 
 
-def make_ensemble(runs: list[Path], samples: list[Sample], out_dir: Path) -> dict[str, Any]:
+def make_ensemble(runs: list[Path], samples: list[Sample], out_dir: Path,
+                  gradcam_from: Path | None = None) -> dict[str, Any]:
     """Write ``best.pt`` and ``history.json`` of the ensemble of ``runs`` into ``out_dir``.
 
+    ``gradcam_from``, one of ``runs``: the Grad-CAM is taken at that member's last stage
+    only (see :func:`dicomai.train.nets.ensemble`); by default at all members' stages.
     Returns the summary written: the configuration (the members' configurations), the
     members' own summaries and the validation AUROC of each member and of the ensemble.
     """
     if len(runs) < 2:
         raise ValueError("an ensemble needs at least two runs")
+    gradcam_member = None
+    if gradcam_from is not None:
+        matches = [i for i, run in enumerate(runs) if run.resolve() == gradcam_from.resolve()]
+        if len(matches) != 1:
+            raise ValueError(f"--gradcam-from {gradcam_from}: not one of the ensemble's runs")
+        gradcam_member = matches[0]
     loaded = [load_run(run) for run in runs]
     sizes = {int(summary["config"]["size"]) for _, summary in loaded}
     if len(sizes) != 1:
         raise ValueError(f"the runs were trained at different input sizes: {sorted(sizes)}")
     size = sizes.pop()
-    net = ensemble([member for member, _ in loaded], size)
+    net = ensemble([member for member, _ in loaded], size, gradcam_member)
     val = [s for s in samples if s.split == "val"]
     if not val or len({s.label for s in val}) < 2:
         raise ValueError("the validation split needs both classes to score the ensemble")
@@ -49,7 +58,7 @@ def make_ensemble(runs: list[Path], samples: list[Sample], out_dir: Path) -> dic
     score = auroc(y, predict(net, images))
     config = {"backbone": "ensemble", "head": "linear", "size": size,
               "output_stride": min(int(s["config"].get("output_stride", 32)) for _, s in loaded),
-              "members": [s["config"] for _, s in loaded]}
+              "members": [s["config"] for _, s in loaded], "gradcam_member": gradcam_member}
     summary = {"config": config, "members": members, "best_val_auroc": score,
                "val_images": len(val), "history": []}
     out_dir.mkdir(parents=True, exist_ok=True)

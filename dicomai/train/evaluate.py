@@ -209,10 +209,18 @@ def _model_text(training: dict[str, Any]) -> str:
         f"{m['backbone']} ({_origin(m)}; output stride {m.get('output_stride', 32)}"
         + (f"; box guidance {m['box_weight']:g}" if m.get("box_weight") else "") + ")"
         for m in training["members"])
-    return (f"Ensemble of {len(training['members'])} networks, each with {_head_text('linear')}: {members}. "
+    text = (f"Ensemble of {len(training['members'])} networks, each with {_head_text('linear')}: {members}. "
             "Its logit is the mean of the members' logits: one linear head on their last convolutional "
             "stages side by side, so it is exported, and its Grad-CAM computed, as one network "
             "(`dicomai train ensemble`)")
+    k = training.get("gradcam_member")
+    if k is None:
+        return text
+    member = training["members"][k]
+    return (f"{text}. Its Grad-CAM is taken at the last stage of member {k + 1} ({member['backbone']}"
+            + (", box-guided" if member.get("box_weight") else "") + ") only: the ensemble's Grad-CAM "
+            "at that layer, which is that member's own map; the other members count in the score, "
+            "not in the map")
 
 
 def _training_text(training: dict[str, Any]) -> str:

@@ -12,9 +12,9 @@ from torch import nn
 
 from dicomai.infer import Classifier, preprocess
 from dicomai.model import WEIGHT_STORAGE, ModelPackage, load_package, sha256_file
-from dicomai.train.nets import IMAGENET_MEAN, IMAGENET_STD, ExportWrapper, FractureNet
+from dicomai.train.nets import IMAGENET_MEAN, IMAGENET_STD, EnsembleFeatures, ExportWrapper, FractureNet
 
-__all__ = ["export_package", "parity", "storage_parity"]
+__all__ = ["export_package", "gradcam_layer", "parity", "storage_parity"]
 
 FRACTURE_BODY_PARTS = ["HAND", "HANDS", "FINGER", "THUMB", "WRIST", "FOREARM", "ELBOW", "ARM", "HUMERUS",
                        "SHOULDER", "CLAVICLE", "SCAPULA", "HIP", "PELVIS", "FEMUR", "UPPERLEG", "KNEE",
@@ -108,6 +108,14 @@ class _Logits(nn.Module):
         return logits
 
 
+def gradcam_layer(net: FractureNet) -> nn.Module:
+    """The layer whose output the exported Grad-CAM is taken at: the last stage, or one member's."""
+    features = net.features
+    if isinstance(features, EnsembleFeatures) and features.gradcam_member is not None:
+        return features.members[features.gradcam_member]
+    return features
+
+
 def parity(net: FractureNet, package: ModelPackage, images: list[np.ndarray]) -> dict[str, float]:
     """ONNX vs PyTorch probabilities, and ONNX Grad-CAM vs the grad-cam package's GradCAM."""
     from pytorch_grad_cam import GradCAM
@@ -121,7 +129,7 @@ def parity(net: FractureNet, package: ModelPackage, images: list[np.ndarray]) ->
     with torch.no_grad():
         p_torch = torch.sigmoid(net(x)).numpy()
     p_onnx = np.array([o.probability for o in outs])
-    cam_tool = GradCAM(model=_Logits(net), target_layers=[net.features])
+    cam_tool = GradCAM(model=_Logits(net), target_layers=[gradcam_layer(net)])
     ref = cam_tool(input_tensor=x, targets=[ClassifierOutputTarget(0)] * len(inputs))  # N x H x W, resized
     rs = []
     for o, r in zip(outs, ref, strict=True):

@@ -244,15 +244,22 @@ class EnsembleFeatures(nn.Module):
 
     Channels are concatenated; a coarser member's map is repeated (nearest neighbour, an
     integer factor) up to the finest grid, which leaves its global average, hence its
-    member's logit, unchanged.
+    member's logit, unchanged. ``widths`` are the members' channel counts. ``gradcam_member``,
+    when set, is the member whose last stage the Grad-CAM is taken at (see :func:`ensemble`);
+    ``None``: the concatenated stage.
     """
 
-    def __init__(self, members: list[nn.Module], repeats: list[int]) -> None:
+    def __init__(self, members: list[nn.Module], repeats: list[int], widths: list[int],
+                 gradcam_member: int | None = None) -> None:
         super().__init__()
-        if len(members) != len(repeats):
-            raise ValueError("one repeat factor per member")
+        if not len(members) == len(repeats) == len(widths):
+            raise ValueError("one repeat factor and one width per member")
+        if gradcam_member is not None and not 0 <= gradcam_member < len(members):
+            raise ValueError(f"gradcam_member {gradcam_member}: the ensemble has {len(members)} members")
         self.members = nn.ModuleList(members)
         self.repeats = [int(r) for r in repeats]
+        self.widths = [int(w) for w in widths]
+        self.gradcam_member = gradcam_member
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         maps = []
@@ -261,8 +268,15 @@ class EnsembleFeatures(nn.Module):
             maps.append(a if r == 1 else nn.functional.interpolate(a, scale_factor=r, mode="nearest"))
         return torch.cat(maps, dim=1)
 
+    def gradcam_channels(self) -> slice:
+        """The channels the Grad-CAM is taken at: the explained member's, or all."""
+        if self.gradcam_member is None:
+            return slice(0, sum(self.widths))
+        start = sum(self.widths[: self.gradcam_member])
+        return slice(start, start + self.widths[self.gradcam_member])
 
-def ensemble(members: list[FractureNet], size: int) -> FractureNet:
+
+def ensemble(members: list[FractureNet], size: int, gradcam_member: int | None = None) -> FractureNet:
     """Networks with linear heads as one :class:`FractureNet` whose logit is the mean of theirs.
 
     A linear head on average-pooled features is additive, so the mean of the members' logits
@@ -271,6 +285,12 @@ def ensemble(members: list[FractureNet], size: int) -> FractureNet:
     ordinary network: its Grad-CAM at the concatenated stage is exact and exported as for a
     single one, and it is the mean of the members' maps before the ReLU, each cell weighted
     by what it contributes to the ensemble's logit.
+
+    With ``gradcam_member`` the Grad-CAM is taken at that member's last stage instead, on
+    its own grid: the gradient of the ensemble's logit there is the member's own head
+    weights over the number of members, so the map is the member's own Grad-CAM, scaled.
+    An ensemble can so take its score from all members and its map from one whose map
+    points (a box-guided member).
     """
     if len(members) < 2:
         raise ValueError("an ensemble needs at least two networks")
@@ -286,8 +306,9 @@ def ensemble(members: list[FractureNet], size: int) -> FractureNet:
     for m in members:
         assert isinstance(m.head.layers[-1], nn.Linear)
         lasts.append(m.head.layers[-1])
-    net = FractureNet(EnsembleFeatures([m.features for m in members], repeats),
-                      sum(lin.in_features for lin in lasts))
+    widths = [lin.in_features for lin in lasts]
+    net = FractureNet(EnsembleFeatures([m.features for m in members], repeats, widths, gradcam_member),
+                      sum(widths))
     head = net.head.layers[-1]
     assert isinstance(head, nn.Linear)
     with torch.no_grad():
@@ -299,7 +320,8 @@ def ensemble(members: list[FractureNet], size: int) -> FractureNet:
 def from_config(cfg: dict[str, Any]) -> FractureNet:
     """The untrained network a run's configuration (``history.json``) describes."""
     if cfg["backbone"] == "ensemble":
-        return ensemble([from_config(m) for m in cfg["members"]], int(cfg["size"]))
+        return ensemble([from_config(m) for m in cfg["members"]], int(cfg["size"]),
+                        gradcam_member=cfg.get("gradcam_member"))
     return build(cfg["backbone"], pretrained=False, head=cfg.get("head", "linear"),
                  output_stride=cfg.get("output_stride", 32))
 
@@ -319,6 +341,8 @@ class ExportWrapper(nn.Module):
     global average pooling that is (d logit / d pooled_k) / (h * w) at every position, and
     :meth:`Head.with_gradient` gives d logit / d pooled exactly. The map is
     ReLU(sum_k weight_k * A_k), per image: exact, and cheap enough to compute in the graph.
+    For an ensemble explained at one member's stage, the map is on that member's grid, from
+    its channels only.
     """
 
     def __init__(self, net: FractureNet) -> None:
@@ -329,6 +353,11 @@ class ExportWrapper(nn.Module):
         a = self.net.features(x)
         logit, grad = self.net.head.with_gradient(a.mean(dim=(2, 3)))
         p = torch.sigmoid(logit)
+        features = self.net.features
+        if isinstance(features, EnsembleFeatures) and features.gradcam_member is not None:
+            r = features.repeats[features.gradcam_member]  # back on the member's own grid
+            channels = features.gradcam_channels()
+            a, grad = a[:, channels, ::r, ::r], grad[:, channels]
         weights = grad / (a.shape[2] * a.shape[3])
         cam = torch.relu(torch.einsum("nkhw,nk->nhw", a, weights))
         return torch.stack([1 - p, p], dim=1), cam

@@ -26,6 +26,7 @@ def _training(summary: dict[str, Any]) -> dict[str, Any]:
             "backbone": "ensemble", "head": "linear", "output_stride": cfg["output_stride"],
             "members": members, "pretrained": all(m["pretrained"] for m in members),
             "box_weight": max(m["box_weight"] for m in members),
+            "gradcam_member": cfg.get("gradcam_member"),
             "best_val_auroc": summary["best_val_auroc"],
             "seconds": sum(m["seconds"] for m in members), "train_images": members[0]["train_images"],
             "data": members[0]["data"], "hardware": members[0]["hardware"],
