@@ -61,6 +61,13 @@ def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
     ops = manifest["operating_points"]
     assert 0 <= ops["high_sensitivity"] <= ops["high_specificity"] <= 1
     assert manifest["metrics"]["test"]["images"] == 16
+    # Localisation on both splits (validation too, to choose on it), never above the grid's ceiling.
+    for split in ("val", "test"):
+        loc = manifest["metrics"][split]
+        boxed = [s for s in small if s.split == split and s.label == 1 and s.boxes]
+        assert loc["localised_images"] == len(boxed) > 0
+        assert 0 <= loc["pointing_game"] <= loc["pointing_game_ceiling"] <= 1
+        assert 0 <= loc["pointing_game_15px"] <= loc["pointing_game_ceiling_15px"] <= 1
     card = (tmp_path / "pkg" / "MODEL_CARD.md").read_text()
     assert "FracAtlas" in card and "AUROC" in card
     assert (tmp_path / "pkg" / "evaluation" / "roc_test.png").exists()

@@ -3,7 +3,8 @@
 Operating points are chosen on ``val`` (high sensitivity: sensitivity >= 0.95; high
 specificity: specificity >= 0.95); every figure is then reported on ``test``, with a
 bootstrap 95% interval for the AUROC, and the Grad-CAM pointing game on the test fractures'
-boxes (map maximum inside a box; share of map energy inside boxes).
+boxes (map maximum inside a box; share of map energy inside boxes). The validation AUROC
+and pointing game are kept too, for choosing between models on validation.
 """
 
 from __future__ import annotations
@@ -54,21 +55,11 @@ def _run(clf: Classifier, package: ModelPackage, samples: list[Sample], maps: bo
     return np.array(probs), cams, (time.perf_counter() - t0) / max(len(samples), 1), geoms, grid
 
 
-def evaluate_package(package: ModelPackage, samples: list[Sample], out_dir: Path,
-                     gallery: int = 8) -> dict[str, Any]:
-    """All figures of the model card; writes ``evaluation.json`` and PNGs into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clf = Classifier(package, threads=0, providers=["CPUExecutionProvider"])
-    val = [s for s in samples if s.split == "val"]
-    test = [s for s in samples if s.split == "test"]
-    p_val, *_ = _run(clf, package, val, maps=False)
-    p_test, cams, sec, geoms, grid = _run(clf, package, test, maps=True)
-    y_val = np.array([s.label for s in val])
-    y_test = np.array([s.label for s in test])
-    t_sens = threshold_for_sensitivity(y_val, p_val, 0.95)
-    t_spec = max(threshold_for_specificity(y_val, p_val, 0.95), t_sens)
-    hits, hits15, energies, ceiling, ceiling15 = [], [], [], [], []
-    for s, cam, geom in zip(test, cams, geoms, strict=True):
+def _localisation(samples: list[Sample], cams: list[np.ndarray | None], geoms: list[Letterbox],
+                  grid: tuple[int, int]) -> dict[str, Any]:
+    """Pointing game (strict, 15 px), its ceiling on this grid and the map energy in the boxes."""
+    hits, hits15, energies, ceiling, ceiling15, shares = [], [], [], [], [], []
+    for s, cam, geom in zip(samples, cams, geoms, strict=True):
         if cam is not None and s.boxes:
             hit, energy = pointing_game(cam, s.boxes)
             hits.append(hit)
@@ -76,9 +67,38 @@ def evaluate_package(package: ModelPackage, samples: list[Sample], out_dir: Path
             energies.append(energy)
             ceiling.append(pointing_ceiling(s.boxes, geom, grid))
             ceiling15.append(pointing_ceiling(s.boxes, geom, grid, tolerance=15))
+            # image sizes from the inference pass's geometry: no second decode of every image
+            shares.append(sum(w * h for _, _, w, h in s.boxes) / (geom.src_h * geom.src_w))
+
+    def mean(values: list[Any]) -> float:
+        return float(np.mean(values)) if values else float("nan")
+
+    return {
+        "pointing_game": mean(hits), "pointing_game_15px": mean(hits15),
+        # the best any map on this grid could score (bilinear maxima sit at cell centres)
+        "pointing_game_ceiling": mean(ceiling), "pointing_game_ceiling_15px": mean(ceiling15),
+        "box_area_share": mean(shares), "energy_in_boxes": mean(energies), "localised_images": len(hits),
+    }
+
+
+def evaluate_package(package: ModelPackage, samples: list[Sample], out_dir: Path,
+                     gallery: int = 8) -> dict[str, Any]:
+    """All figures of the model card; writes ``evaluation.json`` and PNGs into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clf = Classifier(package, threads=0, providers=["CPUExecutionProvider"])
+    val = [s for s in samples if s.split == "val"]
+    test = [s for s in samples if s.split == "test"]
+    p_val, val_cams, _, val_geoms, grid = _run(clf, package, val, maps=True)
+    p_test, cams, sec, geoms, grid = _run(clf, package, test, maps=True)
+    y_val = np.array([s.label for s in val])
+    y_test = np.array([s.label for s in test])
+    t_sens = threshold_for_sensitivity(y_val, p_val, 0.95)
+    t_spec = max(threshold_for_specificity(y_val, p_val, 0.95), t_sens)
     lo, hi = bootstrap_auroc(y_test, p_test)
     result: dict[str, Any] = {
-        "val": {"images": len(val), "fractured": int(y_val.sum()), "auroc": auroc(y_val, p_val)},
+        # validation localisation too, so that a choice between models can weigh it on validation
+        "val": {"images": len(val), "fractured": int(y_val.sum()), "auroc": auroc(y_val, p_val),
+                **_localisation(val, val_cams, val_geoms, grid)},
         "test": {
             "images": len(test), "fractured": int(y_test.sum()),
             "auroc": auroc(y_test, p_test), "auroc_ci95": [lo, hi],
@@ -86,17 +106,7 @@ def evaluate_package(package: ModelPackage, samples: list[Sample], out_dir: Path
             "high_specificity": confusion(y_test, p_test, t_spec),
             "at_0.5": confusion(y_test, p_test, 0.5),
             "calibration_error": calibration_error(y_test, p_test),
-            "pointing_game": float(np.mean(hits)) if hits else float("nan"),
-            "pointing_game_15px": float(np.mean(hits15)) if hits15 else float("nan"),
-            # the best any map on this grid could score (bilinear maxima sit at cell centres)
-            "pointing_game_ceiling": float(np.mean(ceiling)) if ceiling else float("nan"),
-            "pointing_game_ceiling_15px": float(np.mean(ceiling15)) if ceiling15 else float("nan"),
-            # image sizes from the inference pass's geometry: no second decode of every image
-            "box_area_share": float(np.mean([sum(w * h for _, _, w, h in s.boxes) / (g.src_h * g.src_w)
-                                             for s, g in zip(test, geoms, strict=True)
-                                             if s.label == 1 and s.boxes])) if hits else float("nan"),
-            "energy_in_boxes": float(np.mean(energies)) if energies else float("nan"),
-            "localised_images": len(hits),
+            **_localisation(test, cams, geoms, grid),
         },
         "operating_points": {"high_sensitivity": t_sens, "high_specificity": t_spec},
         "cpu_seconds_per_image": sec,

@@ -72,7 +72,8 @@ def release(fit_dir: Path, samples: list[Sample], package_dir: Path, name: str, 
             more = [load_display(s.path) for s in samples if s.split == "val"][:storage_images]
             checks["storage"] = storage_parity(reference, package, more)
     evaluation = evaluate_package(package, samples, package_dir / "evaluation")
-    metrics = {"test": evaluation["test"], "val_auroc": evaluation["val"]["auroc"], "parity": checks}
+    metrics = {"test": evaluation["test"], "val_auroc": evaluation["val"]["auroc"], "val": evaluation["val"],
+               "parity": checks}
     package = export_package(net, package_dir, name, version, size,
                              evaluation["operating_points"], training, metrics, weights)
     write_model_card(package, evaluation, training, package_dir / "MODEL_CARD.md")
