@@ -542,10 +542,15 @@ def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
     print(f"operating points  doubtful >= {m.operating_points.high_sensitivity}, "
           f"positive >= {m.operating_points.high_specificity}")
     print(f"body parts        {', '.join(m.body_parts) or '(any)'}")
+    explained = m.training.get("gradcam_member")
     for key, value in {**m.training, **m.metrics}.items():
+        if key == "gradcam_member":
+            continue  # shown on the members line
         if key == "members":  # an ensemble (`train ensemble`): one short line per member
             value = "; ".join(f"{x.get('backbone')} (val AUROC {x.get('best_val_auroc', float('nan')):.3f}, "
-                              f"epoch {x.get('best_epoch')} of {x.get('epochs')})" for x in value)
+                              f"epoch {x.get('best_epoch')} of {x.get('epochs')})"
+                              + (", Grad-CAM from this member" if i == explained else "")
+                              for i, x in enumerate(value))
         print(f"{key:17} {value}")
     return 0
 

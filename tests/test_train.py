@@ -152,21 +152,24 @@ def test_ensemble_of_two_runs_releases_and_serves(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=300)
     assert cli.returncode != 0 and "different input sizes" in cli.stderr
     assert not (tmp_path / "bad").exists()
-    # Grad-CAM from one member: recorded in the run, rebuilt from it, named in the model card.
-    import torch
-
-    from dicomai.train.evaluate import _model_text
-    from dicomai.train.nets import ExportWrapper, load_run
-    from dicomai.train.release import _training
-
-    one = make_ensemble(runs, small, tmp_path / "ens1", gradcam_from=runs[1])
-    assert one["config"]["gradcam_member"] == 1 and one["best_val_auroc"] == summary["best_val_auroc"]
-    net, saved = load_run(tmp_path / "ens1")
-    with torch.no_grad():
-        _, cam = ExportWrapper(net)(torch.zeros(1, 3, 64, 64))
-    assert cam.shape == (1, 4, 4)
-    text = _model_text(_training(saved))
-    assert "taken at the last stage of member 2 (mobilenet_v3_small)" in text
+    # Grad-CAM from one member (the coarse one): recorded in the run, exported on that member's
+    # grid with parity, served, and named in the model card and by `model info`.
+    one = make_ensemble(runs, small, tmp_path / "ens1", gradcam_from=runs[0])
+    assert one["config"]["gradcam_member"] == 0 and one["best_val_auroc"] == summary["best_val_auroc"]
+    pkg1, report1 = release(tmp_path / "ens1", small, tmp_path / "pkg1", "tiny-ensemble", "0.0.2",
+                            parity_images=4)
+    assert report1["parity"]["max_abs_prob_diff"] <= 1e-4
+    assert report1["parity"]["gradcam_compared"] > 0 and report1["parity"]["gradcam_pearson_min"] >= 0.99
+    (out1,) = Classifier(load_package(tmp_path / "pkg1")).predict([preprocess(load_display(small[-1].path),
+                                                                                pkg1)])
+    assert out1.probability == pytest.approx(out.probability, abs=1e-6)
+    assert out1.gradcam is not None and out1.gradcam.shape == (2, 2)
+    card1 = (tmp_path / "pkg1" / "MODEL_CARD.md").read_text()
+    assert "taken at the last stage of member 1 (mobilenet_v3_small)" in card1 and "2x2 grid" in card1
+    info = subprocess.run([sys.executable, "-m", "dicomai", "model", "info", str(tmp_path / "pkg1")],
+                          capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0 and info.stdout.count("Grad-CAM from this member") == 1
+    assert "epoch 1 of 2), Grad-CAM from this member; " in info.stdout
     with pytest.raises(ValueError, match="not one of the ensemble's runs"):
         make_ensemble(runs, small, tmp_path / "ens2", gradcam_from=tmp_path / "os32-96")
 

@@ -56,8 +56,10 @@ def make_ensemble(runs: list[Path], samples: list[Sample], out_dir: Path,
     for run, (member, summary) in zip(runs, loaded, strict=True):
         members.append({**summary, "run": str(run), "val_auroc": auroc(y, predict(member, images))})
     score = auroc(y, predict(net, images))
+    strides = [int(s["config"].get("output_stride", 32)) for _, s in loaded]
     config = {"backbone": "ensemble", "head": "linear", "size": size,
-              "output_stride": min(int(s["config"].get("output_stride", 32)) for _, s in loaded),
+              # the Grad-CAM grid's: the finest member's, or the explained member's
+              "output_stride": min(strides) if gradcam_member is None else strides[gradcam_member],
               "members": [s["config"] for _, s in loaded], "gradcam_member": gradcam_member}
     summary = {"config": config, "members": members, "best_val_auroc": score,
                "val_images": len(val), "history": []}
