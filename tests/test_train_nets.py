@@ -317,6 +317,10 @@ def test_interrupted_fit_resumes_to_the_same_result(tmp_path: Path, monkeypatch:
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["epoch"] == 2
     partial = json.loads((tmp_path / "cut" / "history.json").read_text())  # readable mid-run
     assert partial["finished"] is False and len(partial["history"]) == 2
+    # A run begun before a setting existed (its last.pt lacks it) resumes with the default.
+    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    del state["config"]["box_phases"]
+    torch.save(state, tmp_path / "cut" / "last.pt")
     monkeypatch.setattr(fit_mod, "_epoch", real)
     resumed = fit_mod.fit(small, cfg, tmp_path / "cut", log=False, resume=True)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]  # type: ignore[index,union-attr]

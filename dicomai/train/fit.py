@@ -190,7 +190,8 @@ def fit(samples: list[Sample], cfg: FitConfig, out_dir: Path, log: bool = True,
     state: dict[str, object] | None = None
     if resume and last.exists():
         state = torch.load(last, map_location="cpu", weights_only=False)
-        if state["config"] != asdict(cfg):
+        # a setting added since the run began has its default, which is what the run used
+        if {**asdict(FitConfig()), **state["config"]} != asdict(cfg):  # type: ignore[dict-item]
             raise ValueError(f"{last}: written with another configuration; start a new run folder")
         net.load_state_dict(state["net"])  # type: ignore[arg-type]
         history, best = state["history"], state["best"]  # type: ignore[assignment]
