@@ -42,6 +42,17 @@ def _scramble_batchnorms(net: torch.nn.Module, seed: int) -> None:
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
+def _assert_export_parity(net: torch.nn.Module, tmp_path: Path, name: str) -> None:
+    """Exported to ONNX, the network keeps its probabilities and its Grad-CAM (grad-cam package)."""
+    from dicomai.train.export import export_package, parity
+
+    pkg = export_package(net, tmp_path / "pkg", name, "0", 128,
+                         {"high_sensitivity": 0.3, "high_specificity": 0.6}, {}, {})
+    checks = parity(net, pkg, _radiograph_like(4))
+    assert checks["max_abs_prob_diff"] <= 1e-4
+    assert checks["gradcam_compared"] >= 2 and checks["gradcam_pearson_min"] >= 0.99
+
+
 @pytest.mark.parametrize("head", ["linear", "hybrid"])
 def test_head_gradient_equals_autograd(head: str) -> None:
     """The analytic d logit / d pooled of the in-graph Grad-CAM equals PyTorch's autograd."""
@@ -66,7 +77,6 @@ def test_head_gradient_equals_autograd(head: str) -> None:
 def test_onnx_parity_every_backbone_and_head(backbone: str, head: str, tmp_path: Path) -> None:
     """ONNX probabilities equal PyTorch's; ONNX Grad-CAM matches the grad-cam package's GradCAM."""
     pytest.importorskip("pytorch_grad_cam")
-    from dicomai.train.export import export_package, parity
     from dicomai.train.nets import build
 
     torch.manual_seed(0)
@@ -75,12 +85,7 @@ def test_onnx_parity_every_backbone_and_head(backbone: str, head: str, tmp_path:
     with torch.no_grad():  # a last layer that likes the features, as a trained one does: a map > 0
         net.head.layers[-1].weight.abs_()
     net.eval()
-    pkg = export_package(net, tmp_path / "pkg", "parity", "0", 128,
-                         {"high_sensitivity": 0.3, "high_specificity": 0.6}, {}, {})
-    checks = parity(net, pkg, _radiograph_like(4))
-    assert checks["max_abs_prob_diff"] <= 1e-4
-    assert checks["gradcam_compared"] >= 2
-    assert checks["gradcam_pearson_min"] >= 0.99
+    _assert_export_parity(net, tmp_path, "parity")
 
 
 @pytest.mark.parametrize(("backbone", "exact"), [("efficientnet_lite0", True), ("mobilenet_v2", True),
@@ -89,7 +94,6 @@ def test_output_stride_16_doubles_the_map_and_keeps_parity(backbone: str, exact:
                                                            tmp_path: Path) -> None:
     """The dilated last stage: a 2x finer Grad-CAM grid, same weights, exported exactly."""
     pytest.importorskip("pytorch_grad_cam")
-    from dicomai.train.export import export_package, parity
     from dicomai.train.nets import build
 
     torch.manual_seed(0)
@@ -114,10 +118,7 @@ def test_output_stride_16_doubles_the_map_and_keeps_parity(backbone: str, exact:
     assert not exact or lattice <= 1e-4 * float(a.abs().max())
     with torch.no_grad():
         fine.head.layers[-1].weight.abs_()
-    pkg = export_package(fine.eval(), tmp_path / "pkg", "os16", "0", 128,
-                         {"high_sensitivity": 0.3, "high_specificity": 0.6}, {}, {})
-    checks = parity(fine, pkg, _radiograph_like(4))
-    assert checks["max_abs_prob_diff"] <= 1e-4 and checks["gradcam_pearson_min"] >= 0.99
+    _assert_export_parity(fine.eval(), tmp_path, "os16")
     with pytest.raises(ValueError, match="output stride 16"):
         build("resnet50", pretrained=False, output_stride=16)
 
@@ -141,10 +142,11 @@ def _ensemble_members() -> list[torch.nn.Module]:
     return members
 
 
+
+
 def test_ensemble_is_one_network_mean_logit_and_exact_gradcam(tmp_path: Path) -> None:
     """Members on 4x4 and 8x8 grids: mean logit, the Grad-CAM of the concatenated stage, parity."""
     pytest.importorskip("pytorch_grad_cam")
-    from dicomai.train.export import export_package, parity
     from dicomai.train.nets import ExportWrapper, build, ensemble
 
     members = _ensemble_members()
@@ -167,11 +169,7 @@ def test_ensemble_is_one_network_mean_logit_and_exact_gradcam(tmp_path: Path) ->
     assert torch.allclose(cam, torch.relu(ref), atol=1e-5)
     assert torch.allclose(probs[:, 1], torch.sigmoid(logits.mean(dim=0)), atol=1e-6)
     assert cam.amax() > 0
-    pkg = export_package(net, tmp_path / "pkg", "ensemble", "0", 128,
-                         {"high_sensitivity": 0.3, "high_specificity": 0.6}, {}, {})
-    checks = parity(net, pkg, _radiograph_like(4))
-    assert checks["max_abs_prob_diff"] <= 1e-4
-    assert checks["gradcam_compared"] >= 2 and checks["gradcam_pearson_min"] >= 0.99
+    _assert_export_parity(net, tmp_path, "ensemble")
     # What cannot be one network is refused with the reason.
     with pytest.raises(ValueError, match="do not nest"):
         ensemble(members, 80)  # 3x3 and 5x5
@@ -183,7 +181,6 @@ def test_ensemble_is_one_network_mean_logit_and_exact_gradcam(tmp_path: Path) ->
 def test_ensemble_gradcam_from_one_member_is_that_members_map(member: int, tmp_path: Path) -> None:
     """An ensemble explained at one member's stage: the same score, that member's own map, parity."""
     pytest.importorskip("pytorch_grad_cam")
-    from dicomai.train.export import export_package, parity
     from dicomai.train.nets import ExportWrapper, ensemble
 
     members = _ensemble_members()
@@ -202,11 +199,7 @@ def test_ensemble_gradcam_from_one_member_is_that_members_map(member: int, tmp_p
     one_n = cam_one / cam_one.amax(dim=(1, 2), keepdim=True)
     all_n = coarse_all / coarse_all.amax(dim=(1, 2), keepdim=True)
     assert (one_n - all_n).abs().amax() > 0.1  # not that map
-    pkg = export_package(one, tmp_path / "pkg", "ensemble", "0", 128,
-                         {"high_sensitivity": 0.3, "high_specificity": 0.6}, {}, {})
-    checks = parity(one, pkg, _radiograph_like(4))
-    assert checks["max_abs_prob_diff"] <= 1e-4
-    assert checks["gradcam_compared"] >= 2 and checks["gradcam_pearson_min"] >= 0.99
+    _assert_export_parity(one, tmp_path, "ensemble")
     with pytest.raises(ValueError, match="gradcam_member 2"):
         ensemble(members, 128, gradcam_member=2)
 

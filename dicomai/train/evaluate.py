@@ -37,7 +37,7 @@ from dicomai.train.metrics import (
 __all__ = ["evaluate_package", "write_model_card"]
 
 
-def _run(clf: Classifier, package: ModelPackage, samples: list[Sample], maps: bool,
+def _run(clf: Classifier, package: ModelPackage, samples: list[Sample],
          ) -> tuple[np.ndarray, list[np.ndarray | None], float, list[Letterbox], tuple[int, int]]:
     probs, cams, geoms = [], [], []
     grid = (0, 0)
@@ -51,7 +51,7 @@ def _run(clf: Classifier, package: ModelPackage, samples: list[Sample], maps: bo
         if out.gradcam is not None:
             grid = (int(out.gradcam.shape[0]), int(out.gradcam.shape[1]))
         cams.append(gradcam_on_image(out.gradcam, mi.geometry)
-                    if maps and out.gradcam is not None and s.label == 1 else None)
+                    if out.gradcam is not None and s.label == 1 else None)
     return np.array(probs), cams, (time.perf_counter() - t0) / max(len(samples), 1), geoms, grid
 
 
@@ -88,8 +88,8 @@ def evaluate_package(package: ModelPackage, samples: list[Sample], out_dir: Path
     clf = Classifier(package, threads=0, providers=["CPUExecutionProvider"])
     val = [s for s in samples if s.split == "val"]
     test = [s for s in samples if s.split == "test"]
-    p_val, val_cams, _, val_geoms, grid = _run(clf, package, val, maps=True)
-    p_test, cams, sec, geoms, grid = _run(clf, package, test, maps=True)
+    p_val, val_cams, _, val_geoms, grid = _run(clf, package, val)
+    p_test, cams, sec, geoms, grid = _run(clf, package, test)
     y_val = np.array([s.label for s in val])
     y_test = np.array([s.label for s in test])
     t_sens = threshold_for_sensitivity(y_val, p_val, 0.95)

@@ -268,12 +268,15 @@ class EnsembleFeatures(nn.Module):
             maps.append(a if r == 1 else nn.functional.interpolate(a, scale_factor=r, mode="nearest"))
         return torch.cat(maps, dim=1)
 
-    def gradcam_channels(self) -> slice:
-        """The channels the Grad-CAM is taken at: the explained member's, or all."""
-        if self.gradcam_member is None:
-            return slice(0, sum(self.widths))
-        start = sum(self.widths[: self.gradcam_member])
-        return slice(start, start + self.widths[self.gradcam_member])
+    def gradcam_part(self, a: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This stage's output ``a`` and the logit's gradient per channel, cut to where the
+        Grad-CAM is taken: the explained member's channels on its own grid, or all of them."""
+        k = self.gradcam_member
+        if k is None:
+            return a, grad
+        start, r = sum(self.widths[:k]), self.repeats[k]
+        channels = slice(start, start + self.widths[k])
+        return a[:, channels, ::r, ::r], grad[:, channels]
 
 
 def ensemble(members: list[FractureNet], size: int, gradcam_member: int | None = None) -> FractureNet:
@@ -353,11 +356,8 @@ class ExportWrapper(nn.Module):
         a = self.net.features(x)
         logit, grad = self.net.head.with_gradient(a.mean(dim=(2, 3)))
         p = torch.sigmoid(logit)
-        features = self.net.features
-        if isinstance(features, EnsembleFeatures) and features.gradcam_member is not None:
-            r = features.repeats[features.gradcam_member]  # back on the member's own grid
-            channels = features.gradcam_channels()
-            a, grad = a[:, channels, ::r, ::r], grad[:, channels]
+        if isinstance(self.net.features, EnsembleFeatures):
+            a, grad = self.net.features.gradcam_part(a, grad)
         weights = grad / (a.shape[2] * a.shape[3])
         cam = torch.relu(torch.einsum("nkhw,nk->nhw", a, weights))
         return torch.stack([1 - p, p], dim=1), cam
