@@ -142,8 +142,6 @@ def _ensemble_members() -> list[torch.nn.Module]:
     return members
 
 
-
-
 def test_ensemble_is_one_network_mean_logit_and_exact_gradcam(tmp_path: Path) -> None:
     """Members on 4x4 and 8x8 grids: mean logit, the Grad-CAM of the concatenated stage, parity."""
     pytest.importorskip("pytorch_grad_cam")

@@ -37,7 +37,7 @@ from dicomai.train.metrics import (
 __all__ = ["evaluate_package", "write_model_card"]
 
 
-def _run(clf: Classifier, package: ModelPackage, samples: list[Sample],
+def _run(clf: Classifier, package: ModelPackage, samples: list[Sample]
          ) -> tuple[np.ndarray, list[np.ndarray | None], float, list[Letterbox], tuple[int, int]]:
     probs, cams, geoms = [], [], []
     grid = (0, 0)
