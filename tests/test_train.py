@@ -172,6 +172,24 @@ def test_ensemble_of_two_runs_releases_and_serves(tmp_path: Path) -> None:
     assert "epoch 1 of 2), Grad-CAM from this member; " in info.stdout
     with pytest.raises(ValueError, match="not one of the ensemble's runs"):
         make_ensemble(runs, small, tmp_path / "ens2", gradcam_from=tmp_path / "os32-96")
+    # `train stitch`: the same scores, a map twice as fine, checked, evaluated, in the card; served.
+    from dicomai.train.stitch import stitch_package
+
+    pkg2, report2 = stitch_package(pkg1, small, tmp_path / "pkg2", "tiny-ensemble", "0.0.3")
+    assert report2["check"]["max_abs_prob_diff"] <= 1e-6 and report2["check"]["max_rel_gradcam_diff"] <= 1e-4
+    assert pkg2.manifest.training["gradcam_map"]["grid"] == [4, 4]
+    assert pkg2.manifest.metrics["test"]["auroc"] == pkg1.manifest.metrics["test"]["auroc"]
+    assert pkg2.manifest.operating_points == pkg1.manifest.operating_points
+    (out2,) = Classifier(load_package(tmp_path / "pkg2")).predict([preprocess(load_display(small[-1].path),
+                                                                                pkg2)])
+    assert out2.probability == pytest.approx(out1.probability, abs=1e-6)
+    assert out2.gradcam is not None and out2.gradcam.shape == (4, 4)
+    card2 = (tmp_path / "pkg2" / "MODEL_CARD.md").read_text()
+    assert "(16, 16) px" in card2 and "onto a 4x4 grid" in card2 and "(2x2 grid, output" in card2
+    bad = subprocess.run([sys.executable, "-m", "dicomai", "train", "stitch", str(tmp_path / "pkg1"),
+                          str(FRACATLAS), str(tmp_path / "pkg3"), "--version", "0", "--offsets", "0;0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--offsets" in bad.stderr and not (tmp_path / "pkg3").exists()
 
 
 def _assert_confusion_png(path: Path, manifest: dict[str, object]) -> None:

@@ -256,6 +256,18 @@ def _training_text(training: dict[str, Any]) -> str:
             f"{training.get('best_val_auroc', float('nan')):.3f}. {hardware}")
 
 
+def _map_text(training: dict[str, Any]) -> str:
+    fine = training.get("gradcam_map")
+    if not fine:
+        return ""
+    moved = [f"({dy}, {dx})" for dy, dx in fine["shifts_px"] if (dy, dx) != (0, 0)]
+    return (f" The map the node draws is finer than that stage: the stage is computed again on "
+            f"copies of the input shifted by {', '.join(moved)} px (down, right), and the samples of all "
+            f"copies are carried onto a {fine['grid'][0]}x{fine['grid'][1]} grid by normalised Gaussian "
+            f"interpolation (sigma {fine['sigma_fine_cells']:g} cell of that grid), inside the graph "
+            "(`dicomai train stitch`); the probabilities are the unshifted input's, unchanged.")
+
+
 def _storage_text(weights: str, metrics: dict[str, Any]) -> str:
     storage = metrics.get("parity", {}).get("storage")
     if weights == "float32" or not storage:
@@ -272,7 +284,8 @@ def write_model_card(package: ModelPackage, evaluation: dict[str, Any], training
     """MODEL_CARD.md: intended use, data, figures with intervals, limits, attribution."""
     m, t = package.manifest, evaluation["test"]
     stride = int(training.get("output_stride", 32))
-    grid = m.input.height // stride
+    stage_grid = m.input.height // stride
+    grid = int(training["gradcam_map"]["grid"][0]) if "gradcam_map" in training else stage_grid
     hs, hp = t["high_sensitivity"], t["high_specificity"]
     lo, hi = t["auroc_ci95"]
     text = f"""# Model card: {m.name} {m.version}
@@ -286,9 +299,9 @@ spine, skull or paediatric imaging; not validated outside the data below.
 ## Model
 {_model_text(training)}.
 Input {m.input.height}x{m.input.width}, letterboxed, grey replicated to 3 channels,
-ImageNet mean/std. Grad-CAM of the last convolutional stage ({grid}x{grid} grid, output
+ImageNet mean/std. Grad-CAM of the last convolutional stage ({stage_grid}x{stage_grid} grid, output
 stride {stride}) is computed inside the ONNX
-graph (exact: the head's gradient is written out analytically). ONNX sha256 `{m.sha256}`.{_storage_text(m.weights, m.metrics)}
+graph (exact: the head's gradient is written out analytically).{_map_text(training)} ONNX sha256 `{m.sha256}`.{_storage_text(m.weights, m.metrics)}
 
 ## Training
 {_training_text(training)}

@@ -1,0 +1,336 @@
+"""A finer Grad-CAM from the same network: shifted copies, interpolated, rewritten into the graph.
+
+A Grad-CAM grid has one value per cell of the last stage, and the node draws it back with
+bilinear resampling, whose maximum always lies on a cell centre: on a 14x14 grid a cell is
+16 px of the 224 px input, larger than most fracture boxes. Running the network's last stage
+again on a copy of the input moved by a fraction of a cell samples the map between the
+centres (shift-and-stitch: Long et al., "Fully convolutional networks for semantic
+segmentation", 2015; Grad-CAM from shifted and augmented copies: Morbidelli et al.,
+"Augmented Grad-CAM", ICASSP 2020). The samples of all copies are carried onto a grid
+``factor`` times finer per axis by normalised Gaussian interpolation (Knutsson and Westin,
+1993: each output cell is the Gaussian-weighted mean of the samples near it), so a few copies
+are enough and the map's maximum may fall between the coarse centres.
+
+Only the map changes: the probabilities are the graph's own, and the unshifted sample reuses
+the stage the scores already computed. Every other copy runs the part of the graph that the
+map is taken at: for an ensemble explained at one member (``train ensemble --gradcam-from``)
+that member alone. The weights are shared, not copied. Supported: maps of the form
+``ReLU(sum_k w_k A_k)`` with ``w`` the same for every image, which is what ``train release``
+exports for linear heads (Grad-CAM's weights are the head's, for global average pooling).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from dicomai.infer import preprocess
+from dicomai.model import ModelPackage, load_package, sha256_file
+from dicomai.train.data import Sample, load_display
+from dicomai.train.evaluate import evaluate_package, write_model_card
+
+__all__ = ["MapStage", "check_stitched", "find_map_stage", "interpolation_matrices", "shift_pixels",
+           "stitch_gradcam", "stitch_package"]
+
+PREFIX = "stitch/"
+
+
+def shift_pixels(offsets: Sequence[tuple[float, float]], cell: tuple[float, float]) -> list[tuple[int, int]]:
+    """Offsets in cells -> whole pixels: a copy shifted by (dy, dx) samples each cell at centre + (dy, dx)."""
+    return [(round(oy * cell[0]), round(ox * cell[1])) for oy, ox in offsets]
+
+
+def interpolation_matrices(grid: int, cell: float, shifts: Sequence[int], factor: int, sigma: float
+                           ) -> list[np.ndarray]:
+    """Per shift, the (grid * factor) x grid Gaussian weights from its samples to the fine centres.
+
+    The samples of a copy shifted by ``s`` px lie at ``(i + 0.5) * cell + s``; the fine grid's
+    centres at ``(k + 0.5) * cell / factor``; ``sigma`` is in fine cells. Separable, so a map's
+    contribution is ``Gy @ M @ Gx.T``.
+    """
+    dst = (np.arange(grid * factor) + 0.5) * cell / factor
+    px = sigma * cell / factor
+    return [np.exp(-0.5 * ((dst[:, None] - ((np.arange(grid) + 0.5) * cell + s)[None, :]) / px) ** 2)
+            for s in shifts]
+
+
+@dataclass(frozen=True)
+class MapStage:
+    """Where a graph's Grad-CAM is taken: the stage tensor, its channel weights and grid."""
+
+    stage: str
+    weights: np.ndarray  # (channels,)
+    grid: tuple[int, int]
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                              for n in names if n not in known)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return [np.asarray(v) for v in session.run(names, feeds)]
+
+
+def _depends_on_values(model: onnx.ModelProto, input_name: str) -> set[str]:
+    """Tensors whose values depend on the input's values, not only on its shape (nodes are in order)."""
+    dependent = {input_name}
+    for node in model.graph.node:
+        if node.op_type != "Shape" and dependent.intersection(node.input):
+            dependent.update(node.output)
+    return dependent
+
+
+def find_map_stage(model: onnx.ModelProto, input_name: str, gradcam: str, input_shape: Sequence[int]
+                   ) -> MapStage:
+    """Find the stage and constant weights behind ``gradcam = ReLU(einsum(A, w))``, by running the graph.
+
+    For an ensemble explained at one member, ``A`` is a slice of the members' concatenated
+    stages; the stage returned is that member's own output (the tensor equal to ``A``), so that
+    a shifted copy needs that member only.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    relu = producer.get(gradcam)
+    einsum = producer.get(relu.input[0]) if relu is not None and relu.op_type == "Relu" else None
+    if einsum is None or einsum.op_type != "Einsum" or len(einsum.input) != 2:
+        raise ValueError(f"{gradcam!r} is not ReLU(einsum(stage, weights)): not a map dicomai exports")
+    a_name, w_name = einsum.input
+    if w_name in _depends_on_values(model, input_name):
+        raise ValueError("the Grad-CAM weights depend on the image (not a linear head): not supported")
+    candidates = []
+    sliced = producer.get(a_name)
+    concat = producer.get(sliced.input[0]) if sliced is not None and sliced.op_type == "Slice" else None
+    if concat is not None and concat.op_type == "Concat":
+        for name in concat.input:
+            resize = producer.get(name)
+            candidates.append(resize.input[0] if resize is not None and resize.op_type == "Resize" else name)
+    rng = np.random.default_rng(0)
+    probes = [rng.normal(size=(2, *input_shape)).astype(np.float32) for _ in range(2)]
+    values = [_run(model, {input_name: x}, [a_name, w_name, *candidates]) for x in probes]
+    w = values[0][1]
+    if w.ndim != 2 or not all(np.allclose(v[1], w[:1], rtol=1e-6, atol=0) for v in values):
+        raise ValueError("the Grad-CAM weights depend on the image (not a linear head): not supported")
+    stage = a_name
+    for i, name in enumerate(candidates):
+        if all(v[2 + i].shape == v[0].shape and np.array_equal(v[2 + i], v[0]) for v in values):
+            stage = name
+            break
+    a = values[0][0]
+    return MapStage(stage, w[0].astype(np.float32), (int(a.shape[2]), int(a.shape[3])))
+
+
+def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(value, name))
+
+
+def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    known = {v.name for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]}
+    inferred.graph.value_info.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                                     for n in outputs if n not in known)
+    return onnx.utils.Extractor(inferred).extract_model(inputs, outputs)
+
+
+def stitch_gradcam(model: onnx.ModelProto, input_name: str, probabilities: str, gradcam: str,
+                   input_shape: Sequence[int], pad_values: Sequence[float],
+                   offsets: Sequence[tuple[float, float]] = ((0.0, 0.0), (0.5, 0.5)),
+                   factor: int = 2, sigma: float = 1.0) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Return ``model`` with ``gradcam`` replaced by the interpolated map of shifted copies, and its settings.
+
+    ``input_shape`` is (channels, height, width); ``offsets`` in cells of the map's grid, one
+    copy each ((0, 0): the unshifted input); ``pad_values`` per channel, as the input tensor
+    holds them (after mean/std), fill what a shift uncovers, as the letterbox's own border
+    does; ``sigma`` in cells of the ``factor`` times finer output grid.
+    """
+    if factor < 1 or not math.isfinite(sigma) or sigma <= 0 or not offsets:
+        raise ValueError("need factor >= 1, sigma > 0 and at least one offset")
+    for node in model.graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise ValueError(f"node {node.name!r} holds a subgraph: not supported")
+    channels, h, w = input_shape
+    found = find_map_stage(model, input_name, gradcam, input_shape)
+    gh, gw = found.grid
+    cell = (h / gh, w / gw)
+    shifts = shift_pixels(offsets, cell)
+    if len(set(shifts)) != len(shifts):
+        raise ValueError(f"offsets {list(offsets)} give the same pixel shift twice: {shifts}")
+    scores = _extract(model, [input_name], [probabilities, found.stage])
+    nodes: list[onnx.NodeProto] = list(scores.graph.node)
+    moved = [s for s in shifts if s != (0, 0)]
+    stages = {(0, 0): found.stage}
+    if moved:
+        margin = max(max(abs(dy), abs(dx)) for dy, dx in moved)
+        fill = np.asarray(pad_values, np.float32).reshape(1, channels, 1, 1)
+        nodes += [
+            _const(PREFIX + "pad_values", fill),
+            helper.make_node("Sub", [input_name, PREFIX + "pad_values"], [PREFIX + "centred"]),
+            _const(PREFIX + "margins", np.array([0, 0, margin, margin, 0, 0, margin, margin], np.int64)),
+            helper.make_node("Pad", [PREFIX + "centred", PREFIX + "margins"], [PREFIX + "padded"]),
+            _const(PREFIX + "hw_axes", np.array([2, 3], np.int64)),
+        ]
+        windows = []
+        for i, (dy, dx) in enumerate(moved):
+            # the copy's pixel p is the input's p + (dy, dx): its cells sample centre + (dy, dx)
+            tag = f"{PREFIX}copy_{i}"
+            start = np.array([margin + dy, margin + dx], np.int64)
+            nodes += [_const(tag + "/start", start), _const(tag + "/end", start + np.array([h, w], np.int64)),
+                      helper.make_node("Slice", [PREFIX + "padded", tag + "/start", tag + "/end",
+                                                 PREFIX + "hw_axes"], [tag + "/centred"])]
+            windows.append(tag + "/centred")
+        nodes += [helper.make_node("Concat", windows, [PREFIX + "copies_centred"], axis=0),
+                  helper.make_node("Add", [PREFIX + "copies_centred", PREFIX + "pad_values"],
+                                   [PREFIX + "copies"])]
+        part = _extract(model, [input_name], [found.stage])
+        shared = {i.name for i in part.graph.initializer}
+
+        def renamed(name: str) -> str:
+            if name == input_name:
+                return PREFIX + "copies"
+            return name if not name or name in shared else PREFIX + name
+
+        for node in part.graph.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = PREFIX + node.name
+            copy.input[:] = [renamed(i) for i in node.input]
+            copy.output[:] = [renamed(o) for o in node.output]
+            nodes.append(copy)
+        stacked = PREFIX + "copies_stage"
+        by_copy = np.array([len(moved), -1, len(found.weights), gh, gw], np.int64)
+        nodes += [_const(PREFIX + "by_copy", by_copy),
+                  helper.make_node("Reshape", [renamed(found.stage), PREFIX + "by_copy"], [stacked])]
+        for i, shift in enumerate(moved):
+            tag = f"{PREFIX}copy_{i}"
+            nodes += [_const(tag + "/index", np.array(i, np.int64)),
+                      helper.make_node("Gather", [stacked, tag + "/index"], [tag + "/stage"], axis=0)]
+            stages[shift] = tag + "/stage"
+
+    nodes.append(_const(PREFIX + "weights", found.weights))
+    ys = interpolation_matrices(gh, cell[0], [s[0] for s in shifts], factor, sigma)
+    xs = interpolation_matrices(gw, cell[1], [s[1] for s in shifts], factor, sigma)
+    total = sum(gy @ np.ones((gh, gw)) @ gx.T for gy, gx in zip(ys, xs, strict=True))
+    parts = []
+    for i, (shift, gy, gx) in enumerate(zip(shifts, ys, xs, strict=True)):
+        tag = f"{PREFIX}sample_{i}"
+        nodes += [
+            helper.make_node("Einsum", [stages[shift], PREFIX + "weights"], [tag + "/sum"],
+                             equation="nkhw,k->nhw"),
+            helper.make_node("Relu", [tag + "/sum"], [tag + "/map"]),
+            _const(tag + "/gy", gy.astype(np.float32)),
+            _const(tag + "/gxt", np.ascontiguousarray(gx.T, np.float32)),
+            helper.make_node("MatMul", [tag + "/gy", tag + "/map"], [tag + "/rows"]),
+            helper.make_node("MatMul", [tag + "/rows", tag + "/gxt"], [tag + "/fine"]),
+        ]
+        parts.append(tag + "/fine")
+    nodes += [helper.make_node("Sum", parts, [PREFIX + "weighted"]),
+              _const(PREFIX + "inverse_total", (1.0 / total).astype(np.float32)),
+              helper.make_node("Mul", [PREFIX + "weighted", PREFIX + "inverse_total"], [gradcam])]
+
+    initializers = {i.name: i for i in model.graph.initializer}
+    used = {i for n in nodes for i in n.input}
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0].dim_param or None
+    outputs = [o for o in model.graph.output if o.name == probabilities]
+    fine_shape = [batch, gh * factor, gw * factor]
+    outputs.append(helper.make_tensor_value_info(gradcam, TensorProto.FLOAT, fine_shape))
+    graph = helper.make_graph(nodes, model.graph.name, list(model.graph.input), outputs,
+                              [v for k, v in initializers.items() if k in used])
+    result = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="dicomai.stitch")
+    result.ir_version = model.ir_version
+    onnx.checker.check_model(result)
+    settings = {"method": "shifted copies, normalised Gaussian interpolation",
+                "offsets_cells": [list(map(float, o)) for o in offsets],
+                "shifts_px": [list(s) for s in shifts],
+                "factor": factor, "sigma_fine_cells": sigma, "grid": [gh * factor, gw * factor],
+                "source_grid": [gh, gw], "stage": found.stage}
+    return result, settings
+
+
+def _shifted(x: np.ndarray, dy: int, dx: int, pad_values: np.ndarray) -> np.ndarray:
+    """N x C x H x W batch whose pixel p is ``x``'s p + (dy, dx); uncovered pixels take ``pad_values``."""
+    out = np.empty_like(x)
+    out[:] = pad_values.reshape(1, -1, 1, 1)
+    h, w = x.shape[2:]
+    out[:, :, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] = \
+        x[:, :, max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+    return out
+
+
+def check_stitched(original: Path, stitched: Path, tensors: np.ndarray, settings: dict[str, Any],
+                   pad_values: np.ndarray) -> dict[str, Any]:
+    """The rewritten graph against the original one run on each shifted copy and interpolated here.
+
+    Returns the largest probability difference and the largest map difference (relative to the
+    map's peak) over ``tensors`` (N x C x H x W model inputs).
+    """
+    opts = ort.SessionOptions()
+    a = ort.InferenceSession(str(original), opts, providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(stitched), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in a.get_outputs()]
+    p_a = a.run(names[:1], {a.get_inputs()[0].name: tensors})[0]
+    p_b, cam_b = b.run(names, {b.get_inputs()[0].name: tensors})
+    (gh, gw), factor, sigma = settings["source_grid"], settings["factor"], settings["sigma_fine_cells"]
+    h, w = tensors.shape[2:]
+    shifts = [tuple(s) for s in settings["shifts_px"]]
+    ys = interpolation_matrices(gh, h / gh, [s[0] for s in shifts], factor, sigma)
+    xs = interpolation_matrices(gw, w / gw, [s[1] for s in shifts], factor, sigma)
+    num = np.zeros(cam_b.shape)
+    den = np.zeros(cam_b.shape[1:])
+    for (dy, dx), gy, gx in zip(shifts, ys, xs, strict=True):
+        maps = a.run([names[1]], {a.get_inputs()[0].name: _shifted(tensors, dy, dx, pad_values)})[0]
+        num += gy @ maps.astype(np.float64) @ gx.T
+        den += gy @ np.ones((gh, gw)) @ gx.T
+    ref = num / den
+    peak = np.maximum(ref.max(axis=(1, 2), keepdims=True), 1e-12)
+    return {"images": len(tensors), "max_abs_prob_diff": float(np.abs(p_a - p_b).max()),
+            "max_rel_gradcam_diff": float((np.abs(ref - cam_b) / peak).max())}
+
+
+def stitch_package(package: ModelPackage, samples: list[Sample], out_dir: Path, name: str, version: str,
+                   offsets: Sequence[tuple[float, float]] = ((0.0, 0.0), (0.5, 0.5)), factor: int = 2,
+                   sigma: float = 1.0, check_images: int = 8) -> tuple[ModelPackage, dict[str, Any]]:
+    """A released package with the finer map: rewrite, check, evaluate, manifest, model card.
+
+    The probabilities are the original graph's; the operating points are chosen again on
+    validation (the same, as the scores are) and every figure is re-measured on this package.
+    """
+    m = package.manifest
+    pad = ((m.preprocessing.pad_value - np.asarray(m.preprocessing.mean)) / np.asarray(m.preprocessing.std)
+           ).astype(np.float32)
+    if not m.outputs.gradcam:
+        raise ValueError(f"{package.directory}: the model has no Grad-CAM output")
+    shape = (m.input.channels, m.input.height, m.input.width)
+    model, settings = stitch_gradcam(onnx.load(str(package.onnx_path)), m.input.name, m.outputs.probabilities,
+                                     m.outputs.gradcam, shape, pad, offsets, factor, sigma)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out_dir / "model.onnx"))
+    tensors = np.stack([preprocess(load_display(s.path), package).tensor
+                        for s in [s for s in samples if s.split == "val"][:check_images]])
+    check = check_stitched(package.onnx_path, out_dir / "model.onnx", tensors, settings, pad)
+    if check["max_abs_prob_diff"] > 1e-6 or check["max_rel_gradcam_diff"] > 1e-4:
+        raise ValueError(f"the rewritten graph does not match the original one: {check}")
+    training = {**m.training, "gradcam_map": settings}
+    parity = {**m.metrics.get("parity", {}), "stitch": check}
+    manifest = m.model_dump(mode="json")
+    manifest.update(name=name, version=version, sha256=sha256_file(out_dir / "model.onnx"), training=training,
+                    metrics={"parity": parity})
+    (out_dir / "model.json").write_text(json.dumps(manifest, indent=2))
+    evaluation = evaluate_package(load_package(out_dir), samples, out_dir / "evaluation")
+    manifest.update(operating_points=evaluation["operating_points"],
+                    metrics={"test": evaluation["test"], "val_auroc": evaluation["val"]["auroc"],
+                             "val": evaluation["val"], "parity": parity})
+    (out_dir / "model.json").write_text(json.dumps(manifest, indent=2))
+    result = load_package(out_dir)
+    write_model_card(result, evaluation, training, out_dir / "MODEL_CARD.md")
+    return result, {"evaluation": evaluation, "check": check, "settings": settings}

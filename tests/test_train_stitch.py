@@ -1,0 +1,98 @@
+"""`train stitch`: a finer Grad-CAM from shifted copies of the input, rewritten into the ONNX graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.train
+
+torch = pytest.importorskip("torch", reason="train extra: pip install '.[train]'")
+onnx = pytest.importorskip("onnx", reason="train extra: pip install '.[train]'")
+
+
+def _export(net: torch.nn.Module, directory: Path, size: int = 128):  # type: ignore[no-untyped-def]
+    from dicomai.train.export import export_package
+
+    return export_package(net, directory, "stitch-test", "0", size,
+                          {"high_sensitivity": 0.3, "high_specificity": 0.6}, {}, {})
+
+
+def _moved(x: np.ndarray, dy: int, dx: int, fill: np.ndarray) -> np.ndarray:
+    """Reference shift, written apart from the module's: out[..., i, j] = x[..., i + dy, j + dx]."""
+    n, c, h, w = x.shape
+    out = np.broadcast_to(fill.reshape(1, c, 1, 1), x.shape).copy()
+    for i in range(h):
+        for j in range(w):
+            if 0 <= i + dy < h and 0 <= j + dx < w:
+                out[:, :, i, j] = x[:, :, i + dy, j + dx]
+    return out
+
+
+def test_stitched_map_is_the_interpolated_map_of_shifted_copies(tmp_path: Path) -> None:
+    """Ensemble explained at its 8x8 member: scores unchanged, a 16x16 map equal to a brute-force
+    Gaussian interpolation of the original graph's maps of the shifted copies, and only the
+    explained member runs again."""
+    import onnxruntime as ort
+
+    from dicomai.train.nets import ensemble
+    from dicomai.train.stitch import stitch_gradcam
+    from tests.test_train_nets import _ensemble_members
+
+    pkg = _export(ensemble(_ensemble_members(), 128, gradcam_member=1), tmp_path / "pkg")
+    fill = np.array([-2.0, -1.5, -1.0], np.float32)
+    model = onnx.load(str(pkg.onnx_path))
+    offsets, sigma = [(0.0, 0.0), (0.5, 0.5), (-0.25, 0.5)], 1.0
+    stitched, settings = stitch_gradcam(model, "input", "probabilities", "gradcam", (3, 128, 128), fill,
+                                        offsets, factor=2, sigma=sigma)
+    assert settings["source_grid"] == [8, 8] and settings["grid"] == [16, 16]
+    assert settings["shifts_px"] == [[0, 0], [8, 8], [-4, 8]]  # 16 px cells
+    added = [n for n in stitched.graph.node if n.name.startswith("stitch/")]
+    assert 0 < len(added) < 0.75 * len(model.graph.node)  # the member, not the whole ensemble
+    onnx.save(stitched, str(tmp_path / "stitched.onnx"))
+    a = ort.InferenceSession(str(pkg.onnx_path), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(tmp_path / "stitched.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).normal(size=(2, 3, 128, 128)).astype(np.float32)
+    p_a, cam_a = a.run(None, {"input": x})
+    p_b, cam_b = b.run(None, {"input": x})
+    assert np.array_equal(p_a, p_b)
+    assert cam_b.shape == (2, 16, 16) and cam_b.max() > 0
+    # Brute force: every fine centre is the Gaussian-weighted mean of every sample of every copy.
+    samples = []  # (y, x, value per image)
+    for dy, dx in settings["shifts_px"]:
+        maps = a.run(["gradcam"], {"input": _moved(x, dy, dx, fill)})[0]
+        for i in range(8):
+            for j in range(8):
+                samples.append((16 * i + 8 + dy, 16 * j + 8 + dx, maps[:, i, j]))
+    ref = np.zeros((2, 16, 16))
+    for k in range(16):
+        for m in range(16):
+            cy, cx = 8 * k + 4, 8 * m + 4
+            wts = [np.exp(-((cy - y) ** 2 + (cx - xx) ** 2) / (2 * (sigma * 8) ** 2)) for y, xx, _ in samples]
+            ref[:, k, m] = sum(wt * v for wt, (_, _, v) in zip(wts, samples, strict=True)) / sum(wts)
+    assert np.abs(ref - cam_b).max() <= 1e-5 * ref.max()
+    # The copies count: the unshifted map alone, interpolated the same way, is another map.
+    base_only, _ = stitch_gradcam(model, "input", "probabilities", "gradcam", (3, 128, 128), fill,
+                                  [(0.0, 0.0)], factor=2, sigma=sigma)
+    onnx.save(base_only, str(tmp_path / "base.onnx"))
+    cam_0 = ort.InferenceSession(str(tmp_path / "base.onnx"), providers=["CPUExecutionProvider"]
+                                 ).run(["gradcam"], {"input": x})[0]
+    assert np.abs(cam_0 - cam_b).max() > 0.05 * cam_b.max()
+
+
+def test_stitch_refuses_what_it_cannot_rewrite(tmp_path: Path) -> None:
+    """A hybrid head's Grad-CAM weights depend on the image; two offsets on one pixel are one copy."""
+    from dicomai.train.nets import build
+    from dicomai.train.stitch import stitch_gradcam
+
+    torch.manual_seed(0)
+    hybrid = _export(build("mobilenet_v3_small", pretrained=False, head="hybrid").eval(), tmp_path / "h")
+    with pytest.raises(ValueError, match="depend on the image"):
+        stitch_gradcam(onnx.load(str(hybrid.onnx_path)), "input", "probabilities", "gradcam", (3, 128, 128),
+                       [0.0, 0.0, 0.0])
+    linear = _export(build("mobilenet_v3_small", pretrained=False).eval(), tmp_path / "l")
+    with pytest.raises(ValueError, match="same pixel shift twice"):
+        stitch_gradcam(onnx.load(str(linear.onnx_path)), "input", "probabilities", "gradcam", (3, 128, 128),
+                       [0.0, 0.0, 0.0], [(0.0, 0.0), (0.01, 0.0)])
