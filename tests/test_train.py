@@ -44,7 +44,7 @@ def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
     """A few images, one epoch per phase, 64 px: export, parity with PyTorch and grad-cam, classify."""
     _require_train_extra()
     from dicomai.infer import Classifier, preprocess
-    from dicomai.model import load_package
+    from dicomai.model import load_package, sha256_file
     from dicomai.train.data import load_display
     from dicomai.train.fit import FitConfig, fit
     from dicomai.train.release import release
@@ -61,6 +61,9 @@ def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
     ops = manifest["operating_points"]
     assert 0 <= ops["high_sensitivity"] <= ops["high_specificity"] <= 1
     assert manifest["metrics"]["test"]["images"] == 16
+    # The figures were measured on the very file that ships (not on an earlier export of it).
+    evaluated = json.loads((tmp_path / "pkg" / "evaluation" / "evaluation.json").read_text())
+    assert evaluated["model_sha256"] == manifest["sha256"] == sha256_file(tmp_path / "pkg" / "model.onnx")
     # Localisation on both splits (validation too, to choose on it), never above the grid's ceiling.
     for split in ("val", "test"):
         loc = manifest["metrics"][split]
@@ -88,6 +91,8 @@ def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
     assert storage["max_abs_prob_diff"] <= 1e-2 and storage["gradcam_pearson_min"] >= 0.99
     assert report16["parity"]["max_abs_prob_diff"] <= 1e-4  # the float32 export, as above
     assert load_package(tmp_path / "pkg16").manifest.weights == "float16"
+    evaluated16 = json.loads((tmp_path / "pkg16" / "evaluation" / "evaluation.json").read_text())
+    assert evaluated16["model_sha256"] == half.manifest.sha256 == sha256_file(half.onnx_path)
     assert "stored as float16" in (tmp_path / "pkg16" / "MODEL_CARD.md").read_text()
     (out16,) = Classifier(half).predict([preprocess(img, half)])
     assert abs(out16.probability - out.probability) <= 1e-2 and out16.gradcam is not None

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from dicomai.explain import gradcam_on_image
 from dicomai.infer import Classifier, preprocess
-from dicomai.model import ModelPackage
+from dicomai.model import ModelPackage, sha256_file
 from dicomai.normalize import Letterbox
 from dicomai.render import overlay
 from dicomai.train.data import Sample, load_display
@@ -110,6 +110,7 @@ def evaluate_package(package: ModelPackage, samples: list[Sample], out_dir: Path
         },
         "operating_points": {"high_sensitivity": t_sens, "high_specificity": t_spec},
         "cpu_seconds_per_image": sec,
+        "model_sha256": sha256_file(package.onnx_path),  # the file these figures were measured on
     }
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
     np.savez(out_dir / "predictions.npz", p_val=p_val, y_val=y_val, p_test=p_test, y_test=y_test)

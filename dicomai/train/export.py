@@ -14,7 +14,7 @@ from dicomai.infer import Classifier, preprocess
 from dicomai.model import WEIGHT_STORAGE, ModelPackage, load_package, sha256_file
 from dicomai.train.nets import IMAGENET_MEAN, IMAGENET_STD, EnsembleFeatures, ExportWrapper, FractureNet
 
-__all__ = ["export_package", "gradcam_layer", "parity", "storage_parity"]
+__all__ = ["export_package", "gradcam_layer", "parity", "storage_parity", "write_manifest"]
 
 FRACTURE_BODY_PARTS = ["HAND", "HANDS", "FINGER", "THUMB", "WRIST", "FOREARM", "ELBOW", "ARM", "HUMERUS",
                        "SHOULDER", "CLAVICLE", "SCAPULA", "HIP", "PELVIS", "FEMUR", "UPPERLEG", "KNEE",
@@ -40,6 +40,12 @@ def export_package(net: FractureNet, directory: Path, name: str, version: str, s
                       opset_version=17, dynamo=False)
     if weights == "float16":
         _store_float16(directory / "model.onnx")
+    return write_manifest(directory, name, version, size, operating_points, training, metrics, weights)
+
+
+def write_manifest(directory: Path, name: str, version: str, size: int, operating_points: dict[str, float],
+                   training: dict[str, Any], metrics: dict[str, Any], weights: str) -> ModelPackage:
+    """Write ``model.json`` for the ``model.onnx`` already in ``directory``; return the package."""
     manifest = {
         "name": name, "version": version, "sha256": sha256_file(directory / "model.onnx"),
         "input": {"name": "input", "height": size, "width": size, "channels": 3, "layout": "NCHW"},

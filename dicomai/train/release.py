@@ -11,7 +11,7 @@ from typing import Any
 from dicomai.model import ModelPackage
 from dicomai.train.data import Sample, load_display
 from dicomai.train.evaluate import evaluate_package, write_model_card
-from dicomai.train.export import export_package, parity, storage_parity
+from dicomai.train.export import export_package, parity, storage_parity, write_manifest
 from dicomai.train.nets import load_run
 
 __all__ = ["release"]
@@ -74,7 +74,8 @@ def release(fit_dir: Path, samples: list[Sample], package_dir: Path, name: str, 
     evaluation = evaluate_package(package, samples, package_dir / "evaluation")
     metrics = {"test": evaluation["test"], "val_auroc": evaluation["val"]["auroc"], "val": evaluation["val"],
                "parity": checks}
-    package = export_package(net, package_dir, name, version, size,
-                             evaluation["operating_points"], training, metrics, weights)
+    # the figures' own file: only the manifest is rewritten, with the operating points and figures
+    package = write_manifest(package_dir, name, version, size, evaluation["operating_points"], training,
+                             metrics, weights)
     write_model_card(package, evaluation, training, package_dir / "MODEL_CARD.md")
     return package, {"evaluation": evaluation, "parity": checks}
