@@ -5,7 +5,9 @@
 The per-step table uses ``--model``, else the model shipped with dicomai. For the ORT vs
 PyTorch comparison (train extra installed) it builds the shipped architecture with random
 weights (speed does not depend on them), exports it with the training pipeline's exporter
-(Grad-CAM in the graph) and runs the *same* weights in PyTorch eager.
+(Grad-CAM in the graph) and runs the *same* weights in PyTorch eager. When the shipped map
+is stitched (``train stitch``), the stand-in is rewritten the same way and timed in
+onnxruntime alone (PyTorch has no counterpart of the rewrite).
 
 Prints two tables: the per-step split (median over --repeat) for RG3 uncompressed, JPEG 2000
 lossless and lossy and the JPEG-LS CR, with images/s over the whole sample folder; then
@@ -51,9 +53,31 @@ def build_standin(directory: Path, size: int = 224) -> Any:
     training = load_package(shipped).manifest.training if shipped else {}
     torch.manual_seed(0)
     net = from_config({"backbone": "efficientnet_lite0", **training, "size": size}).eval()
-    export_package(net, directory, f"{training.get('backbone', 'efficientnet_lite0')}-standin", "0", size,
-                   {"high_sensitivity": 0.3, "high_specificity": 0.7}, {}, {})
+    package = export_package(net, directory, f"{training.get('backbone', 'efficientnet_lite0')}-standin", "0",
+                             size, {"high_sensitivity": 0.3, "high_specificity": 0.7}, {}, {})
+    if "gradcam_map" in training:  # the shipped map is stitched (`train stitch`): the same rewrite
+        stitch_standin(package, directory.with_name(directory.name + "-stitched"), training["gradcam_map"])
     return ExportWrapper(net).eval()
+
+
+def stitch_standin(package: Any, directory: Path, settings: dict[str, Any]) -> None:
+    """``package`` rewritten by ``train stitch`` with the shipped map's settings, into ``directory``."""
+    import onnx
+
+    from dicomai.train.export import write_manifest
+    from dicomai.train.stitch import stitch_gradcam
+
+    m = package.manifest
+    pad = (m.preprocessing.pad_value - np.asarray(m.preprocessing.mean)) / np.asarray(m.preprocessing.std)
+    model, _ = stitch_gradcam(onnx.load(str(package.onnx_path)), m.input.name, m.outputs.probabilities,
+                              m.outputs.gradcam, (m.input.channels, m.input.height, m.input.width),
+                              pad.astype(np.float32).tolist(),
+                              [tuple(o) for o in settings["offsets_cells"]], settings["factor"],
+                              settings["sigma_fine_cells"])
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(directory / "model.onnx"))
+    write_manifest(directory, m.name, m.version, m.input.height, m.operating_points.model_dump(), {}, {},
+                   m.weights)
 
 
 def median_ms(fn: Any, repeat: int) -> float:
@@ -136,9 +160,18 @@ def main() -> None:
     t_ort = median_ms(lambda: sess.run(None, {"input": x}), max(args.repeat, 20))
     dp = float(np.abs(ort_out[0] - ref[0].numpy()).max())
     dc = float(np.abs(ort_out[1] - ref[1].numpy()).max())
-    print(f"{'same graph as shipped':28} | {'onnxruntime':>11} {'torch eager':>11} | "
+    print(f"{'shipped network':28} | {'onnxruntime':>11} {'torch eager':>11} | "
           f"{'speed-up':>8} | max |diff| p, cam")
     print(f"{'':28} | {t_ort:9.2f}ms {t_torch:9.2f}ms | {t_torch / t_ort:7.2f}x | {dp:.1e}, {dc:.1e}")
+    stitched = tmp / "standin-stitched" / "model.onnx"
+    if stitched.exists():  # eager has no counterpart of the rewrite: onnxruntime only
+        s2 = Classifier(load_package(stitched.parent), threads=args.threads,
+                        providers=["CPUExecutionProvider"]).session
+        out2 = s2.run(None, {"input": x})
+        t_st = median_ms(lambda: s2.run(None, {"input": x}), max(args.repeat, 20))
+        print(f"{'with the shipped map stitch':28} | {t_st:9.2f}ms {'-':>11} | {'-':>8} | "
+              f"p {float(np.abs(out2[0] - ort_out[0]).max()):.1e} from the unstitched graph; "
+              f"map {out2[1].shape[-2]}x{out2[1].shape[-1]}")
 
 
 if __name__ == "__main__":
