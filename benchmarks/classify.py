@@ -62,20 +62,12 @@ def build_standin(directory: Path, size: int = 224) -> Any:
 
 def stitch_standin(package: Any, directory: Path, settings: dict[str, Any]) -> None:
     """``package`` rewritten by ``train stitch`` with the shipped map's settings, into ``directory``."""
-    import onnx
-
     from dicomai.train.export import write_manifest
-    from dicomai.train.stitch import stitch_gradcam
+    from dicomai.train.stitch import stitch_onnx
 
+    stitch_onnx(package, directory / "model.onnx", [tuple(o) for o in settings["offsets_cells"]],
+                settings["factor"], settings["sigma_fine_cells"])
     m = package.manifest
-    pad = (m.preprocessing.pad_value - np.asarray(m.preprocessing.mean)) / np.asarray(m.preprocessing.std)
-    model, _ = stitch_gradcam(onnx.load(str(package.onnx_path)), m.input.name, m.outputs.probabilities,
-                              m.outputs.gradcam, (m.input.channels, m.input.height, m.input.width),
-                              pad.astype(np.float32).tolist(),
-                              [tuple(o) for o in settings["offsets_cells"]], settings["factor"],
-                              settings["sigma_fine_cells"])
-    directory.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(directory / "model.onnx"))
     write_manifest(directory, m.name, m.version, m.input.height, m.operating_points.model_dump(), {}, {},
                    m.weights)
 

@@ -14,7 +14,8 @@ from dicomai.infer import Classifier, preprocess
 from dicomai.model import WEIGHT_STORAGE, ModelPackage, load_package, sha256_file
 from dicomai.train.nets import IMAGENET_MEAN, IMAGENET_STD, EnsembleFeatures, ExportWrapper, FractureNet
 
-__all__ = ["export_package", "gradcam_layer", "parity", "storage_parity", "write_manifest"]
+__all__ = ["export_package", "gradcam_layer", "parity", "storage_parity", "store_weights",
+           "write_manifest"]
 
 FRACTURE_BODY_PARTS = ["HAND", "HANDS", "FINGER", "THUMB", "WRIST", "FOREARM", "ELBOW", "ARM", "HUMERUS",
                        "SHOULDER", "CLAVICLE", "SCAPULA", "HIP", "PELVIS", "FEMUR", "UPPERLEG", "KNEE",
@@ -30,17 +31,27 @@ def export_package(net: FractureNet, directory: Path, name: str, version: str, s
     ``weights="float16"`` stores the weights at half precision (half the file); the graph
     still computes in float32 (see :func:`_store_float16`).
     """
-    if weights not in WEIGHT_STORAGE:
-        raise ValueError(f"weights must be one of {WEIGHT_STORAGE}, not {weights!r}")
+    _check_storage(weights)  # before anything is written
     directory.mkdir(parents=True, exist_ok=True)
     wrapper = ExportWrapper(net).eval()
     torch.onnx.export(wrapper, (torch.zeros(1, 3, size, size),), str(directory / "model.onnx"),
                       input_names=["input"], output_names=["probabilities", "gradcam"],
                       dynamic_axes={"input": {0: "N"}, "probabilities": {0: "N"}, "gradcam": {0: "N"}},
                       opset_version=17, dynamo=False)
-    if weights == "float16":
-        _store_float16(directory / "model.onnx")
+    store_weights(directory / "model.onnx", weights)
     return write_manifest(directory, name, version, size, operating_points, training, metrics, weights)
+
+
+def store_weights(path: Path, weights: str) -> None:
+    """Store the weights of the float32 export at ``path`` as ``weights`` says (in place)."""
+    _check_storage(weights)
+    if weights == "float16":
+        _store_float16(path)
+
+
+def _check_storage(weights: str) -> None:
+    if weights not in WEIGHT_STORAGE:
+        raise ValueError(f"weights must be one of {WEIGHT_STORAGE}, not {weights!r}")
 
 
 def write_manifest(directory: Path, name: str, version: str, size: int, operating_points: dict[str, float],

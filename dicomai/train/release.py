@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from dicomai.model import ModelPackage
 from dicomai.train.data import Sample, load_display
 from dicomai.train.evaluate import evaluate_package, write_model_card
-from dicomai.train.export import export_package, parity, storage_parity, write_manifest
+from dicomai.train.export import export_package, parity, storage_parity, store_weights, write_manifest
 from dicomai.train.nets import load_run
 
 __all__ = ["release"]
@@ -66,9 +67,11 @@ def release(fit_dir: Path, samples: list[Sample], package_dir: Path, name: str, 
                                    size, provisional, training, {})
         checks: dict[str, Any] = parity(net, reference, some)
         package = reference
-        if weights != "float32":
-            package = export_package(net, package_dir, name, version, size, provisional, training, {},
-                                     weights)
+        if weights != "float32":  # the reference file, stored compressed (no second export)
+            package_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(reference.onnx_path, package_dir / "model.onnx")
+            store_weights(package_dir / "model.onnx", weights)
+            package = write_manifest(package_dir, name, version, size, provisional, training, {}, weights)
             more = [load_display(s.path) for s in samples if s.split == "val"][:storage_images]
             checks["storage"] = storage_parity(reference, package, more)
     evaluation = evaluate_package(package, samples, package_dir / "evaluation")

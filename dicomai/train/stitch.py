@@ -39,7 +39,7 @@ from dicomai.train.data import Sample, load_display
 from dicomai.train.evaluate import evaluate_package, write_model_card
 
 __all__ = ["MapStage", "check_stitched", "find_map_stage", "interpolation_matrices", "shift_pixels",
-           "stitch_gradcam", "stitch_package"]
+           "stitch_gradcam", "stitch_onnx", "stitch_package"]
 
 PREFIX = "stitch/"
 
@@ -292,6 +292,23 @@ def check_stitched(original: Path, stitched: Path, tensors: np.ndarray, settings
             "max_rel_gradcam_diff": float((np.abs(ref - cam_b) / peak).max())}
 
 
+def stitch_onnx(package: ModelPackage, out_path: Path, offsets: Sequence[tuple[float, float]],
+                factor: int, sigma: float) -> tuple[dict[str, Any], np.ndarray]:
+    """Write ``package``'s graph with the stitched map to ``out_path``; return its settings and
+    the padding values (per channel, after mean/std) that the shifts fill in."""
+    m = package.manifest
+    pad = ((m.preprocessing.pad_value - np.asarray(m.preprocessing.mean)) / np.asarray(m.preprocessing.std)
+           ).astype(np.float32)
+    if not m.outputs.gradcam:
+        raise ValueError(f"{package.directory}: the model has no Grad-CAM output")
+    shape = (m.input.channels, m.input.height, m.input.width)
+    model, settings = stitch_gradcam(onnx.load(str(package.onnx_path)), m.input.name, m.outputs.probabilities,
+                                     m.outputs.gradcam, shape, pad.tolist(), offsets, factor, sigma)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out_path))
+    return settings, pad
+
+
 def stitch_package(package: ModelPackage, samples: list[Sample], out_dir: Path, name: str, version: str,
                    offsets: Sequence[tuple[float, float]] = ((0.0, 0.0), (0.5, 0.5)), factor: int = 2,
                    sigma: float = 1.0, check_images: int = 8) -> tuple[ModelPackage, dict[str, Any]]:
@@ -301,15 +318,7 @@ def stitch_package(package: ModelPackage, samples: list[Sample], out_dir: Path, 
     validation (the same, as the scores are) and every figure is re-measured on this package.
     """
     m = package.manifest
-    pad = ((m.preprocessing.pad_value - np.asarray(m.preprocessing.mean)) / np.asarray(m.preprocessing.std)
-           ).astype(np.float32)
-    if not m.outputs.gradcam:
-        raise ValueError(f"{package.directory}: the model has no Grad-CAM output")
-    shape = (m.input.channels, m.input.height, m.input.width)
-    model, settings = stitch_gradcam(onnx.load(str(package.onnx_path)), m.input.name, m.outputs.probabilities,
-                                     m.outputs.gradcam, shape, pad, offsets, factor, sigma)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(out_dir / "model.onnx"))
+    settings, pad = stitch_onnx(package, out_dir / "model.onnx", offsets, factor, sigma)
     tensors = np.stack([preprocess(load_display(s.path), package).tensor
                         for s in [s for s in samples if s.split == "val"][:check_images]])
     check = check_stitched(package.onnx_path, out_dir / "model.onnx", tensors, settings, pad)
