@@ -14,7 +14,7 @@ from dicomai.infer import Classifier, preprocess
 from dicomai.model import WEIGHT_STORAGE, ModelPackage, load_package, sha256_file
 from dicomai.train.nets import IMAGENET_MEAN, IMAGENET_STD, EnsembleFeatures, ExportWrapper, FractureNet
 
-__all__ = ["export_package", "gradcam_layer", "parity", "storage_parity", "store_weights",
+__all__ = ["check_storage", "export_package", "gradcam_layer", "parity", "storage_parity", "store_weights",
            "write_manifest"]
 
 FRACTURE_BODY_PARTS = ["HAND", "HANDS", "FINGER", "THUMB", "WRIST", "FOREARM", "ELBOW", "ARM", "HUMERUS",
@@ -31,7 +31,7 @@ def export_package(net: FractureNet, directory: Path, name: str, version: str, s
     ``weights="float16"`` stores the weights at half precision (half the file); the graph
     still computes in float32 (see :func:`_store_float16`).
     """
-    _check_storage(weights)  # before anything is written
+    check_storage(weights)  # before anything is written
     directory.mkdir(parents=True, exist_ok=True)
     wrapper = ExportWrapper(net).eval()
     torch.onnx.export(wrapper, (torch.zeros(1, 3, size, size),), str(directory / "model.onnx"),
@@ -44,12 +44,12 @@ def export_package(net: FractureNet, directory: Path, name: str, version: str, s
 
 def store_weights(path: Path, weights: str) -> None:
     """Store the weights of the float32 export at ``path`` as ``weights`` says (in place)."""
-    _check_storage(weights)
+    check_storage(weights)
     if weights == "float16":
         _store_float16(path)
 
 
-def _check_storage(weights: str) -> None:
+def check_storage(weights: str) -> None:
     if weights not in WEIGHT_STORAGE:
         raise ValueError(f"weights must be one of {WEIGHT_STORAGE}, not {weights!r}")
 

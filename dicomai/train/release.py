@@ -12,7 +12,14 @@ from typing import Any
 from dicomai.model import ModelPackage
 from dicomai.train.data import Sample, load_display
 from dicomai.train.evaluate import evaluate_package, write_model_card
-from dicomai.train.export import export_package, parity, storage_parity, store_weights, write_manifest
+from dicomai.train.export import (
+    check_storage,
+    export_package,
+    parity,
+    storage_parity,
+    store_weights,
+    write_manifest,
+)
 from dicomai.train.nets import load_run
 
 __all__ = ["release"]
@@ -56,6 +63,7 @@ def release(fit_dir: Path, samples: list[Sample], package_dir: Path, name: str, 
     with that float32 export on the validation images (the first ``storage_images`` of them
     when given), and evaluated as shipped.
     """
+    check_storage(weights)  # before the export and before anything lands in package_dir
     net, summary = load_run(fit_dir)
     size = int(summary["config"]["size"])
     training = _training(summary)
