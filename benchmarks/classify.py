@@ -66,7 +66,8 @@ def stitch_standin(package: Any, directory: Path, settings: dict[str, Any]) -> N
     from dicomai.train.stitch import stitch_onnx
 
     stitch_onnx(package, directory / "model.onnx", [tuple(o) for o in settings["offsets_cells"]],
-                settings["factor"], settings["sigma_fine_cells"])
+                settings["factor"], settings["sigma_fine_cells"],
+                [tuple(z) for z in settings.get("sizes", [])])
     m = package.manifest
     write_manifest(directory, m.name, m.version, m.input.height, m.operating_points.model_dump(), {}, {},
                    m.weights)

@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the output grid is this many times finer per axis")
     tsti.add_argument("--sigma", type=float, default=1.0,
                       help="Gaussian interpolation width, in output cells")
+    tsti.add_argument("--sizes", default="", metavar="H[xW] ...",
+                      help="one more copy per size, the input enlarged to it (multi-scale map: each "
+                           "scale's map scaled to a peak of 1, the scales averaged); default: none")
     tsti.set_defaults(func=cmd_train_stitch)
     teval = tsub.add_parser("evaluate", parents=[common],
                             help="figures of a package on a dataset's test split")
@@ -661,10 +664,14 @@ def cmd_train_stitch(args: argparse.Namespace, settings: Settings) -> int:
         offsets = [(float(dy), float(dx)) for dy, dx in (o.split(",") for o in args.offsets.split())]
     except ValueError:
         raise DicomaiError(f"--offsets: expected 'DY,DX DY,DX ...', got {args.offsets!r}") from None
+    try:
+        sizes = [(int(z.split("x")[0]), int(z.split("x")[-1])) for z in args.sizes.split()]
+    except ValueError:
+        raise DicomaiError(f"--sizes: expected 'H HxW ...', got {args.sizes!r}") from None
     package = load_package(args.package)
     try:
         pkg, report = stitch_package(package, _samples(args), args.out, args.name or package.manifest.name,
-                                     args.version, offsets, args.factor, args.sigma)
+                                     args.version, offsets, args.factor, args.sigma, sizes=sizes)
     except ValueError as exc:
         raise DicomaiError(f"stitch: {exc}") from None
     ev = report["evaluation"]

@@ -262,11 +262,24 @@ def _map_text(training: dict[str, Any]) -> str:
     if not fine:
         return ""
     moved = [f"({dy}, {dx})" for dy, dx in fine["shifts_px"] if (dy, dx) != (0, 0)]
-    return (f" The map the node draws is finer than that stage: the stage is computed again on "
-            f"copies of the input shifted by {', '.join(moved)} px (down, right), and the samples of all "
-            f"copies are carried onto a {fine['grid'][0]}x{fine['grid'][1]} grid by normalised Gaussian "
+    copies = (f"the stage is computed again on copies of the input shifted by {', '.join(moved)} px "
+              "(down, right), and the samples of all copies are carried" if moved else
+              "the stage's samples are carried")
+    return (f" The map the node draws is finer than that stage: {copies} onto a {fine['grid'][0]}x{fine['grid'][1]} grid by normalised Gaussian "
             f"interpolation (sigma {fine['sigma_fine_cells']:g} cell of that grid), inside the graph "
-            "(`dicomai train stitch`); the probabilities are the unshifted input's, unchanged.")
+            "(`dicomai train stitch`); the probabilities are the unshifted input's, unchanged."
+            + _scales_text(fine))
+
+
+def _scales_text(fine: dict[str, Any]) -> str:
+    if not fine.get("sizes"):
+        return ""
+    sizes = ", ".join(f"{h}x{w}" for h, w in fine["sizes"])
+    grids = ", ".join(f"{h}x{w}" for h, w in fine["size_grids"])
+    return (f" The stage is also computed on the input enlarged to {sizes} px (its grid: {grids}); that "
+            "map is carried onto the same grid, and the map drawn is the mean of the scales' maps, each "
+            "scaled to a peak of 1 (a multi-scale map: the image is not seen in more detail, the "
+            "network sees the same pixels larger).")
 
 
 def _storage_text(weights: str, metrics: dict[str, Any]) -> str:

@@ -11,6 +11,12 @@ segmentation", 2015; Grad-CAM from shifted and augmented copies: Morbidelli et a
 1993: each output cell is the Gaussian-weighted mean of the samples near it), so a few copies
 are enough and the map's maximum may fall between the coarse centres.
 
+Copies of the input enlarged to a larger size (``sizes``) add the same stage seen at a finer
+scale, on a finer grid of its own: multi-scale class activation maps, as weakly supervised
+localisation computes them (Ahn and Kwak, "Learning pixel-level semantic affinity with
+image-level supervision", CVPR 2018: maps of several scales summed). Each scale's map is
+carried onto the output grid the same way, scaled to a peak of 1, and the scales are averaged.
+
 Only the map changes: the probabilities are the graph's own, and the unshifted sample reuses
 the stage the scores already computed. Every other copy runs the part of the graph that the
 map is taken at: for an ensemble explained at one member (``train ensemble --gradcam-from``)
@@ -35,11 +41,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dicomai.infer import preprocess
 from dicomai.model import ModelPackage, load_package, sha256_file
+from dicomai.normalize import resize
 from dicomai.train.data import Sample, load_display
 from dicomai.train.evaluate import evaluate_package, write_model_card
 
-__all__ = ["MapStage", "check_stitched", "find_map_stage", "interpolation_matrices", "shift_pixels",
-           "stitch_gradcam", "stitch_onnx", "stitch_package"]
+__all__ = ["MapStage", "check_stitched", "find_map_stage", "free_spatial", "interpolation_matrices",
+           "shift_pixels", "stitch_gradcam", "stitch_onnx", "stitch_package"]
 
 PREFIX = "stitch/"
 
@@ -126,6 +133,41 @@ def find_map_stage(model: onnx.ModelProto, input_name: str, gradcam: str, input_
     return MapStage(stage, w[0].astype(np.float32), (int(a.shape[2]), int(a.shape[3])))
 
 
+def free_spatial(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose input and outputs take any height and width (a linear head's
+    graph is fully convolutional up to its pooling)."""
+    free = onnx.ModelProto()
+    free.CopyFrom(model)
+    for i, dim in enumerate(free.graph.input[0].type.tensor_type.shape.dim):
+        if i >= 2:
+            dim.ClearField("dim_value")
+            dim.dim_param = f"spatial_{i}"
+    for out in free.graph.output:
+        for j, dim in enumerate(out.type.tensor_type.shape.dim):
+            if j >= 1:
+                dim.ClearField("dim_value")
+                dim.dim_param = f"{out.name}_{j}"
+    del free.graph.value_info[:]
+    return free
+
+
+def _gaussian(dst: np.ndarray, src: np.ndarray, px: float) -> np.ndarray:
+    """Weights from samples at ``src`` to centres at ``dst`` (both in input pixels), width ``px``."""
+    return np.asarray(np.exp(-0.5 * ((dst[:, None] - src[None, :]) / px) ** 2))
+
+
+def _peak_scaled(name: str, out: str, opset: int) -> list[onnx.NodeProto]:
+    """``out`` = ``name`` (N x h x w) over its per-image peak (an all-zero map stays zero)."""
+    if opset >= 18:
+        reduce = [_const(name + "/axes", np.array([1, 2], np.int64)),
+                  helper.make_node("ReduceMax", [name, name + "/axes"], [name + "/peak"], keepdims=1)]
+    else:
+        reduce = [helper.make_node("ReduceMax", [name], [name + "/peak"], axes=[1, 2], keepdims=1)]
+    return [*reduce, _const(name + "/tiny", np.array(1e-12, np.float32)),
+            helper.make_node("Max", [name + "/peak", name + "/tiny"], [name + "/divisor"]),
+            helper.make_node("Div", [name, name + "/divisor"], [out])]
+
+
 def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(value, name))
 
@@ -138,16 +180,45 @@ def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> o
     return onnx.utils.Extractor(inferred).extract_model(inputs, outputs)
 
 
+def _renamer(part: onnx.ModelProto, input_name: str, prefix: str, new_input: str):  # type: ignore[no-untyped-def]
+    shared = {i.name for i in part.graph.initializer}
+
+    def renamed(name: str) -> str:
+        if name == input_name:
+            return new_input
+        return name if not name or name in shared else prefix + name
+
+    return renamed
+
+
+def _copy_of(part: onnx.ModelProto, input_name: str, prefix: str, new_input: str) -> list[onnx.NodeProto]:
+    """``part``'s nodes run on ``new_input``: tensors renamed with ``prefix``, weights shared."""
+    renamed = _renamer(part, input_name, prefix, new_input)
+    nodes = []
+    for node in part.graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = prefix + node.name
+        copy.input[:] = [renamed(i) for i in node.input]
+        copy.output[:] = [renamed(o) for o in node.output]
+        nodes.append(copy)
+    return nodes
+
+
 def stitch_gradcam(model: onnx.ModelProto, input_name: str, probabilities: str, gradcam: str,
                    input_shape: Sequence[int], pad_values: Sequence[float],
                    offsets: Sequence[tuple[float, float]] = ((0.0, 0.0), (0.5, 0.5)),
-                   factor: int = 2, sigma: float = 1.0) -> tuple[onnx.ModelProto, dict[str, Any]]:
+                   factor: int = 2, sigma: float = 1.0, sizes: Sequence[tuple[int, int]] = ()
+                   ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Return ``model`` with ``gradcam`` replaced by the interpolated map of shifted copies, and its settings.
 
     ``input_shape`` is (channels, height, width); ``offsets`` in cells of the map's grid, one
     copy each ((0, 0): the unshifted input); ``pad_values`` per channel, as the input tensor
     holds them (after mean/std), fill what a shift uncovers, as the letterbox's own border
-    does; ``sigma`` in cells of the ``factor`` times finer output grid.
+    does; ``sigma`` in cells of the ``factor`` times finer output grid. ``sizes`` (height,
+    width), each larger than the input: one more copy each, the input enlarged bilinearly
+    (half-pixel centres) to that size; with them the map is the mean of the shifted copies'
+    map and each enlarged copy's map, each scaled to a peak of 1.
     """
     if factor < 1 or not math.isfinite(sigma) or sigma <= 0 or not offsets:
         raise ValueError("need factor >= 1, sigma > 0 and at least one offset")
@@ -155,6 +226,9 @@ def stitch_gradcam(model: onnx.ModelProto, input_name: str, probabilities: str, 
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             raise ValueError(f"node {node.name!r} holds a subgraph: not supported")
     channels, h, w = input_shape
+    sizes = [(int(sh), int(sw)) for sh, sw in sizes]
+    if any(sh < h or sw < w or (sh, sw) == (h, w) for sh, sw in sizes) or len(set(sizes)) != len(sizes):
+        raise ValueError(f"sizes {sizes} must be distinct and larger than the input's {h}x{w}")
     found = find_map_stage(model, input_name, gradcam, input_shape)
     gh, gw = found.grid
     cell = (h / gh, w / gw)
@@ -165,6 +239,8 @@ def stitch_gradcam(model: onnx.ModelProto, input_name: str, probabilities: str, 
     nodes: list[onnx.NodeProto] = list(scores.graph.node)
     moved = [s for s in shifts if s != (0, 0)]
     stages = {(0, 0): found.stage}
+    # the part of the graph the map is taken at (for an ensemble explained at one member: that member)
+    part = _extract(model, [input_name], [found.stage]) if moved or sizes else onnx.ModelProto()
     if moved:
         margin = max(max(abs(dy), abs(dx)) for dy, dx in moved)
         fill = np.asarray(pad_values, np.float32).reshape(1, channels, 1, 1)
@@ -187,21 +263,8 @@ def stitch_gradcam(model: onnx.ModelProto, input_name: str, probabilities: str, 
         nodes += [helper.make_node("Concat", windows, [PREFIX + "copies_centred"], axis=0),
                   helper.make_node("Add", [PREFIX + "copies_centred", PREFIX + "pad_values"],
                                    [PREFIX + "copies"])]
-        part = _extract(model, [input_name], [found.stage])
-        shared = {i.name for i in part.graph.initializer}
-
-        def renamed(name: str) -> str:
-            if name == input_name:
-                return PREFIX + "copies"
-            return name if not name or name in shared else PREFIX + name
-
-        for node in part.graph.node:
-            copy = onnx.NodeProto()
-            copy.CopyFrom(node)
-            copy.name = PREFIX + node.name
-            copy.input[:] = [renamed(i) for i in node.input]
-            copy.output[:] = [renamed(o) for o in node.output]
-            nodes.append(copy)
+        nodes += _copy_of(part, input_name, PREFIX, PREFIX + "copies")
+        renamed = _renamer(part, input_name, PREFIX, PREFIX + "copies")
         stacked = PREFIX + "copies_stage"
         by_copy = np.array([len(moved), -1, len(found.weights), gh, gw], np.int64)
         nodes += [_const(PREFIX + "by_copy", by_copy),
@@ -229,9 +292,51 @@ def stitch_gradcam(model: onnx.ModelProto, input_name: str, probabilities: str, 
             helper.make_node("MatMul", [tag + "/rows", tag + "/gxt"], [tag + "/fine"]),
         ]
         parts.append(tag + "/fine")
+    shifted_map = PREFIX + "shifted_map" if sizes else gradcam
     nodes += [helper.make_node("Sum", parts, [PREFIX + "weighted"]),
               _const(PREFIX + "inverse_total", (1.0 / total).astype(np.float32)),
-              helper.make_node("Mul", [PREFIX + "weighted", PREFIX + "inverse_total"], [gradcam])]
+              helper.make_node("Mul", [PREFIX + "weighted", PREFIX + "inverse_total"], [shifted_map])]
+    size_grids = []
+    if sizes:
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        probe = ort.InferenceSession(free_spatial(part).SerializeToString(),
+                                     providers=["CPUExecutionProvider"])
+        dst_y = (np.arange(gh * factor) + 0.5) * cell[0] / factor
+        dst_x = (np.arange(gw * factor) + 0.5) * cell[1] / factor
+        nodes += [helper.make_node("Shape", [input_name], [PREFIX + "input_shape"]),
+                  _const(PREFIX + "nc_axes", np.array([0], np.int64)),
+                  _const(PREFIX + "nc_end", np.array([2], np.int64)),
+                  helper.make_node("Slice", [PREFIX + "input_shape", PREFIX + "nc_axes", PREFIX + "nc_end"],
+                                   [PREFIX + "input_nc"])]
+        groups = [PREFIX + "shifted_map/scaled"]
+        nodes += _peak_scaled(shifted_map, groups[0], opset)
+        for i, (sh, sw) in enumerate(sizes):
+            tag = f"{PREFIX}size_{i}/"
+            x = np.zeros((1, channels, sh, sw), np.float32)
+            sgh, sgw = (int(d) for d in probe.run(None, {probe.get_inputs()[0].name: x})[0].shape[2:])
+            size_grids.append([sgh, sgw])
+            gy = _gaussian(dst_y, (np.arange(sgh) + 0.5) * h / sgh, sigma * cell[0] / factor)
+            gx = _gaussian(dst_x, (np.arange(sgw) + 0.5) * w / sgw, sigma * cell[1] / factor)
+            inverse = 1.0 / (gy @ np.ones((sgh, sgw)) @ gx.T)
+            nodes += [_const(tag + "hw", np.array([sh, sw], np.int64)),
+                      helper.make_node("Concat", [PREFIX + "input_nc", tag + "hw"], [tag + "shape"], axis=0),
+                      helper.make_node("Resize", [input_name, "", "", tag + "shape"], [tag + "input"],
+                                       mode="linear", coordinate_transformation_mode="half_pixel"),
+                      *_copy_of(part, input_name, tag, tag + "input"),
+                      helper.make_node("Einsum", [_renamer(part, input_name, tag, tag + "input")(found.stage),
+                                                  PREFIX + "weights"], [tag + "sum"], equation="nkhw,k->nhw"),
+                      helper.make_node("Relu", [tag + "sum"], [tag + "map"]),
+                      _const(tag + "gy", gy.astype(np.float32)),
+                      _const(tag + "gxt", np.ascontiguousarray(gx.T, np.float32)),
+                      helper.make_node("MatMul", [tag + "gy", tag + "map"], [tag + "rows"]),
+                      helper.make_node("MatMul", [tag + "rows", tag + "gxt"], [tag + "weighted"]),
+                      _const(tag + "inverse_total", inverse.astype(np.float32)),
+                      helper.make_node("Mul", [tag + "weighted", tag + "inverse_total"], [tag + "fine"]),
+                      *_peak_scaled(tag + "fine", tag + "scaled", opset)]
+            groups.append(tag + "scaled")
+        nodes += [helper.make_node("Sum", groups, [PREFIX + "scales_sum"]),
+                  _const(PREFIX + "inverse_scales", np.array(1.0 / len(groups), np.float32)),
+                  helper.make_node("Mul", [PREFIX + "scales_sum", PREFIX + "inverse_scales"], [gradcam])]
 
     initializers = {i.name: i for i in model.graph.initializer}
     used = {i for n in nodes for i in n.input}
@@ -249,6 +354,9 @@ def stitch_gradcam(model: onnx.ModelProto, input_name: str, probabilities: str, 
                 "shifts_px": [list(s) for s in shifts],
                 "factor": factor, "sigma_fine_cells": sigma, "grid": [gh * factor, gw * factor],
                 "source_grid": [gh, gw], "stage": found.stage}
+    if sizes:
+        settings.update(sizes=[list(z) for z in sizes], size_grids=size_grids,
+                        combine="each scale's map over its peak, the scales averaged")
     return result, settings
 
 
@@ -287,13 +395,30 @@ def check_stitched(original: Path, stitched: Path, tensors: np.ndarray, settings
         num += gy @ maps.astype(np.float64) @ gx.T
         den += gy @ np.ones((gh, gw)) @ gx.T
     ref = num / den
+    if settings.get("sizes"):
+        # the original graph itself on the enlarged copies (enlarged here by PIL, not by the graph)
+        free = ort.InferenceSession(free_spatial(onnx.load(str(original))).SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+        dst_y = (np.arange(gh * factor) + 0.5) * (h / gh) / factor
+        dst_x = (np.arange(gw * factor) + 0.5) * (w / gw) / factor
+        groups = [ref / np.maximum(ref.max(axis=(1, 2), keepdims=True), 1e-12)]
+        for sh, sw in settings["sizes"]:
+            big = np.stack([[resize(channel, sh, sw) for channel in image] for image in tensors])
+            maps = free.run([names[1]], {free.get_inputs()[0].name: big})[0].astype(np.float64)
+            sgh, sgw = maps.shape[1:]
+            gy = _gaussian(dst_y, (np.arange(sgh) + 0.5) * h / sgh, sigma * (h / gh) / factor)
+            gx = _gaussian(dst_x, (np.arange(sgw) + 0.5) * w / sgw, sigma * (w / gw) / factor)
+            fine = (gy @ maps @ gx.T) / (gy @ np.ones((sgh, sgw)) @ gx.T)
+            groups.append(fine / np.maximum(fine.max(axis=(1, 2), keepdims=True), 1e-12))
+        ref = sum(groups) / len(groups)
     peak = np.maximum(ref.max(axis=(1, 2), keepdims=True), 1e-12)
     return {"images": len(tensors), "max_abs_prob_diff": float(np.abs(p_a - p_b).max()),
             "max_rel_gradcam_diff": float((np.abs(ref - cam_b) / peak).max())}
 
 
 def stitch_onnx(package: ModelPackage, out_path: Path, offsets: Sequence[tuple[float, float]],
-                factor: int, sigma: float) -> tuple[dict[str, Any], np.ndarray]:
+                factor: int, sigma: float, sizes: Sequence[tuple[int, int]] = ()
+                ) -> tuple[dict[str, Any], np.ndarray]:
     """Write ``package``'s graph with the stitched map to ``out_path``; return its settings and
     the padding values (per channel, after mean/std) that the shifts fill in."""
     m = package.manifest
@@ -303,7 +428,7 @@ def stitch_onnx(package: ModelPackage, out_path: Path, offsets: Sequence[tuple[f
         raise ValueError(f"{package.directory}: the model has no Grad-CAM output")
     shape = (m.input.channels, m.input.height, m.input.width)
     model, settings = stitch_gradcam(onnx.load(str(package.onnx_path)), m.input.name, m.outputs.probabilities,
-                                     m.outputs.gradcam, shape, pad.tolist(), offsets, factor, sigma)
+                                     m.outputs.gradcam, shape, pad.tolist(), offsets, factor, sigma, sizes)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(out_path))
     return settings, pad
@@ -311,14 +436,15 @@ def stitch_onnx(package: ModelPackage, out_path: Path, offsets: Sequence[tuple[f
 
 def stitch_package(package: ModelPackage, samples: list[Sample], out_dir: Path, name: str, version: str,
                    offsets: Sequence[tuple[float, float]] = ((0.0, 0.0), (0.5, 0.5)), factor: int = 2,
-                   sigma: float = 1.0, check_images: int = 8) -> tuple[ModelPackage, dict[str, Any]]:
+                   sigma: float = 1.0, check_images: int = 8, sizes: Sequence[tuple[int, int]] = ()
+                   ) -> tuple[ModelPackage, dict[str, Any]]:
     """A released package with the finer map: rewrite, check, evaluate, manifest, model card.
 
     The probabilities are the original graph's; the operating points are chosen again on
     validation (the same, as the scores are) and every figure is re-measured on this package.
     """
     m = package.manifest
-    settings, pad = stitch_onnx(package, out_dir / "model.onnx", offsets, factor, sigma)
+    settings, pad = stitch_onnx(package, out_dir / "model.onnx", offsets, factor, sigma, sizes)
     tensors = np.stack([preprocess(load_display(s.path), package).tensor
                         for s in [s for s in samples if s.split == "val"][:check_images]])
     check = check_stitched(package.onnx_path, out_dir / "model.onnx", tensors, settings, pad)
