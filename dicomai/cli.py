@@ -208,6 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="one of the runs: take the Grad-CAM at its last stage only (a box-guided "
                            "member whose map points); default: all members' stages")
     tens.set_defaults(func=cmd_train_ensemble)
+    tcom = tsub.add_parser("combine", parents=[common],
+                           help="released packages joined into one ensemble graph (mean logit over all their "
+                                "networks), without their training runs; checked, evaluated, packaged")
+    tcom.add_argument("dataset", type=Path, help="for the check (validation images) and the evaluation")
+    _dataset_flags(tcom)
+    tcom.add_argument("out", type=Path, help="output model package folder")
+    tcom.add_argument("packages", type=Path, nargs="+", metavar="PACKAGE",
+                      help="packages of `train release` (linear heads, same input and weight storage)")
+    tcom.add_argument("--gradcam-from", type=Path, metavar="PACKAGE", required=True,
+                      help="one of the packages: the joined graph's map is its map")
+    tcom.add_argument("--name", default=None, help="default: the first package's")
+    tcom.add_argument("--version", required=True)
+    tcom.set_defaults(func=cmd_train_combine)
     trel = tsub.add_parser("release", parents=[common],
                            help="export + parity + evaluate + manifest + model card")
     trel.add_argument("run", type=Path, help="run folder of `train fit` or `train ensemble`")
@@ -636,6 +649,30 @@ def cmd_train_ensemble(args: argparse.Namespace, settings: Settings) -> int:
     _print_table(rows, ["run", "backbone", "val_auroc"])
     print(f"{summary['val_images']} validation images; release it with "
           f"`dicomai train release {args.out} {args.dataset} PACKAGE`")
+    return 0
+
+
+def cmd_train_combine(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from dicomai.train.combine import combine_package
+    except ImportError as exc:
+        raise _train_missing(exc) from None
+    from dicomai.model import load_package
+
+    paths = [p.resolve() for p in args.packages]
+    if args.gradcam_from.resolve() not in paths:
+        raise DicomaiError(f"combine: --gradcam-from {args.gradcam_from} is not one of the packages")
+    packages = [load_package(p) for p in args.packages]
+    try:
+        pkg, report = combine_package(packages, _samples(args), args.out,
+                                      args.name or packages[0].manifest.name, args.version,
+                                      paths.index(args.gradcam_from.resolve()))
+    except ValueError as exc:
+        raise DicomaiError(f"combine: {exc}") from None
+    ev = report["evaluation"]
+    print(json.dumps({"package": str(pkg.directory), "check": report["check"],
+                      "networks": len(pkg.manifest.training["members"]), "val_auroc": ev["val"]["auroc"],
+                      "val_pointing_game": ev["val"]["pointing_game"]}, indent=2))
     return 0
 
 

@@ -195,6 +195,40 @@ def test_ensemble_of_two_runs_releases_and_serves(tmp_path: Path) -> None:
                           str(FRACATLAS), str(tmp_path / "pkg3"), "--version", "0", "--offsets", "0;0"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--offsets" in bad.stderr and not (tmp_path / "pkg3").exists()
+    # `train combine`: released packages joined without their runs. The two-network ensemble (pkg)
+    # and the 4x4 run released alone give a three-network mean logit, whose map is the single run's.
+    from dicomai.train.combine import combine_package
+
+    single, _ = release(runs[1], small, tmp_path / "pkg-os16", "tiny-os16", "0.0.4", parity_images=2)
+    joined, report4 = combine_package([pkg, single], small, tmp_path / "pkg4", "tiny-joined", "0.0.5",
+                                      gradcam_from=1)
+    assert report4["check"]["max_abs_prob_diff"] <= 1e-5
+    training4 = joined.manifest.training
+    assert len(training4["members"]) == 3 and training4["gradcam_member"] == 2
+    assert [j["networks"] for j in training4["combined_from"]] == [2, 1]
+    image = load_display(small[-1].path)
+    outs = [Classifier(p).predict([preprocess(image, p)])[0] for p in (pkg, single, joined)]
+
+    def logit(q: float) -> float:
+        return float(np.log(q / (1 - q)))
+
+    expected = 1 / (1 + np.exp(-(2 * logit(outs[0].probability) + logit(outs[1].probability)) / 3))
+    assert outs[2].probability == pytest.approx(expected, abs=1e-5)
+    assert outs[1].gradcam is not None and outs[2].gradcam is not None
+    assert np.array_equal(outs[2].gradcam, outs[1].gradcam)
+    assert "joined from the released packages tiny-ensemble 0.0.1 (2 networks), tiny-os16 0.0.4" in (
+        tmp_path / "pkg4" / "MODEL_CARD.md").read_text()
+    # ...and its map can be stitched like any other
+    _, report5 = stitch_package(joined, small, tmp_path / "pkg5", "tiny-joined", "0.0.6")
+    assert report5["check"]["max_rel_gradcam_diff"] <= 1e-4
+    # The CLI refuses a map over all of an ensemble's members, and a map package not among the packages.
+    for source, reason in ((tmp_path / "pkg", "one network or an ensemble explained at one member"),
+                           (tmp_path / "pkg2", "not one of the packages")):
+        cli = subprocess.run([sys.executable, "-m", "dicomai", "train", "combine", str(FRACATLAS),
+                              str(tmp_path / "pkg6"), str(tmp_path / "pkg"), str(tmp_path / "pkg-os16"),
+                              "--gradcam-from", str(source), "--version", "0"],
+                             capture_output=True, text=True, timeout=300)
+        assert cli.returncode != 0 and reason in cli.stderr, cli.stderr
 
 
 def _assert_confusion_png(path: Path, manifest: dict[str, object]) -> None:

@@ -223,7 +223,7 @@ def _model_text(training: dict[str, Any]) -> str:
     text = (f"Ensemble of {len(training['members'])} networks, each with {_head_text('linear')}: {members}. "
             "Its logit is the mean of the members' logits: one linear head on their last convolutional "
             "stages side by side, so it is exported, and its Grad-CAM computed, as one network "
-            "(`dicomai train ensemble`)")
+            + _joined_text(training))
     k = training.get("gradcam_member")
     if k is None:
         return text
@@ -232,6 +232,16 @@ def _model_text(training: dict[str, Any]) -> str:
             + (", box-guided" if member.get("box_weight") else "") + ") only: the ensemble's Grad-CAM "
             "at that layer, which is that member's own map; the other members count in the score, "
             "not in the map")
+
+
+def _joined_text(training: dict[str, Any]) -> str:
+    joined = training.get("combined_from")
+    if not joined:
+        return "(`dicomai train ensemble`)"
+    parts = ", ".join(f"{j['name']} {j['version']} ({j['networks']} network{'s' if j['networks'] > 1 else ''})"
+                      for j in joined)
+    return (f"(joined from the released packages {parts} by `dicomai train combine`: each package's "
+            "logit weighted by its number of networks)")
 
 
 def _training_text(training: dict[str, Any]) -> str:
