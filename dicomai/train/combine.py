@@ -192,7 +192,7 @@ def combine_package(packages: Sequence[ModelPackage], samples: list[Sample], out
                           for p, n in zip(packages, networks, strict=True)],
         "seconds": sum(float(p.manifest.training.get("seconds", 0)) for p in packages),
         "train_images": source.get("train_images"), "data": source.get("data"),
-        "hardware": source.get("hardware"),
+        "hardware": " / ".join(dict.fromkeys(str(p.manifest.training.get("hardware")) for p in packages)),
     }
     if "gradcam_map" in source:
         training["gradcam_map"] = source["gradcam_map"]
