@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,7 +180,8 @@ def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> o
     return onnx.utils.Extractor(inferred).extract_model(inputs, outputs)
 
 
-def _renamer(part: onnx.ModelProto, input_name: str, prefix: str, new_input: str):  # type: ignore[no-untyped-def]
+def _renamer(part: onnx.ModelProto, input_name: str, prefix: str, new_input: str) -> Callable[[str], str]:
+    """Tensor names of a copy of ``part``: its input is ``new_input``, weights shared, the rest prefixed."""
     shared = {i.name for i in part.graph.initializer}
 
     def renamed(name: str) -> str:
