@@ -12,7 +12,6 @@ shared as stored (float16 stays float16). ``train stitch`` can then refine that 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,9 @@ import onnxruntime as ort
 from onnx import TensorProto, compose, helper, numpy_helper
 
 from dicomai.infer import preprocess
-from dicomai.model import ModelPackage, load_package, sha256_file
+from dicomai.model import ModelPackage
 from dicomai.train.data import Sample, load_display
-from dicomai.train.evaluate import evaluate_package, write_model_card
+from dicomai.train.evaluate import finish_package
 
 __all__ = ["combine_onnx", "combine_package", "find_logit", "networks_in"]
 
@@ -197,15 +196,7 @@ def combine_package(packages: Sequence[ModelPackage], samples: list[Sample], out
     if "gradcam_map" in source:
         training["gradcam_map"] = source["gradcam_map"]
     manifest = m.model_dump(mode="json")
-    manifest.update(name=name, version=version, sha256=sha256_file(out_dir / "model.onnx"), training=training,
-                    metrics={"parity": {"combine": check}})
-    (out_dir / "model.json").write_text(json.dumps(manifest, indent=2))  # provisional: evaluate loads it
-    evaluation = evaluate_package(load_package(out_dir), samples, out_dir / "evaluation")
-    training["best_val_auroc"] = evaluation["val"]["auroc"]
-    manifest.update(operating_points=evaluation["operating_points"], training=training,
-                    metrics={"test": evaluation["test"], "val_auroc": evaluation["val"]["auroc"],
-                             "val": evaluation["val"], "parity": {"combine": check}})
-    (out_dir / "model.json").write_text(json.dumps(manifest, indent=2))
-    result = load_package(out_dir)
-    write_model_card(result, evaluation, training, out_dir / "MODEL_CARD.md")
+    manifest.update(name=name, version=version)
+    result, evaluation = finish_package(out_dir, manifest, training, {"combine": check}, samples,
+                                       val_auroc_in_training=True)
     return result, {"evaluation": evaluation, "check": check}

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from dicomai.explain import gradcam_on_image
 from dicomai.infer import Classifier, preprocess
-from dicomai.model import ModelPackage, sha256_file
+from dicomai.model import ModelPackage, load_package, sha256_file
 from dicomai.normalize import Letterbox
 from dicomai.render import overlay
 from dicomai.train.data import Sample, load_display
@@ -34,7 +34,7 @@ from dicomai.train.metrics import (
     threshold_for_specificity,
 )
 
-__all__ = ["evaluate_package", "write_model_card"]
+__all__ = ["evaluate_package", "finish_package", "write_model_card"]
 
 
 def _run(clf: Classifier, package: ModelPackage, samples: list[Sample]
@@ -367,3 +367,22 @@ re-chosen on local data before clinical use (`model.high_sensitivity`,
 `model.high_specificity`).
 """
     path.write_text(text)
+
+
+def finish_package(out_dir: Path, manifest: dict[str, Any], training: dict[str, Any], parity: dict[str, Any],
+                   samples: list[Sample], val_auroc_in_training: bool = False
+                   ) -> tuple[ModelPackage, dict[str, Any]]:
+    """A graph already in ``out_dir/model.onnx`` (rewritten or joined) made a package: manifest,
+    evaluation (operating points chosen on validation), manifest again with the figures, model card."""
+    manifest.update(sha256=sha256_file(out_dir / "model.onnx"), training=training, metrics={"parity": parity})
+    (out_dir / "model.json").write_text(json.dumps(manifest, indent=2))  # provisional: evaluate loads it
+    evaluation = evaluate_package(load_package(out_dir), samples, out_dir / "evaluation")
+    if val_auroc_in_training:
+        training["best_val_auroc"] = evaluation["val"]["auroc"]
+    manifest.update(operating_points=evaluation["operating_points"], training=training,
+                    metrics={"test": evaluation["test"], "val_auroc": evaluation["val"]["auroc"],
+                             "val": evaluation["val"], "parity": parity})
+    (out_dir / "model.json").write_text(json.dumps(manifest, indent=2))
+    result = load_package(out_dir)
+    write_model_card(result, evaluation, training, out_dir / "MODEL_CARD.md")
+    return result, evaluation

@@ -27,7 +27,6 @@ exports for linear heads (Grad-CAM's weights are the head's, for global average 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,10 +39,10 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from dicomai.infer import preprocess
-from dicomai.model import ModelPackage, load_package, sha256_file
+from dicomai.model import ModelPackage
 from dicomai.normalize import resize
 from dicomai.train.data import Sample, load_display
-from dicomai.train.evaluate import evaluate_package, write_model_card
+from dicomai.train.evaluate import finish_package
 
 __all__ = ["MapStage", "check_stitched", "find_map_stage", "free_spatial", "interpolation_matrices",
            "shift_pixels", "stitch_gradcam", "stitch_onnx", "stitch_package"]
@@ -206,6 +205,16 @@ def _copy_of(part: onnx.ModelProto, input_name: str, prefix: str, new_input: str
     return nodes
 
 
+def _carried(stage: str, tag: str, gy: np.ndarray, gx: np.ndarray, out: str) -> list[onnx.NodeProto]:
+    """``out`` = ``gy @ ReLU(sum_k w_k stage_k) @ gx.T``: one copy's map, weighted onto the fine grid."""
+    return [helper.make_node("Einsum", [stage, PREFIX + "weights"], [tag + "sum"], equation="nkhw,k->nhw"),
+            helper.make_node("Relu", [tag + "sum"], [tag + "map"]),
+            _const(tag + "gy", gy.astype(np.float32)),
+            _const(tag + "gxt", np.ascontiguousarray(gx.T, np.float32)),
+            helper.make_node("MatMul", [tag + "gy", tag + "map"], [tag + "rows"]),
+            helper.make_node("MatMul", [tag + "rows", tag + "gxt"], [out])]
+
+
 def stitch_gradcam(model: onnx.ModelProto, input_name: str, probabilities: str, gradcam: str,
                    input_shape: Sequence[int], pad_values: Sequence[float],
                    offsets: Sequence[tuple[float, float]] = ((0.0, 0.0), (0.5, 0.5)),
@@ -282,17 +291,9 @@ def stitch_gradcam(model: onnx.ModelProto, input_name: str, probabilities: str, 
     total = sum(gy @ np.ones((gh, gw)) @ gx.T for gy, gx in zip(ys, xs, strict=True))
     parts = []
     for i, (shift, gy, gx) in enumerate(zip(shifts, ys, xs, strict=True)):
-        tag = f"{PREFIX}sample_{i}"
-        nodes += [
-            helper.make_node("Einsum", [stages[shift], PREFIX + "weights"], [tag + "/sum"],
-                             equation="nkhw,k->nhw"),
-            helper.make_node("Relu", [tag + "/sum"], [tag + "/map"]),
-            _const(tag + "/gy", gy.astype(np.float32)),
-            _const(tag + "/gxt", np.ascontiguousarray(gx.T, np.float32)),
-            helper.make_node("MatMul", [tag + "/gy", tag + "/map"], [tag + "/rows"]),
-            helper.make_node("MatMul", [tag + "/rows", tag + "/gxt"], [tag + "/fine"]),
-        ]
-        parts.append(tag + "/fine")
+        tag = f"{PREFIX}sample_{i}/"
+        nodes += _carried(stages[shift], tag, gy, gx, tag + "fine")
+        parts.append(tag + "fine")
     shifted_map = PREFIX + "shifted_map" if sizes else gradcam
     nodes += [helper.make_node("Sum", parts, [PREFIX + "weighted"]),
               _const(PREFIX + "inverse_total", (1.0 / total).astype(np.float32)),
@@ -324,13 +325,8 @@ def stitch_gradcam(model: onnx.ModelProto, input_name: str, probabilities: str, 
                       helper.make_node("Resize", [input_name, "", "", tag + "shape"], [tag + "input"],
                                        mode="linear", coordinate_transformation_mode="half_pixel"),
                       *_copy_of(part, input_name, tag, tag + "input"),
-                      helper.make_node("Einsum", [_renamer(part, input_name, tag, tag + "input")(found.stage),
-                                                  PREFIX + "weights"], [tag + "sum"], equation="nkhw,k->nhw"),
-                      helper.make_node("Relu", [tag + "sum"], [tag + "map"]),
-                      _const(tag + "gy", gy.astype(np.float32)),
-                      _const(tag + "gxt", np.ascontiguousarray(gx.T, np.float32)),
-                      helper.make_node("MatMul", [tag + "gy", tag + "map"], [tag + "rows"]),
-                      helper.make_node("MatMul", [tag + "rows", tag + "gxt"], [tag + "weighted"]),
+                      *_carried(_renamer(part, input_name, tag, tag + "input")(found.stage), tag, gy, gx,
+                                tag + "weighted"),
                       _const(tag + "inverse_total", inverse.astype(np.float32)),
                       helper.make_node("Mul", [tag + "weighted", tag + "inverse_total"], [tag + "fine"]),
                       *_peak_scaled(tag + "fine", tag + "scaled", opset)]
@@ -454,14 +450,6 @@ def stitch_package(package: ModelPackage, samples: list[Sample], out_dir: Path, 
     training = {**m.training, "gradcam_map": settings}
     parity = {**m.metrics.get("parity", {}), "stitch": check}
     manifest = m.model_dump(mode="json")
-    manifest.update(name=name, version=version, sha256=sha256_file(out_dir / "model.onnx"), training=training,
-                    metrics={"parity": parity})
-    (out_dir / "model.json").write_text(json.dumps(manifest, indent=2))
-    evaluation = evaluate_package(load_package(out_dir), samples, out_dir / "evaluation")
-    manifest.update(operating_points=evaluation["operating_points"],
-                    metrics={"test": evaluation["test"], "val_auroc": evaluation["val"]["auroc"],
-                             "val": evaluation["val"], "parity": parity})
-    (out_dir / "model.json").write_text(json.dumps(manifest, indent=2))
-    result = load_package(out_dir)
-    write_model_card(result, evaluation, training, out_dir / "MODEL_CARD.md")
+    manifest.update(name=name, version=version)
+    result, evaluation = finish_package(out_dir, manifest, training, parity, samples)
     return result, {"evaluation": evaluation, "check": check, "settings": settings}
