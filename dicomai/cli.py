@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     teval.add_argument("dataset", type=Path)
     _dataset_flags(teval)
     teval.add_argument("--out", type=Path, default=Path("evaluation"))
+    teval.add_argument("--update-package", action="store_true",
+                       help="write the figures into the package instead of --out: evaluation/, model.json's "
+                            "operating points and figures, MODEL_CARD.md (the graph is not touched)")
     teval.set_defaults(func=cmd_train_evaluate)
     texp = tsub.add_parser("explain", parents=[common],
                            help="Grad-CAM vs gradient saliency vs LIME: pointing game per method")
@@ -721,12 +724,16 @@ def cmd_train_stitch(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_train_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        from dicomai.train.evaluate import evaluate_package
+        from dicomai.train.evaluate import evaluate_package, refresh_package
     except ImportError as exc:
         raise _train_missing(exc) from None
     from dicomai.model import load_package
 
-    result = evaluate_package(load_package(args.package), _samples(args), args.out)
+    package = load_package(args.package)
+    if args.update_package:
+        _, result = refresh_package(package, _samples(args))
+    else:
+        result = evaluate_package(package, _samples(args), args.out)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,21 @@ def _require_train_extra() -> None:
         missing(f"train extra ({exc}): pip install '.[train]'")
     if not FRACATLAS.exists():
         missing(f"FracAtlas at {FRACATLAS}")
+
+
+def _fracatlas_folder(root: Path, samples: list[Any]) -> Path:
+    """A FracAtlas folder of ``samples`` only: its own labels.csv and boxes.csv, the images read in place."""
+    root.mkdir()
+    for name in ("labels.csv", "boxes.csv"):
+        header, *lines = (FRACATLAS / name).read_text().splitlines()
+        rows: dict[str, list[str]] = {}
+        for line in lines:
+            rows.setdefault(line.split(",")[0], []).append(line)
+        # in the order of ``samples``: the AUROC bootstrap resamples by position
+        kept = [x for s in samples for x in rows.get(s.image_id, [])]
+        (root / name).write_text("\n".join([header, *kept]) + "\n")
+    (root / "images").symlink_to(FRACATLAS / "images")
+    return root
 
 
 def _small_fracatlas() -> list[Any]:
@@ -74,6 +90,19 @@ def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
         assert 0 <= loc["pointing_game_15px"] <= loc["pointing_game_ceiling_15px"] <= 1
     card = (tmp_path / "pkg" / "MODEL_CARD.md").read_text()
     assert "FracAtlas" in card and "AUROC" in card
+    # Intervals beside the proportions (Wilson) and a verdict per target that reads them.
+    test_figures = manifest["metrics"]["test"]
+    for point in ("high_sensitivity", "high_specificity"):
+        for rate in ("sensitivity", "specificity"):
+            lo, hi = test_figures[point][f"{rate}_ci95"]
+            assert 0 <= lo <= test_figures[point][rate] <= hi <= 1
+    lo, hi = test_figures["pointing_game_ci95"]
+    assert 0 <= lo <= test_figures["pointing_game"] <= hi <= 1
+    hs = test_figures["high_sensitivity"]
+    assert (f"sensitivity {hs['sensitivity']:.3f} (95% CI {hs['sensitivity_ci95'][0]:.3f}-"
+            f"{hs['sensitivity_ci95'][1]:.3f})") in card
+    assert "## Against the project's targets" in card
+    assert card.count("| Grad-CAM pointing game (strict) >= 0.5 |") == 1
     assert (tmp_path / "pkg" / "evaluation" / "roc_test.png").exists()
     _assert_confusion_png(tmp_path / "pkg" / "evaluation" / "confusion_test.png", manifest)
     # The package is served by the node's own inference code ...
@@ -113,6 +142,35 @@ def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
     assert explained["images"] == 2 and set(explained["methods"]) == {"gradcam", "saliency", "lime"}
     assert all(0 <= m["pointing_game"] <= 1 for m in explained["methods"].values())
     assert "lime" in run.stdout
+    # A package released before the evaluation had intervals gets them written in by
+    # `train evaluate --update-package`; the graph, training record and parity are kept.
+    old = tmp_path / "pkg-old"
+    shutil.copytree(tmp_path / "pkg", old)
+    stale = json.loads((old / "model.json").read_text())
+    for split in ("val", "test"):
+        for key in [k for k in stale["metrics"][split] if k.endswith("_ci95") and k != "auroc_ci95"]:
+            del stale["metrics"][split][key]
+    for point in ("high_sensitivity", "high_specificity", "at_0.5"):
+        for key in ("sensitivity_ci95", "specificity_ci95"):
+            del stale["metrics"]["test"][point][key]
+    (old / "model.json").write_text(json.dumps(stale, indent=2))
+    (old / "MODEL_CARD.md").write_text("stale card\n")
+    shutil.rmtree(old / "evaluation")
+    run = subprocess.run([sys.executable, "-m", "dicomai", "train", "evaluate", str(old),
+                          str(_fracatlas_folder(tmp_path / "mini", small)), "--update-package"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert not (tmp_path / "evaluation").exists()  # into the package, not --out
+    fresh = json.loads((old / "model.json").read_text())
+    assert fresh["sha256"] == manifest["sha256"] == sha256_file(old / "model.onnx")
+    assert fresh["training"] == manifest["training"]
+    assert fresh["metrics"]["parity"] == manifest["metrics"]["parity"]
+    assert fresh["operating_points"] == manifest["operating_points"]  # same graph, same data: same choice
+    assert fresh["metrics"]["test"] == manifest["metrics"]["test"]
+    assert fresh["metrics"]["val"] == manifest["metrics"]["val"]
+    assert json.loads((old / "evaluation" / "evaluation.json").read_text())["model_sha256"] == fresh["sha256"]
+    assert "## Against the project's targets" in (old / "MODEL_CARD.md").read_text()
+    load_package(old)  # still a valid package
 
 
 def test_ensemble_of_two_runs_releases_and_serves(tmp_path: Path) -> None:

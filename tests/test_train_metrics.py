@@ -10,6 +10,7 @@ from dicomai.train.metrics import (
     calibration_error,
     confusion,
     pointing_game,
+    proportion_ci95,
     threshold_for_sensitivity,
     threshold_for_specificity,
 )
@@ -44,6 +45,42 @@ def test_operating_points_meet_their_targets() -> None:
     assert confusion(y, p, t2)["specificity"] >= 0.95
     c = confusion(y, p, 0.5)
     assert c["tp"] + c["fn"] == 40 and c["tn"] + c["fp"] == 160
+
+
+def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval, written out (Wilson 1927; Newcombe 1998, method 3)."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+def test_proportion_interval_is_wilsons() -> None:
+    """The interval of a proportion is Wilson's, also at 0 and n successes, where the normal
+    approximation collapses to a point; no interval without trials."""
+    for k, n in [(99, 109), (44, 109), (0, 20), (20, 20), (1, 3), (489, 505)]:
+        lo, hi = proportion_ci95(k, n)
+        assert np.allclose([lo, hi], _wilson(k, n), atol=1e-9), (k, n)
+        assert 0 <= lo <= k / n <= hi <= 1
+    assert proportion_ci95(0, 20)[1] > 0.1 and proportion_ci95(20, 20)[0] < 0.9
+    assert all(np.isnan(proportion_ci95(0, 0)))
+    # confusion() carries the intervals of its sensitivity and specificity
+    y = np.array([1] * 10 + [0] * 30)
+    p = np.concatenate([np.linspace(0.2, 1, 10), np.linspace(0, 0.6, 30)])
+    c = confusion(y, p, 0.5)
+    assert np.allclose(c["sensitivity_ci95"], _wilson(c["tp"], 10))
+    assert np.allclose(c["specificity_ci95"], _wilson(c["tn"], 30))
+
+
+def test_target_verdicts_read_the_interval() -> None:
+    """A figure above its target with the interval reaching below is not called safely met."""
+    from dicomai.train.evaluate import target_verdict
+
+    assert target_verdict(0.95, [0.91, 0.98], 0.90).startswith("met: the whole interval")
+    assert target_verdict(0.908, [0.839, 0.949], 0.90).startswith("met by the figure, but")
+    assert target_verdict(0.404, [0.315, 0.499], 0.5).startswith("not met: the whole interval")
+    assert target_verdict(0.45, [0.36, 0.54], 0.5).startswith("not met by the figure; the interval reaches")
+    assert target_verdict(0.5, None, 0.5) == "met"
 
 
 def test_calibration_and_pointing_game() -> None:

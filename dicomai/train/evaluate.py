@@ -30,11 +30,12 @@ from dicomai.train.metrics import (
     confusion,
     pointing_ceiling,
     pointing_game,
+    proportion_ci95,
     threshold_for_sensitivity,
     threshold_for_specificity,
 )
 
-__all__ = ["evaluate_package", "finish_package", "write_model_card"]
+__all__ = ["evaluate_package", "finish_package", "refresh_package", "target_verdict", "write_model_card"]
 
 
 def _run(clf: Classifier, package: ModelPackage, samples: list[Sample]
@@ -75,6 +76,8 @@ def _localisation(samples: list[Sample], cams: list[np.ndarray | None], geoms: l
 
     return {
         "pointing_game": mean(hits), "pointing_game_15px": mean(hits15),
+        "pointing_game_ci95": proportion_ci95(sum(hits), len(hits)),
+        "pointing_game_15px_ci95": proportion_ci95(sum(hits15), len(hits15)),
         # the best any map on this grid could score (bilinear maxima sit at cell centres)
         "pointing_game_ceiling": mean(ceiling), "pointing_game_ceiling_15px": mean(ceiling15),
         "box_area_share": mean(shares), "energy_in_boxes": mean(energies), "localised_images": len(hits),
@@ -303,6 +306,43 @@ def _storage_text(weights: str, metrics: dict[str, Any]) -> str:
             f"{storage['images']} validation images; every figure below is the {weights} package's.")
 
 
+TARGETS = (("AUROC >= 0.90", "auroc", 0.90), ("sensitivity >= 0.90 at the high-sensitivity point",
+                                                 "high_sensitivity.sensitivity", 0.90),
+           ("Grad-CAM pointing game (strict) >= 0.5", "pointing_game", 0.5))
+
+
+def _ci(figures: dict[str, Any], key: str) -> str:
+    """`` (95% CI lo-hi)`` for a figure with an interval beside it, else nothing."""
+    ci = figures.get(f"{key}_ci95")
+    return f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+
+
+def target_verdict(value: float, ci: list[float] | None, target: float) -> str:
+    """Whether a figure meets its target, and whether its interval says the same."""
+    if ci is None:
+        return "met" if value >= target else "not met"
+    if ci[0] >= target:
+        return "met: the whole interval lies above the target"
+    if value >= target:
+        return "met by the figure, but the interval reaches below the target"
+    if ci[1] >= target:
+        return "not met by the figure; the interval reaches above the target"
+    return "not met: the whole interval lies below the target"
+
+
+def _targets(test: dict[str, Any]) -> str:
+    rows = []
+    for label, path, target in TARGETS:
+        *parents, key = path.split(".")
+        figures = test
+        for part in parents:
+            figures = figures[part]
+        ci = figures.get(f"{key}_ci95")
+        shown = f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+        rows.append(f"| {label} | {figures[key]:.3f}{shown} | {target_verdict(figures[key], ci, target)} |")
+    return "\n".join(rows)
+
+
 def write_model_card(package: ModelPackage, evaluation: dict[str, Any], training: dict[str, Any],
                      path: Path) -> None:
     """MODEL_CARD.md: intended use, data, figures with intervals, limits, attribution."""
@@ -342,17 +382,25 @@ project's copy (8-bit, longer side <= 512 px, about 15% withheld): train
 | figure | value |
 |---|---|
 | AUROC | {t['auroc']:.3f} (95% bootstrap interval {lo:.3f} to {hi:.3f}) |
-| high-sensitivity point (threshold {hs['threshold']:.3f}) | sensitivity {hs['sensitivity']:.3f}, specificity {hs['specificity']:.3f}, false negatives {hs['fn']} |
-| high-specificity point (threshold {hp['threshold']:.3f}) | sensitivity {hp['sensitivity']:.3f}, specificity {hp['specificity']:.3f}, precision {hp['precision']:.3f} |
+| high-sensitivity point (threshold {hs['threshold']:.3f}) | sensitivity {hs['sensitivity']:.3f}{_ci(hs, 'sensitivity')}, specificity {hs['specificity']:.3f}{_ci(hs, 'specificity')}, false negatives {hs['fn']} |
+| high-specificity point (threshold {hp['threshold']:.3f}) | sensitivity {hp['sensitivity']:.3f}{_ci(hp, 'sensitivity')}, specificity {hp['specificity']:.3f}{_ci(hp, 'specificity')}, precision {hp['precision']:.3f} |
 | at p >= 0.5 | accuracy {t['at_0.5']['accuracy']:.3f}, F1 {t['at_0.5']['f1']:.3f}, confusion TP {t['at_0.5']['tp']} FP {t['at_0.5']['fp']} FN {t['at_0.5']['fn']} TN {t['at_0.5']['tn']} |
 | expected calibration error | {t['calibration_error']:.3f} |
-| Grad-CAM pointing game, strict (map maximum inside a fracture box) | {t['pointing_game']:.3f} over {t['localised_images']} fractured images (best possible on a {grid}x{grid} grid: {t.get('pointing_game_ceiling', float('nan')):.3f}) |
-| Grad-CAM pointing game, 15 px tolerance (Zhang et al. 2016) | {t['pointing_game_15px']:.3f} (best possible: {t.get('pointing_game_ceiling_15px', float('nan')):.3f}) |
+| Grad-CAM pointing game, strict (map maximum inside a fracture box) | {t['pointing_game']:.3f}{_ci(t, 'pointing_game')} over {t['localised_images']} fractured images (best possible on a {grid}x{grid} grid: {t.get('pointing_game_ceiling', float('nan')):.3f}) |
+| Grad-CAM pointing game, 15 px tolerance (Zhang et al. 2016) | {t['pointing_game_15px']:.3f}{_ci(t, 'pointing_game_15px')} (best possible: {t.get('pointing_game_ceiling_15px', float('nan')):.3f}) |
 | share of Grad-CAM energy inside boxes (boxes cover {t['box_area_share']:.3f} of the image on average) | {t['energy_in_boxes']:.3f} |
 | CPU time per image (decode+normalize+infer+Grad-CAM, this machine) | {evaluation['cpu_seconds_per_image'] * 1000:.0f} ms |
 
-The project's targets are AUROC >= 0.90, sensitivity >= 0.90 at the high-sensitivity point
-and pointing game >= 0.5; the figures above are what this model reaches, reported as measured.
+Intervals: AUROC by bootstrap (1,000 resamples of the test images); sensitivity, specificity
+and pointing game by the Wilson score interval of a proportion.
+
+## Against the project's targets (test split)
+| target | reached (95% interval) | verdict |
+|---|---|---|
+{_targets(t)}
+
+The figures are what this model reaches, reported as measured; with {t['fractured']} fractured test
+images a difference of one image moves a sensitivity by {1 / max(t['fractured'], 1):.3f}.
 
 ## Limits
 The Grad-CAM map comes from a {grid}x{grid} grid (one cell is about {512 // grid} px of a
@@ -386,3 +434,13 @@ def finish_package(out_dir: Path, manifest: dict[str, Any], training: dict[str, 
     result = load_package(out_dir)
     write_model_card(result, evaluation, training, out_dir / "MODEL_CARD.md")
     return result, evaluation
+
+
+def refresh_package(package: ModelPackage, samples: list[Sample]) -> tuple[ModelPackage, dict[str, Any]]:
+    """Evaluate a package again and write the result into it: ``evaluation/``, the operating points
+    and figures of ``model.json``, ``MODEL_CARD.md``. The graph is not touched; its training record
+    and parity checks are kept. For a package released before the evaluation gained a figure."""
+    manifest = json.loads((package.directory / "model.json").read_text())  # as written, every field kept
+    metrics = manifest.get("metrics") or {}
+    return finish_package(package.directory, manifest, manifest.get("training") or {},
+                          metrics.get("parity") or {}, samples)

@@ -1,8 +1,9 @@
-"""Classification and localisation metrics: plain numpy, no PyTorch."""
+"""Classification and localisation metrics: numpy and scipy, no PyTorch."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -17,6 +18,7 @@ __all__ = [
     "confusion",
     "pointing_ceiling",
     "pointing_game",
+    "proportion_ci95",
     "threshold_for_sensitivity",
     "threshold_for_specificity",
 ]
@@ -56,8 +58,22 @@ def bootstrap_auroc(y: NDArray[np.int_], p: Array, n: int = 1000, seed: int = 0)
     return float(lo), float(hi)
 
 
-def confusion(y: NDArray[np.int_], p: Array, threshold: float) -> dict[str, float]:
-    """Counts and rates at ``p >= threshold``."""
+def proportion_ci95(successes: int, trials: int) -> list[float]:
+    """Wilson score 95% interval of a proportion (a sensitivity, a pointing-game hit rate).
+
+    Wilson rather than the normal approximation, which leaves [0, 1] and is too narrow near 0
+    and 1, where sensitivities lie; scipy's implementation, not ours.
+    """
+    if trials <= 0:
+        return [float("nan"), float("nan")]
+    from scipy.stats import binomtest  # the train extra has scipy
+
+    ci = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def confusion(y: NDArray[np.int_], p: Array, threshold: float) -> dict[str, Any]:
+    """Counts and rates at ``p >= threshold``, sensitivity and specificity with Wilson 95% intervals."""
     pred = p >= threshold
     tp = int(((pred == 1) & (y == 1)).sum())
     tn = int(((pred == 0) & (y == 0)).sum())
@@ -68,7 +84,9 @@ def confusion(y: NDArray[np.int_], p: Array, threshold: float) -> dict[str, floa
     prec = tp / (tp + fp) if tp + fp else float("nan")
     f1 = 2 * prec * sens / (prec + sens) if tp else 0.0
     return {"threshold": threshold, "tp": tp, "tn": tn, "fp": fp, "fn": fn, "sensitivity": sens,
-            "specificity": spec, "precision": prec, "f1": f1, "accuracy": (tp + tn) / len(y)}
+            "sensitivity_ci95": proportion_ci95(tp, tp + fn), "specificity": spec,
+            "specificity_ci95": proportion_ci95(tn, tn + fp), "precision": prec, "f1": f1,
+            "accuracy": (tp + tn) / len(y)}
 
 
 def threshold_for_sensitivity(y: NDArray[np.int_], p: Array, target: float) -> float:
