@@ -81,6 +81,7 @@ def test_target_verdicts_read_the_interval() -> None:
     assert target_verdict(0.404, [0.315, 0.499], 0.5).startswith("not met: the whole interval")
     assert target_verdict(0.45, [0.36, 0.54], 0.5).startswith("not met by the figure; the interval reaches")
     assert target_verdict(0.5, None, 0.5) == "met"
+    assert target_verdict(float("nan"), [float("nan"), float("nan")], 0.5) == "not measured"
 
 
 def test_calibration_and_pointing_game() -> None:

@@ -314,12 +314,14 @@ TARGETS = (("AUROC >= 0.90", "auroc", 0.90), ("sensitivity >= 0.90 at the high-s
 def _ci(figures: dict[str, Any], key: str) -> str:
     """`` (95% CI lo-hi)`` for a figure with an interval beside it, else nothing."""
     ci = figures.get(f"{key}_ci95")
-    return f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    return f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci and np.isfinite(ci).all() else ""
 
 
 def target_verdict(value: float, ci: list[float] | None, target: float) -> str:
     """Whether a figure meets its target, and whether its interval says the same."""
-    if ci is None:
+    if not np.isfinite(value):  # e.g. a pointing game on data without boxes
+        return "not measured"
+    if ci is None or not np.isfinite(ci).all():
         return "met" if value >= target else "not met"
     if ci[0] >= target:
         return "met: the whole interval lies above the target"
@@ -338,7 +340,7 @@ def _targets(test: dict[str, Any]) -> str:
         for part in parents:
             figures = figures[part]
         ci = figures.get(f"{key}_ci95")
-        shown = f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+        shown = f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci and np.isfinite(ci).all() else ""
         rows.append(f"| {label} | {figures[key]:.3f}{shown} | {target_verdict(figures[key], ci, target)} |")
     return "\n".join(rows)
 
