@@ -107,3 +107,10 @@ def test_train_compare_reads_the_packages_figures() -> None:
                            capture_output=True, text=True, timeout=300).stdout.splitlines()
     assert len(table) == 3 and table[2].startswith(f"| {manifest.name} {manifest.version} |")
     assert f"{manifest.metrics['test']['auroc']:.3f}" in table[2]
+    # the intervals beside the target figures, where the package's evaluation has them
+    t = manifest.metrics["test"]
+    hs, pg = t["high_sensitivity"], t["pointing_game_ci95"]
+    assert (f"| {hs['sensitivity']:.3f} [{hs['sensitivity_ci95'][0]:.3f}-{hs['sensitivity_ci95'][1]:.3f}] / "
+            f"{hs['specificity']:.3f} |") in table[2]
+    pointing = f"| {t['pointing_game']:.3f} [{pg[0]:.3f}-{pg[1]:.3f}] ({t['pointing_game_15px']:.3f}) |"
+    assert pointing in table[2]

@@ -59,8 +59,11 @@ def compare_packages(directories: list[Path], threads: int = 1, repeats: int = 2
             "box_weight": float(training.get("box_weight", 0.0)),
             "auroc": t.get("auroc"), "auroc_ci95": t.get("auroc_ci95"),
             "hs_sens": hs.get("sensitivity"), "hs_spec": hs.get("specificity"),
+            "hs_sens_ci95": hs.get("sensitivity_ci95"),  # absent in packages evaluated before the intervals
             "hp_sens": hp.get("sensitivity"), "hp_spec": hp.get("specificity"),
+            "hp_spec_ci95": hp.get("specificity_ci95"),
             "pointing_game": t.get("pointing_game"), "pointing_game_15px": t.get("pointing_game_15px"),
+            "pointing_game_ci95": t.get("pointing_game_ci95"),
             "val_auroc": (m.metrics or {}).get("val_auroc"),
             "params_m": _parameters(d / "model.onnx") / 1e6,
             "onnx_mb": (d / "model.onnx").stat().st_size / 1e6,
@@ -76,9 +79,15 @@ def _f(v: Any, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _ci(ci: Any) -> str:
+    """`` [lo-hi]`` (a 95% interval) after a figure that has one."""
+    return f" [{ci[0]:.3f}-{ci[1]:.3f}]" if ci else ""
+
+
 def markdown_table(rows: list[dict[str, Any]], threads: int = 1) -> str:
-    head = ("| model | backbone, head | val AUROC | test AUROC (95% CI) | high-sens. point: sens / spec "
-            "| high-spec. point: sens / spec | pointing game (15 px) | params | ONNX | "
+    head = ("| model | backbone, head | val AUROC | test AUROC (95% CI) "
+            "| high-sens. point: sens [95% CI] / spec | high-spec. point: sens / spec [95% CI] "
+            "| pointing game [95% CI] (15 px) | params | ONNX | "
             f"CPU ms ({threads} thread) | training |")
     lines = [head, "|" + "---|" * 11]
     for r in rows:
@@ -89,8 +98,10 @@ def markdown_table(rows: list[dict[str, Any]], threads: int = 1) -> str:
         lines.append(
             f"| {r['package']} | {r['backbone']} ({origin}), {r['head']}, {r['input']} px{extra} "
             f"| {_f(r['val_auroc'])} | {_f(r['auroc'])} ({_f(ci[0])}-{_f(ci[1])}) "
-            f"| {_f(r['hs_sens'])} / {_f(r['hs_spec'])} | {_f(r['hp_sens'])} / {_f(r['hp_spec'])} "
-            f"| {_f(r['pointing_game'])} ({_f(r['pointing_game_15px'])}) | {r['params_m']:.2f} M "
+            f"| {_f(r['hs_sens'])}{_ci(r['hs_sens_ci95'])} / {_f(r['hs_spec'])} "
+            f"| {_f(r['hp_sens'])} / {_f(r['hp_spec'])}{_ci(r['hp_spec_ci95'])} "
+            f"| {_f(r['pointing_game'])}{_ci(r['pointing_game_ci95'])} ({_f(r['pointing_game_15px'])}) "
+            f"| {r['params_m']:.2f} M "
             f"| {r['onnx_mb']:.1f} MB | {r['latency_ms']:.1f} "
             f"| {r['epochs']} epochs, {r['train_minutes']:.0f} min |")
     return "\n".join(lines)
