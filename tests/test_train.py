@@ -302,6 +302,28 @@ def _assert_confusion_png(path: Path, manifest: dict[str, object]) -> None:
     assert red.any() == any(c["fp"] + c["fn"] for c in points)
 
 
+def test_model_card_names_the_grid_the_map_has(tmp_path: Path) -> None:
+    """VGG-16's last stage (before its last pooling) has stride 16, not the configured 32: the
+    card's grid, stride and pointing-game ceiling are those of the map the node gets."""
+    _require_train_extra()
+    from dicomai.infer import Classifier, preprocess
+    from dicomai.train.data import load_display
+    from dicomai.train.fit import FitConfig, fit
+    from dicomai.train.release import release
+
+    small = _small_fracatlas()
+    fit(small, FitConfig(backbone="vgg16_bn", pretrained=False, size=64, batch=8, head_epochs=1,
+                         tune_epochs=0), tmp_path / "run", log=False)
+    pkg, _ = release(tmp_path / "run", small, tmp_path / "pkg", "tiny-vgg", "0.0.1", parity_images=2)
+    (out,) = Classifier(pkg).predict([preprocess(load_display(small[-1].path), pkg)])
+    assert out.gradcam is not None and out.gradcam.shape == (4, 4)  # 64 px / 16
+    evaluation = json.loads((tmp_path / "pkg" / "evaluation" / "evaluation.json").read_text())
+    assert evaluation["gradcam_grid"] == [4, 4]
+    card = (tmp_path / "pkg" / "MODEL_CARD.md").read_text()
+    assert "(4x4 grid, output\nstride 16)" in card and "best possible on a 4x4 grid" in card
+    assert "2x2" not in card
+
+
 def test_validation_images_are_the_node_input_exactly() -> None:
     """Model selection scores the pixels the node feeds the model, not a uint8 rounding of them."""
     _require_train_extra()

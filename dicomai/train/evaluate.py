@@ -112,6 +112,7 @@ def evaluate_package(package: ModelPackage, samples: list[Sample], out_dir: Path
             **_localisation(test, cams, geoms, grid),
         },
         "operating_points": {"high_sensitivity": t_sens, "high_specificity": t_spec},
+        "gradcam_grid": list(grid),  # the map as the node gets it ((0, 0): no map)
         "cpu_seconds_per_image": sec,
         "model_sha256": sha256_file(package.onnx_path),  # the file these figures were measured on
     }
@@ -349,9 +350,13 @@ def write_model_card(package: ModelPackage, evaluation: dict[str, Any], training
                      path: Path) -> None:
     """MODEL_CARD.md: intended use, data, figures with intervals, limits, attribution."""
     m, t = package.manifest, evaluation["test"]
-    stride = int(training.get("output_stride", 32))
-    stage_grid = m.input.height // stride
-    grid = int(training["gradcam_map"]["grid"][0]) if "gradcam_map" in training else stage_grid
+    # the grids as measured on the map the node shows (the configured output stride is not the
+    # stage's for every backbone: VGG-16's last stage, before its last pooling, has stride 16)
+    measured = int((evaluation.get("gradcam_grid") or [0])[0])
+    stage_grid = int(training["gradcam_map"]["source_grid"][0]) if "gradcam_map" in training else measured
+    stage_grid = stage_grid or m.input.height // int(training.get("output_stride", 32))
+    stride = m.input.height // stage_grid
+    grid = measured or (int(training["gradcam_map"]["grid"][0]) if "gradcam_map" in training else stage_grid)
     hs, hp = t["high_sensitivity"], t["high_specificity"]
     lo, hi = t["auroc_ci95"]
     text = f"""# Model card: {m.name} {m.version}
