@@ -307,15 +307,21 @@ def _storage_text(weights: str, metrics: dict[str, Any]) -> str:
             f"{storage['images']} validation images; every figure below is the {weights} package's.")
 
 
-TARGETS = (("AUROC >= 0.90", "auroc", 0.90), ("sensitivity >= 0.90 at the high-sensitivity point",
-                                                 "high_sensitivity.sensitivity", 0.90),
-           ("Grad-CAM pointing game (strict) >= 0.5", "pointing_game", 0.5))
+TARGETS = (("AUROC >= 0.90", ("auroc",), 0.90),
+           ("sensitivity >= 0.90 at the high-sensitivity point", ("high_sensitivity", "sensitivity"), 0.90),
+           ("Grad-CAM pointing game (strict) >= 0.5", ("pointing_game",), 0.5))
+
+
+def _interval(figures: dict[str, Any], key: str) -> str:
+    """``lo-hi`` of the 95% interval beside a figure, or nothing when it has none."""
+    ci = figures.get(f"{key}_ci95")
+    return f"{ci[0]:.3f}-{ci[1]:.3f}" if ci and np.isfinite(ci).all() else ""
 
 
 def _ci(figures: dict[str, Any], key: str) -> str:
     """`` (95% CI lo-hi)`` for a figure with an interval beside it, else nothing."""
-    ci = figures.get(f"{key}_ci95")
-    return f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci and np.isfinite(ci).all() else ""
+    shown = _interval(figures, key)
+    return f" (95% CI {shown})" if shown else ""
 
 
 def target_verdict(value: float, ci: list[float] | None, target: float) -> str:
@@ -335,14 +341,13 @@ def target_verdict(value: float, ci: list[float] | None, target: float) -> str:
 
 def _targets(test: dict[str, Any]) -> str:
     rows = []
-    for label, path, target in TARGETS:
-        *parents, key = path.split(".")
+    for label, (*parents, key), target in TARGETS:
         figures = test
         for part in parents:
             figures = figures[part]
-        ci = figures.get(f"{key}_ci95")
-        shown = f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci and np.isfinite(ci).all() else ""
-        rows.append(f"| {label} | {figures[key]:.3f}{shown} | {target_verdict(figures[key], ci, target)} |")
+        shown = _interval(figures, key)
+        verdict = target_verdict(figures[key], figures.get(f"{key}_ci95"), target)
+        rows.append(f"| {label} | {figures[key]:.3f}{f' ({shown})' if shown else ''} | {verdict} |")
     return "\n".join(rows)
 
 
@@ -352,11 +357,11 @@ def write_model_card(package: ModelPackage, evaluation: dict[str, Any], training
     m, t = package.manifest, evaluation["test"]
     # the grids as measured on the map the node shows (the configured output stride is not the
     # stage's for every backbone: VGG-16's last stage, before its last pooling, has stride 16)
-    measured = int((evaluation.get("gradcam_grid") or [0])[0])
-    stage_grid = int(training["gradcam_map"]["source_grid"][0]) if "gradcam_map" in training else measured
-    stage_grid = stage_grid or m.input.height // int(training.get("output_stride", 32))
+    stitched = training.get("gradcam_map")  # `train stitch`: a finer map than its stage's grid
+    grid = int((evaluation.get("gradcam_grid") or [0])[0]) or (
+        int(stitched["grid"][0]) if stitched else m.input.height // int(training.get("output_stride", 32)))
+    stage_grid = int(stitched["source_grid"][0]) if stitched else grid
     stride = m.input.height // stage_grid
-    grid = measured or (int(training["gradcam_map"]["grid"][0]) if "gradcam_map" in training else stage_grid)
     hs, hp = t["high_sensitivity"], t["high_specificity"]
     lo, hi = t["auroc_ci95"]
     text = f"""# Model card: {m.name} {m.version}
