@@ -30,10 +30,10 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from dicomai.explain import gradcam_on_image
-from dicomai.infer import Classifier, preprocess
-from dicomai.model import load_package
-from dicomai.normalize import decode, to_display
+from dicomai.imaging.gradcam import gradcam_on_image
+from dicomai.imaging.pixels import decode, to_display
+from dicomai.model.classifier import Classifier, preprocess
+from dicomai.model.package import load_package
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "dicom"

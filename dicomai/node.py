@@ -27,14 +27,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai import __version__
-from dicomai.audit import make_sessionmaker, open_database, record_event
+from dicomai.analysis.stage import ClassifyStage, NoModelStage
 from dicomai.config import Output, Settings, masked
-from dicomai.infer import Classifier
-from dicomai.ingest import Receiver
-from dicomai.model import load_package
-from dicomai.outbox import OutboxWorker, Sender
-from dicomai.pipeline import ClassifyStage, NoModelStage
-from dicomai.spool import Spool
+from dicomai.deliver.outbox import OutboxWorker, Sender
+from dicomai.model.classifier import Classifier
+from dicomai.model.package import load_package
+from dicomai.net.listener import Receiver
+from dicomai.store import make_sessionmaker, open_database, record_event
+from dicomai.store.spool import Spool
 from dicomai.studies import StudyHook, StudyMonitor
 
 __all__ = ["build_stage", "default_model_dir", "limit_malloc_arenas", "run_node", "sd_notify"]

@@ -21,8 +21,8 @@ import structlog
 from sqlalchemy import CursorResult, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.audit import Instance, InstanceState, Study, StudyState, record_event
-from dicomai.audit.models import utcnow
+from dicomai.store import Instance, InstanceState, Study, StudyState, record_event
+from dicomai.store.models import utcnow
 
 __all__ = ["StudyHook", "StudyMonitor", "StudyWork", "noop_hook"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomai.model import sha256_file
+from dicomai.model.package import sha256_file
 
 
 def hot_spot_model(directory: Path, size: int = 224, gradcam: bool = True,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from dicomai.audit import current_revision, downgrade, head_revision, make_engine, open_database, upgrade
-from dicomai.audit.models import Base
 from dicomai.errors import DatabaseBehindError
+from dicomai.store import current_revision, downgrade, head_revision, make_engine, open_database, upgrade
+from dicomai.store.models import Base
 
 TABLES = {"associations", "studies", "series", "instances", "quarantine", "events", "predictions"}
 

@@ -84,7 +84,7 @@ def test_train_compare_reads_the_packages_figures() -> None:
     import onnx
     from onnx import numpy_helper
 
-    from dicomai.model import load_package
+    from dicomai.model.package import load_package
     from dicomai.node import default_model_dir
 
     shipped = default_model_dir()

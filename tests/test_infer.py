@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicomai.explain import gradcam_on_image
-from dicomai.grade import Grade, grade_image, grade_study
-from dicomai.infer import Classifier, preprocess
-from dicomai.model import ModelError, OperatingPoints, load_package
+from dicomai.imaging.gradcam import gradcam_on_image
+from dicomai.model.classifier import Classifier, preprocess
+from dicomai.model.grading import Grade, grade_image, grade_study
+from dicomai.model.package import ModelError, OperatingPoints, load_package
 from tests.synthetic import hot_spot_model
 
 
@@ -83,8 +83,8 @@ def test_grading_rules() -> None:
 
 def test_configured_thresholds_override_the_manifest(tmp_path: Path) -> None:
     """model.high_sensitivity / high_specificity in the configuration replace the manifest's."""
+    from dicomai.analysis.stage import operating_points
     from dicomai.config import load_settings
-    from dicomai.pipeline import operating_points
 
     pkg = load_package(hot_spot_model(tmp_path / "m", thresholds=(0.3, 0.7)))
     default = operating_points(load_settings(environ={}), pkg)

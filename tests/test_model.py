@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomai.model import ModelError, load_package
+from dicomai.model.package import ModelError, load_package
 from tests.synthetic import hot_spot_model
 
 

@@ -19,7 +19,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-from dicomai.normalize import (
+from dicomai.imaging.pixels import (
     NormalizeError,
     WindowSource,
     decode,

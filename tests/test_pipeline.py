@@ -13,7 +13,11 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.audit import (
+from dicomai.analysis.stage import ClassifyStage
+from dicomai.config import load_settings
+from dicomai.model.classifier import Classifier
+from dicomai.model.package import load_package
+from dicomai.store import (
     Instance,
     InstanceState,
     OutboxItem,
@@ -25,11 +29,7 @@ from dicomai.audit import (
     make_sessionmaker,
     open_database,
 )
-from dicomai.audit.models import utcnow
-from dicomai.config import load_settings
-from dicomai.infer import Classifier
-from dicomai.model import load_package
-from dicomai.pipeline import ClassifyStage
+from dicomai.store.models import utcnow
 from dicomai.studies import StudyWork, WorkInstance
 from tests.helpers import Node, make_study, pydicom_data, shared_file, storescu
 from tests.synthetic import hot_spot_model

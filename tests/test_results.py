@@ -12,9 +12,9 @@ from highdicom import UID
 from PIL import Image
 from pydicom import dcmread
 
-from dicomai.model import load_package
-from dicomai.normalize import to_display
-from dicomai.results import SC_SERIES_DESCRIPTION, secondary_capture
+from dicomai.imaging.pixels import to_display
+from dicomai.model.package import load_package
+from dicomai.results.objects import SC_SERIES_DESCRIPTION, secondary_capture
 from tests.helpers import dcmtk, missing, pydicom_data, shared_file
 from tests.synthetic import hot_spot_model
 
@@ -78,7 +78,7 @@ def test_sc_renders_with_caption_and_heat_map(tmp_path: Path) -> None:
 
 
 def _study(tmp_path: Path) -> tuple[list, object]:
-    from dicomai.results import ImageFinding
+    from dicomai.results.objects import ImageFinding
 
     pkg = load_package(hot_spot_model(tmp_path / "m"))
     a = dcmread(pydicom_data("RG3_UNCR.dcm"))
@@ -100,7 +100,7 @@ def test_sr_content_validity_and_references(tmp_path: Path) -> None:
     import highdicom.sr as hsr
     from pydicom.sr.codedict import codes
 
-    from dicomai.results import FRACTURE, structured_report
+    from dicomai.results.objects import FRACTURE, structured_report
 
     findings, pkg = _study(tmp_path)
     sr = structured_report(findings, "positive", 0.93, pkg.manifest, (0.3, 0.7), UID())
@@ -144,7 +144,7 @@ def test_sr_content_validity_and_references(tmp_path: Path) -> None:
 
 def test_sr_supersedes_previous(tmp_path: Path) -> None:
     """A re-run's SR lists the SR it replaces in the Predecessor Documents Sequence."""
-    from dicomai.results import structured_report
+    from dicomai.results.objects import structured_report
 
     findings, pkg = _study(tmp_path)
     first = structured_report(findings[:1], "positive", 0.93, pkg.manifest, (0.3, 0.7), UID())

@@ -6,8 +6,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicomai.analysis.scope import out_of_scope
 from dicomai.config import ScopeConfig
-from dicomai.scope import out_of_scope
 from tests.helpers import pydicom_data
 
 PARTS = ["HAND", "WRIST", "EXTREMITY", "HIP"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dicomai.errors import SpoolFullError
-from dicomai.spool import Spool, is_valid_uid
+from dicomai.store.spool import Spool, is_valid_uid
 
 
 def test_write_is_content_addressed_and_complete(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.audit import (
+from dicomai.store import (
     Event,
     Instance,
     InstanceState,

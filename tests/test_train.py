@@ -60,8 +60,8 @@ def _small_fracatlas() -> list[Any]:
 def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
     """A few images, one epoch per phase, 64 px: export, parity with PyTorch and grad-cam, classify."""
     _require_train_extra()
-    from dicomai.infer import Classifier, preprocess
-    from dicomai.model import load_package, sha256_file
+    from dicomai.model.classifier import Classifier, preprocess
+    from dicomai.model.package import load_package, sha256_file
     from dicomai.train.data import load_display
     from dicomai.train.fit import FitConfig, fit
     from dicomai.train.release import release
@@ -176,8 +176,8 @@ def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
 def test_ensemble_of_two_runs_releases_and_serves(tmp_path: Path) -> None:
     """Two tiny runs on 2x2 and 4x4 grids -> `train ensemble` -> release with parity -> the node."""
     _require_train_extra()
-    from dicomai.infer import Classifier, preprocess
-    from dicomai.model import load_package
+    from dicomai.model.classifier import Classifier, preprocess
+    from dicomai.model.package import load_package
     from dicomai.train.data import load_display
     from dicomai.train.ensemble import make_ensemble
     from dicomai.train.fit import FitConfig, fit
@@ -306,7 +306,7 @@ def test_model_card_names_the_grid_the_map_has(tmp_path: Path) -> None:
     """VGG-16's last stage (before its last pooling) has stride 16, not the configured 32: the
     card's grid, stride and pointing-game ceiling are those of the map the node gets."""
     _require_train_extra()
-    from dicomai.infer import Classifier, preprocess
+    from dicomai.model.classifier import Classifier, preprocess
     from dicomai.train.data import load_display
     from dicomai.train.fit import FitConfig, fit
     from dicomai.train.release import release
@@ -329,8 +329,8 @@ def test_validation_images_are_the_node_input_exactly() -> None:
     _require_train_extra()
     import torch
 
-    from dicomai.infer import preprocess
-    from dicomai.model import load_package
+    from dicomai.model.classifier import preprocess
+    from dicomai.model.package import load_package
     from dicomai.train.data import load_display, load_fracatlas, prepare
     from dicomai.train.fit import _to_input
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from pydicom import dcmread
 
-from dicomai.normalize import decode, to_display
+from dicomai.imaging.pixels import decode, to_display
 from dicomai.train.data import DatasetError, load_dataset, load_display
 from tests.helpers import make_study, pydicom_data
 

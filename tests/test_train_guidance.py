@@ -13,7 +13,7 @@ from PIL import Image
 pytestmark = pytest.mark.train
 torch = pytest.importorskip("torch", reason="train extra: pip install '.[train]'")
 
-from dicomai.normalize import letterbox  # noqa: E402
+from dicomai.imaging.pixels import letterbox  # noqa: E402
 from dicomai.train.data import Sample, load_fracatlas  # noqa: E402
 from dicomai.train.fit import FitConfig, _augment, fit  # noqa: E402
 from dicomai.train.guidance import box_loss, box_masks, cell_targets, guided_forward  # noqa: E402

@@ -96,8 +96,8 @@ def test_calibration_and_pointing_game() -> None:
 
 def test_pointing_ceiling_equals_the_best_one_hot_map() -> None:
     """The ceiling is hit exactly when some one-cell map, drawn back by the node, hits the box."""
-    from dicomai.explain import gradcam_on_image
-    from dicomai.normalize import letterbox
+    from dicomai.imaging.gradcam import gradcam_on_image
+    from dicomai.imaging.pixels import letterbox
     from dicomai.train.metrics import pointing_ceiling
 
     _, geom = letterbox(np.zeros((512, 380), np.float32), 224, 224)

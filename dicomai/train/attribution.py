@@ -22,9 +22,9 @@ import torch
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
-from dicomai.explain import gradcam_on_image
-from dicomai.normalize import letterbox
-from dicomai.render import overlay
+from dicomai.imaging.gradcam import gradcam_on_image
+from dicomai.imaging.overlay import overlay
+from dicomai.imaging.pixels import letterbox
 from dicomai.train.data import Sample, load_display
 from dicomai.train.metrics import pointing_game
 from dicomai.train.nets import IMAGENET_MEAN, IMAGENET_STD, ExportWrapper, FractureNet

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from dicomai.infer import Classifier, preprocess
-from dicomai.model import load_package
+from dicomai.model.classifier import Classifier, preprocess
+from dicomai.model.package import load_package
 
 __all__ = ["compare_packages", "markdown_table"]
 

@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from dicomai.normalize import Letterbox, letterbox
+from dicomai.imaging.pixels import Letterbox, letterbox
 
 __all__ = ["LAYOUTS", "DatasetError", "Sample", "load_dataset", "load_dicom_folder", "load_fracatlas",
            "load_folders", "load_mura", "prepare"]
@@ -175,7 +175,7 @@ def load_display(path: Path) -> NDArray[np.float32]:
     if _is_dicom(path):
         from pydicom import dcmread
 
-        from dicomai.normalize import decode, to_display
+        from dicomai.imaging.pixels import decode, to_display
 
         ds = dcmread(path)
         return to_display(ds, decode(ds)).image

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dicomai.explain import gradcam_on_image
-from dicomai.infer import Classifier, preprocess
-from dicomai.model import ModelPackage, load_package, sha256_file
-from dicomai.normalize import Letterbox
-from dicomai.render import overlay
+from dicomai.imaging.gradcam import gradcam_on_image
+from dicomai.imaging.overlay import overlay
+from dicomai.imaging.pixels import Letterbox
+from dicomai.model.classifier import Classifier, preprocess
+from dicomai.model.package import ModelPackage, load_package, sha256_file
 from dicomai.train.data import Sample, load_display
 from dicomai.train.metrics import (
     auroc,

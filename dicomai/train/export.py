@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dicomai.infer import Classifier, preprocess
-from dicomai.model import WEIGHT_STORAGE, ModelPackage, load_package, sha256_file
+from dicomai.model.classifier import Classifier, preprocess
+from dicomai.model.package import WEIGHT_STORAGE, ModelPackage, load_package, sha256_file
 from dicomai.train.nets import IMAGENET_MEAN, IMAGENET_STD, EnsembleFeatures, ExportWrapper, FractureNet
 
 __all__ = ["check_storage", "export_package", "gradcam_layer", "parity", "storage_parity", "store_weights",

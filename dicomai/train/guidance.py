@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from dicomai.normalize import Letterbox
+from dicomai.imaging.pixels import Letterbox
 from dicomai.train.data import Sample
 from dicomai.train.nets import FractureNet
 

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from dicomai.explain import gradcam_on_image
-from dicomai.normalize import Letterbox
+from dicomai.imaging.gradcam import gradcam_on_image
+from dicomai.imaging.pixels import Letterbox
 
 __all__ = [
     "auroc",

@@ -38,9 +38,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from dicomai.infer import preprocess
-from dicomai.model import ModelPackage
-from dicomai.normalize import resize
+from dicomai.imaging.pixels import resize
+from dicomai.model.classifier import preprocess
+from dicomai.model.package import ModelPackage
 from dicomai.train.data import Sample, load_display
 from dicomai.train.evaluate import finish_package
 

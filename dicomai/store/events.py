@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from dicomai.audit.models import Event, utcnow
+from dicomai.store.models import Event, utcnow
 
 __all__ = ["record_event"]
 

@@ -8,8 +8,8 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from dicomai.model import ModelError, ModelPackage
-from dicomai.normalize import Letterbox, letterbox
+from dicomai.imaging.pixels import Letterbox, letterbox
+from dicomai.model.package import ModelError, ModelPackage
 
 __all__ = ["Classifier", "ModelInput", "Output", "preprocess"]
 

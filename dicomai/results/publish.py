@@ -41,17 +41,17 @@ from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dicomai.audit import Instance, OutboxItem, OutboxState, Prediction, ResultObject, record_event
-from dicomai.audit.models import utcnow
 from dicomai.config import Output, Settings
-from dicomai.grade import Grade
-from dicomai.model import Manifest, OperatingPoints
-from dicomai.results import ImageFinding, secondary_capture, structured_report
-from dicomai.spool import Spool
+from dicomai.model.grading import Grade
+from dicomai.model.package import Manifest, OperatingPoints
+from dicomai.results.objects import ImageFinding, secondary_capture, structured_report
+from dicomai.store import Instance, OutboxItem, OutboxState, Prediction, ResultObject, record_event
+from dicomai.store.models import utcnow
+from dicomai.store.spool import Spool
 
 __all__ = ["Failure", "Made", "Plan", "Publisher", "RunImage", "StudyOutputs"]
 
-log = structlog.get_logger("dicomai.publish")
+log = structlog.get_logger("dicomai.results.publish")
 _STAGE = "results"
 _IN_SCOPE = (Grade.POSITIVE, Grade.DOUBTFUL, Grade.NEGATIVE, Grade.FAILED)
 SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from dicomai.normalize import Letterbox, unletterbox
+from dicomai.imaging.pixels import Letterbox, unletterbox
 
 __all__ = ["gradcam_on_image", "normalize_map"]
 

@@ -21,15 +21,15 @@ from PIL import Image, UnidentifiedImageError
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from dicomai.analysis.scope import out_of_scope
+from dicomai.analysis.stage import operating_points
 from dicomai.config import Settings
-from dicomai.explain import gradcam_on_image
-from dicomai.grade import Grade, grade_image
-from dicomai.infer import Classifier, preprocess
-from dicomai.model import load_package
-from dicomai.normalize import NormalizeError, to_display
-from dicomai.pipeline import operating_points
-from dicomai.render import overlay
-from dicomai.scope import out_of_scope
+from dicomai.imaging.gradcam import gradcam_on_image
+from dicomai.imaging.overlay import overlay
+from dicomai.imaging.pixels import NormalizeError, to_display
+from dicomai.model.classifier import Classifier, preprocess
+from dicomai.model.grading import Grade, grade_image
+from dicomai.model.package import load_package
 
 __all__ = ["classify_paths", "iter_inputs"]
 

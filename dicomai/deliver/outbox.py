@@ -38,14 +38,14 @@ from pynetdicom.status import code_to_category
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.audit import OutboxItem, OutboxState, ResultObject, Study, record_event
-from dicomai.audit.models import utcnow
 from dicomai.config import Destination, Settings
-from dicomai.ingest import set_nodelay
+from dicomai.net.listener import set_nodelay
+from dicomai.store import OutboxItem, OutboxState, ResultObject, Study, record_event
+from dicomai.store.models import utcnow
 
 __all__ = ["Outcome", "OutboxWorker", "Sender", "backoff_s", "status_outcome"]
 
-log = structlog.get_logger("dicomai.outbox")
+log = structlog.get_logger("dicomai.deliver.outbox")
 # Send result files straight from disk in chunks instead of decoding each into memory
 # (a 2048 px RGB Secondary Capture is 12 MB).
 pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True

@@ -24,10 +24,10 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from dicomai import __version__
-from dicomai.model import Manifest
-from dicomai.normalize import resize
-from dicomai.render import caption_band, overlay
-from dicomai.scope import OWN_MANUFACTURER
+from dicomai.analysis.scope import OWN_MANUFACTURER
+from dicomai.imaging.overlay import caption_band, overlay
+from dicomai.imaging.pixels import resize
+from dicomai.model.package import Manifest
 
 __all__ = ["FRACTURE", "ImageFinding", "SC_SERIES_DESCRIPTION", "secondary_capture", "structured_report"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from enum import StrEnum
 
-from dicomai.model import OperatingPoints
+from dicomai.model.package import OperatingPoints
 
 __all__ = ["Grade", "grade_image", "grade_study"]
 

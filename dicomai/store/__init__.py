@@ -1,6 +1,6 @@
-"""The audit database: every association, instance, study and step, queryable by admins."""
+"""The audit store: ORM models, schema management, every SQL query and the durable spool."""
 
-from dicomai.audit.db import (
+from dicomai.store.db import (
     current_revision,
     downgrade,
     head_revision,
@@ -9,7 +9,8 @@ from dicomai.audit.db import (
     open_database,
     upgrade,
 )
-from dicomai.audit.models import (
+from dicomai.store.events import record_event
+from dicomai.store.models import (
     Association,
     Event,
     Instance,
@@ -23,7 +24,6 @@ from dicomai.audit.models import (
     Study,
     StudyState,
 )
-from dicomai.audit.records import record_event
 
 __all__ = [
     "Association",

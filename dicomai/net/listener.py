@@ -51,7 +51,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.audit import (
+from dicomai.config import Settings
+from dicomai.errors import IngestError
+from dicomai.store import (
     Association,
     Instance,
     InstanceState,
@@ -61,14 +63,12 @@ from dicomai.audit import (
     StudyState,
     record_event,
 )
-from dicomai.audit.models import utcnow
-from dicomai.config import Settings
-from dicomai.errors import IngestError
-from dicomai.spool import Spool, is_valid_uid
+from dicomai.store.models import utcnow
+from dicomai.store.spool import Spool, is_valid_uid
 
 __all__ = ["TRANSFER_SYNTAXES", "ReceivedInstance", "Receiver", "parse_instance", "set_nodelay"]
 
-log = structlog.get_logger("dicomai.ingest")
+log = structlog.get_logger("dicomai.net.listener")
 
 #: Every transfer syntax the node accepts, as sent (no transcoding on receipt). pynetdicom
 #: picks, per proposed context, the first of *these* that the sender listed; compressed

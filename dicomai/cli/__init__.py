@@ -19,7 +19,11 @@ import structlog
 from sqlalchemy import func, select
 
 from dicomai import __version__
-from dicomai.audit import (
+from dicomai.config import Settings, load_settings, masked
+from dicomai.errors import DicomaiError
+from dicomai.logging import configure_logging
+from dicomai.model.package import WEIGHT_STORAGE
+from dicomai.store import (
     Event,
     Instance,
     OutboxItem,
@@ -37,10 +41,6 @@ from dicomai.audit import (
     record_event,
     upgrade,
 )
-from dicomai.config import Settings, load_settings, masked
-from dicomai.errors import DicomaiError
-from dicomai.logging import configure_logging
-from dicomai.model import WEIGHT_STORAGE
 
 __all__ = ["main"]
 
@@ -550,7 +550,7 @@ def cmd_outbox_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _model_dir(settings: Settings, given: Path | None) -> Path:
-    from dicomai.model import ModelError
+    from dicomai.model.package import ModelError
     from dicomai.node import default_model_dir
 
     path = given or settings.model.path or default_model_dir()
@@ -560,7 +560,7 @@ def _model_dir(settings: Settings, given: Path | None) -> Path:
 
 
 def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
-    from dicomai.model import load_package
+    from dicomai.model.package import load_package
 
     pkg = load_package(_model_dir(settings, args.directory), check_hash=False)
     data = pkg.manifest.model_dump(mode="json")
@@ -594,8 +594,8 @@ def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_model_verify(args: argparse.Namespace, settings: Settings) -> int:
     import numpy as np
 
-    from dicomai.infer import Classifier, preprocess
-    from dicomai.model import load_package
+    from dicomai.model.classifier import Classifier, preprocess
+    from dicomai.model.package import load_package
 
     pkg = load_package(args.directory)  # checks the hash and the manifest
     clf = Classifier(pkg, threads=settings.model.threads, providers=settings.model.providers)
@@ -608,7 +608,7 @@ def cmd_model_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
-    from dicomai.classify import classify_paths
+    from dicomai.cli.classify import classify_paths
 
     return classify_paths(args.paths, settings, _model_dir(settings, args.model),
                           as_json=args.json, gradcam_dir=args.gradcam_dir, scope=args.scope)
@@ -660,7 +660,7 @@ def cmd_train_combine(args: argparse.Namespace, settings: Settings) -> int:
         from dicomai.train.combine import combine_package
     except ImportError as exc:
         raise _train_missing(exc) from None
-    from dicomai.model import load_package
+    from dicomai.model.package import load_package
 
     paths = [p.resolve() for p in args.packages]
     if args.gradcam_from.resolve() not in paths:
@@ -698,7 +698,7 @@ def cmd_train_stitch(args: argparse.Namespace, settings: Settings) -> int:
         from dicomai.train.stitch import stitch_package
     except ImportError as exc:
         raise _train_missing(exc) from None
-    from dicomai.model import load_package
+    from dicomai.model.package import load_package
 
     try:
         offsets = [(float(dy), float(dx)) for dy, dx in (o.split(",") for o in args.offsets.split())]
@@ -727,7 +727,7 @@ def cmd_train_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         from dicomai.train.evaluate import evaluate_package, refresh_package
     except ImportError as exc:
         raise _train_missing(exc) from None
-    from dicomai.model import load_package
+    from dicomai.model.package import load_package
 
     package = load_package(args.package)
     if args.update_package:

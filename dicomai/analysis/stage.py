@@ -7,7 +7,7 @@ Every image gets a result (a grade, ``not_analysed`` with the reason, or ``faile
 reason); a failed image never stops the others. The study's grade is the highest of all its
 analysed images, including those of earlier runs when late images re-opened it.
 
-The result objects are made by :class:`~dicomai.publish.Publisher`: the study's Structured
+The result objects are made by :class:`~dicomai.results.publish.Publisher`: the study's Structured
 Report is recorded in the same transaction as the predictions (with its outbox items), and
 ``on_queued`` wakes the sender at once; the Secondary Captures, which need the full-size
 heat maps drawn, follow in a second transaction.
@@ -28,21 +28,21 @@ from pydicom.dataset import Dataset
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.audit import Instance, InstanceState, Prediction, Study, record_event
-from dicomai.audit.models import utcnow
+from dicomai.analysis.scope import out_of_scope
 from dicomai.config import Settings
-from dicomai.explain import gradcam_on_image
-from dicomai.grade import Grade, grade_image, grade_study
-from dicomai.infer import Classifier, ModelInput, preprocess
-from dicomai.model import ModelPackage, OperatingPoints
-from dicomai.normalize import FloatImage, Letterbox, NormalizeError, decode, resize, to_display
-from dicomai.publish import Failure, Made, Plan, Publisher, RunImage
-from dicomai.scope import out_of_scope
+from dicomai.imaging.gradcam import gradcam_on_image
+from dicomai.imaging.pixels import FloatImage, Letterbox, NormalizeError, decode, resize, to_display
+from dicomai.model.classifier import Classifier, ModelInput, preprocess
+from dicomai.model.grading import Grade, grade_image, grade_study
+from dicomai.model.package import ModelPackage, OperatingPoints
+from dicomai.results.publish import Failure, Made, Plan, Publisher, RunImage
+from dicomai.store import Instance, InstanceState, Prediction, Study, record_event
+from dicomai.store.models import utcnow
 from dicomai.studies import StudyWork, WorkInstance
 
 __all__ = ["ClassifyStage", "ImageResult", "NoModelStage", "operating_points"]
 
-log = structlog.get_logger("dicomai.pipeline")
+log = structlog.get_logger("dicomai.analysis.stage")
 _STAGE = "classify"
 
 

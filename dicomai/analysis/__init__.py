@@ -1,0 +1,1 @@
+"""From a stable study to typed per-image analyses: scope, decode, classify."""

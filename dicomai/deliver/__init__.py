@@ -1,0 +1,1 @@
+"""Delivery of result objects through the durable outbox."""

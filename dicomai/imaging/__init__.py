@@ -1,0 +1,1 @@
+"""Pure imaging: decoding, LUTs and windowing, letterbox geometry, Grad-CAM maps, overlays."""

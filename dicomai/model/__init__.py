@@ -1,0 +1,1 @@
+"""The fracture model: package manifest, onnxruntime classifier, grading."""

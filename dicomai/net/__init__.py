@@ -1,0 +1,1 @@
+"""The DICOM network edge: the C-ECHO/C-STORE listener and shared DIMSE helpers."""
