@@ -114,3 +114,31 @@ def test_train_compare_reads_the_packages_figures() -> None:
             f"{hs['specificity']:.3f} |") in table[2]
     pointing = f"| {t['pointing_game']:.3f} [{pg[0]:.3f}-{pg[1]:.3f}] ({t['pointing_game_15px']:.3f}) |"
     assert pointing in table[2]
+
+
+def test_plugin_that_cannot_import_names_its_extra(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A plug-in command group whose module fails to import still answers: one line, exit 2."""
+    from importlib.metadata import EntryPoint
+
+    import dicomai.cli
+
+    broken = EntryPoint("train", "dicomai_test_absent_dependency.cli:register", dicomai.cli.PLUGIN_GROUP)
+    monkeypatch.setattr(dicomai.cli, "entry_points", lambda group: [broken])
+    assert "train" in dicomai.cli.build_parser().format_help()
+    assert dicomai.cli.main(["train", "fit", "data", "out"]) == 2
+    assert capsys.readouterr().err == ("dicomai: the training commands need the train extra: "
+                                       "pip install 'dicomai[train]'\n")
+
+
+def test_train_without_the_extra_exits_2() -> None:
+    """Without PyTorch, a training command says which extra it needs and exits 2; --help works."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        pytest.skip("PyTorch is installed: the training commands run")
+    assert "fit" in _run("train", "--help").stdout
+    out = _run("train", "fit", "data", "out")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "dicomai: the training commands need the train extra: pip install 'dicomai[train]'"]
