@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 
 from dicomai.errors import IngestError
-from dicomai.net.listener import parse_instance
+from dicomai.net.dimse import parse_instance
 from tests.helpers import (
     Node,
     dataset_bytes,

@@ -39,7 +39,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.config import Destination, Settings
-from dicomai.net.listener import set_nodelay
+from dicomai.net.dimse import set_nodelay
 from dicomai.store import OutboxItem, OutboxState, ResultObject, Study, record_event
 from dicomai.store.models import utcnow
 
