@@ -9,9 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Node, missing
+from tests.helpers import Node, missing, require_train_extra
 
 PG_BASE = os.environ.get("DICOMAI_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked ``train`` needs the train extra (skips, or fails in CI; see helpers)."""
+    if item.get_closest_marker("train") is not None:
+        require_train_extra()
 
 
 @pytest.fixture(autouse=True)

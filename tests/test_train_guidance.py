@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import require_train_extra
+
 pytestmark = pytest.mark.train
-torch = pytest.importorskip("torch", reason="train extra: pip install '.[train]'")
+require_train_extra()
+
+import torch  # noqa: E402
 
 from dicomai.imaging.pixels import letterbox  # noqa: E402
 from dicomai.train.data import Sample, load_fracatlas  # noqa: E402

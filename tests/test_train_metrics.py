@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from dicomai.train.metrics import (
+from tests.helpers import require_train_extra
+
+pytestmark = pytest.mark.train
+require_train_extra()  # scipy
+
+from dicomai.train.metrics import (  # noqa: E402
     auroc,
     bootstrap_auroc,
     calibration_error,

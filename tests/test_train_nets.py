@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, missing
+from tests.helpers import FRACATLAS, WEIGHTS, missing, require_train_extra
 
 pytestmark = pytest.mark.train
-WEIGHTS = REPO.parent / "shared" / "data" / "weights"
-FRACATLAS = REPO.parent / "shared" / "data" / "fracatlas"
+require_train_extra()
 
-torch = pytest.importorskip("torch", reason="train extra: pip install '.[train]'")
+import torch  # noqa: E402
 
 
 def _radiograph_like(n: int, seed: int = 0) -> list[np.ndarray]:

@@ -7,10 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.train
+from tests.helpers import require_train_extra
 
-torch = pytest.importorskip("torch", reason="train extra: pip install '.[train]'")
-onnx = pytest.importorskip("onnx", reason="train extra: pip install '.[train]'")
+pytestmark = pytest.mark.train
+require_train_extra()
+
+import onnx  # noqa: E402
+import torch  # noqa: E402
 
 
 def _export(net: torch.nn.Module, directory: Path, size: int = 128):  # type: ignore[no-untyped-def]
