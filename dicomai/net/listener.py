@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,12 @@ from dicomai.store.spool import Spool
 __all__ = ["Receiver"]
 
 log = structlog.get_logger("dicomai.net.listener")
+
+# A-ASSOCIATE-RJ result, source and reason (PS3.8 9.3.4).
+_PERMANENT, _TRANSIENT = 0x01, 0x02
+_SERVICE_USER, _SERVICE_PROVIDER_PRESENTATION = 0x01, 0x03
+_CALLING_AE_NOT_RECOGNISED, _CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
+_LOCAL_LIMIT_EXCEEDED = 0x02
 
 
 @dataclass
@@ -116,6 +123,8 @@ class Receiver:
         set_nodelay(event)
 
     def _on_requested(self, event: Any) -> None:
+        # Every decision that protects the node is taken before, and whatever becomes of, the
+        # audit row: a database that is down must never let an unknown caller in.
         assoc = event.assoc
         rq = assoc.requestor.primitive
         peer = store.Peer(host=assoc.requestor.address, port=int(assoc.requestor.port),
@@ -123,13 +132,22 @@ class Receiver:
                           called_ae=str(rq.called_ae_title).strip())
         reason = self.settings.access.check(peer.calling_ae, peer.host, peer.called_ae,
                                             self.settings.node.ae_title)
-        with self.sessions.begin() as s:
-            row_id = store.association_requested(s, peer, reason, utcnow())
+        fields = {"peer": peer.host, "calling_ae": peer.calling_ae, "called_ae": peer.called_ae}
         if reason:
-            log.warning("association.rejected", peer=peer.host, calling_ae=peer.calling_ae,
-                        called_ae=peer.called_ae, reason=reason)
-            diagnostic = 0x07 if reason.startswith("called") else 0x03
-            assoc.acse.send_reject(0x01, 0x01, diagnostic)
+            log.warning("association.rejected", **fields, reason=reason)
+            called = reason.startswith("called")
+            assoc.acse.send_reject(_PERMANENT, _SERVICE_USER,
+                                   _CALLED_AE_NOT_RECOGNISED if called else _CALLING_AE_NOT_RECOGNISED)
+            assoc.is_rejected = True
+            self._audit("association.rejected", store.association_requested, peer, reason, utcnow())
+            assoc.kill()
+            return
+        try:
+            with self.sessions.begin() as s:
+                row_id = store.association_requested(s, peer, None, utcnow())
+        except Exception:  # noqa: BLE001 -- what cannot be audited is not accepted
+            log.exception("association.refused", **fields, reason="audit database unavailable")
+            assoc.acse.send_reject(_TRANSIENT, _SERVICE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED)
             assoc.is_rejected = True
             assoc.kill()
             return
@@ -143,9 +161,8 @@ class Receiver:
         if stats is None or stats.row_id is None:
             return
         stats.end_state = "rejected"
-        with self.sessions.begin() as s:
-            store.association_rejected(
-                s, stats.row_id, "rejected by the DICOM layer (association limit or no context)")
+        self._audit("association.rejected", store.association_rejected, stats.row_id,
+                    "rejected by the DICOM layer (association limit or no context)")
 
     def _on_end(self, event: Any, state: str) -> None:
         stats = self._get(event.assoc)
@@ -157,9 +174,8 @@ class Receiver:
             stats = self._stats.pop(id(event.assoc), None)
         if stats is None or stats.row_id is None:
             return
-        with self.sessions.begin() as s:
-            store.association_closed(s, stats.row_id, stats.end_state, stats.instances,
-                                     stats.bytes, stats.failures, utcnow())
+        self._audit("association.closed", store.association_closed, stats.row_id, stats.end_state,
+                    stats.instances, stats.bytes, stats.failures, utcnow())
         log.info(
             "association.closed", association_id=stats.row_id, peer=stats.peer,
             calling_ae=stats.calling_ae, end=stats.end_state, instances=stats.instances,
@@ -167,6 +183,17 @@ class Receiver:
             mbytes=round(stats.bytes / 2**20, 3),
             seconds=round(time.monotonic() - stats.started, 3),
         )
+
+    def _audit(self, record: str, write: Callable[..., object], *args: Any) -> None:
+        """Run ``write(session, *args)`` in its own transaction; log when the database fails.
+
+        For rows that follow a decision already taken (and sent to the peer).
+        """
+        try:
+            with self.sessions.begin() as s:
+                write(s, *args)
+        except Exception:  # noqa: BLE001 -- the peer has its answer; the log keeps the rest
+            log.exception("audit.unavailable", record=record)
 
     def _get(self, assoc: Any) -> _AssocStats | None:
         with self._stats_lock:

@@ -1,0 +1,58 @@
+"""Tests of the listener's protections against hostile or broken peers and a failing database."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from dicomai.config import AccessConfig, AllowedCaller, NodeConfig, Settings
+from dicomai.net.listener import Receiver
+from dicomai.store import make_engine, make_sessionmaker
+from dicomai.store.spool import Spool
+from tests.helpers import dcmtk, free_port
+
+
+def _echo(port: int, calling: str, called: str = "DICOMAI") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([dcmtk("echoscu"), "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def dead_db_receiver(tmp_path: Path) -> Iterator[int]:
+    """An in-process listener with an allow-list whose audit database refuses connections."""
+    settings = Settings(node=NodeConfig(data_dir=tmp_path, port=free_port()),
+                        access=AccessConfig(allowed_callers=[AllowedCaller(ae_title="GOODPACS")]))
+    # Nothing listens on this port: every write to the audit database raises.
+    engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/dicomai")
+    spool = Spool(tmp_path)
+    spool.prepare()
+    receiver = Receiver(settings, spool, make_sessionmaker(engine))
+    ae = receiver.build_ae()
+    ae.start_server(("127.0.0.1", settings.node.port), block=False, evt_handlers=receiver.handlers())
+    try:
+        yield settings.node.port
+    finally:
+        ae.shutdown()
+        engine.dispose()
+
+
+@pytest.mark.integration
+def test_database_down_fails_closed(dead_db_receiver: int) -> None:
+    """With the audit database down, unknown callers and wrong called AEs are still rejected
+    and an allowed caller is refused (transient) rather than accepted unaudited."""
+    port = dead_db_receiver
+    with capture_logs() as logs:
+        evil = _echo(port, "EVIL")
+        wrong_called = _echo(port, "GOODPACS", called="NOTME")
+        allowed = _echo(port, "GOODPACS")
+    assert evil.returncode != 0 and "Rejected Permanent" in evil.stderr + evil.stdout, evil.stderr
+    assert wrong_called.returncode != 0
+    assert "Rejected Permanent" in wrong_called.stderr + wrong_called.stdout, wrong_called.stderr
+    assert allowed.returncode != 0 and "Rejected Transient" in allowed.stderr + allowed.stdout, \
+        allowed.stderr
+    events = [e["event"] for e in logs]
+    assert events.count("association.rejected") == 2 and "association.refused" in events
