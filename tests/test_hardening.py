@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from dicomai.config import AccessConfig, AllowedCaller, NodeConfig, Settings
 from dicomai.net.listener import Receiver
 from dicomai.store import make_engine, make_sessionmaker
 from dicomai.store.spool import Spool
-from tests.helpers import dcmtk, free_port
+from tests.helpers import Node, dcmtk, free_port
 
 
 def _echo(port: int, calling: str, called: str = "DICOMAI") -> subprocess.CompletedProcess[str]:
@@ -36,6 +39,9 @@ def dead_db_receiver(tmp_path: Path) -> Iterator[int]:
     try:
         yield settings.node.port
     finally:
+        deadline = time.monotonic() + 5  # let the refused associations see their peers go
+        while ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
         ae.shutdown()
         engine.dispose()
 
@@ -56,3 +62,40 @@ def test_database_down_fails_closed(dead_db_receiver: int) -> None:
         allowed.stderr
     events = [e["event"] for e in logs]
     assert events.count("association.rejected") == 2 and "association.refused" in events
+
+
+def _closed_by_peer(sock: socket.socket, within: float) -> bool:
+    """Whether the other end closes ``sock`` within ``within`` seconds (reading what it sends)."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        pass  # reset by the peer: closed too
+    return True
+
+
+@pytest.mark.integration
+def test_stalled_pdu_headers_do_not_lock_senders_out(node_factory: type[Node], tmp_path: Path) -> None:
+    """50 connections that send a PDU header and nothing else are dropped after the ACSE timeout,
+    and a real echoscu gets through while they are still open on the peer's side."""
+    node = node_factory(data_dir=tmp_path / "data",
+                        env_extra={"DICOMAI_NODE__ACSE_TIMEOUT_S": "1",
+                                   "DICOMAI_NODE__NETWORK_TIMEOUT_S": "2"}).start()
+    stalled = []
+    for _ in range(50):
+        sock = socket.create_connection(("127.0.0.1", node.port))
+        sock.sendall(struct.pack(">BBL", 0x01, 0, 256))  # an A-ASSOCIATE-RQ announced, never sent
+        stalled.append(sock)
+    try:
+        deadline = time.monotonic() + 15
+        while (echo := _echo(node.port, "ECHOSCU")).returncode != 0:
+            assert time.monotonic() < deadline, f"senders locked out: {echo.stderr}"
+            time.sleep(0.5)
+        assert all(_closed_by_peer(sock, within=5) for sock in stalled)
+    finally:
+        for sock in stalled:
+            sock.close()
+

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.config import Settings
 from dicomai.errors import IngestError
+from dicomai.net import guard
 from dicomai.net.dimse import (
     STATUS_PROCESSING_FAILURE,
     STATUS_SUCCESS,
@@ -84,6 +85,9 @@ class Receiver:
         self._db_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self._stats: dict[int, _AssocStats] = {}
+        node = settings.node
+        self._limits = guard.Limits(
+            network_timeout_s=node.network_timeout_s, acse_timeout_s=node.acse_timeout_s)
 
     # -- set-up -----------------------------------------------------------------------
     def build_ae(self) -> AE:
@@ -121,6 +125,19 @@ class Receiver:
     # -- association lifecycle ----------------------------------------------------------
     def _on_conn_open(self, event: Any) -> None:
         set_nodelay(event)
+        assoc = event.assoc
+        guard.install(event, self._limits, lambda reason: self._on_dropped(assoc, reason))
+
+    def _on_dropped(self, assoc: Any, reason: str) -> None:
+        # The guard closed the connection (a peer too slow); pynetdicom now
+        # ends the association as if the peer had gone.
+        peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
+        stats = self._get(assoc)
+        log.warning("connection.dropped", peer=peer, reason=reason,
+                    association_id=stats.row_id if stats else None)
+        if stats is not None and stats.row_id is not None:
+            stats.end_state = "aborted"
+            self._audit("association.aborted", store.association_aborted, stats.row_id, reason, peer)
 
     def _on_requested(self, event: Any) -> None:
         # Every decision that protects the node is taken before, and whatever becomes of, the
