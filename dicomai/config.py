@@ -70,6 +70,7 @@ class NodeConfig(_Section):
     data_dir: Path = Path("./dicomai-data")
     max_associations: int = Field(10, ge=1, le=1000)
     max_pdu_size: int = Field(65536, ge=0)
+    max_object_mb: int = Field(1024, ge=1)
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sqlite3
 import struct
 import subprocess
 import time
@@ -10,13 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
 
 from dicomai.config import AccessConfig, AllowedCaller, NodeConfig, Settings
 from dicomai.net.listener import Receiver
 from dicomai.store import make_engine, make_sessionmaker
 from dicomai.store.spool import Spool
-from tests.helpers import Node, dcmtk, free_port
+from tests.helpers import Node, dcmtk, free_port, make_study, shared_file, storescu
 
 
 def _echo(port: int, calling: str, called: str = "DICOMAI") -> subprocess.CompletedProcess[str]:
@@ -99,3 +102,39 @@ def test_stalled_pdu_headers_do_not_lock_senders_out(node_factory: type[Node], t
         for sock in stalled:
             sock.close()
 
+
+@pytest.mark.integration
+def test_oversized_pdu_aborts_and_node_stays_responsive(node: Node) -> None:
+    """A P-DATA-TF PDU announcing 1.5 GiB (over the advertised 64 KiB) gets an A-ABORT at once,
+    is audited, and the node goes on answering."""
+    ae = AE(ae_title="HUGEPDU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMAI")
+    assert assoc.is_established
+    raw = assoc.dul.socket.socket
+    raw.sendall(struct.pack(">BBL", 0x04, 0, 3 * 2**29) + bytes(2**16))
+    deadline = time.monotonic() + 10
+    while not assoc.is_aborted:
+        assert time.monotonic() < deadline, "the node kept reading the oversized PDU"
+        time.sleep(0.05)
+    assert _echo(node.port, "ECHOSCU").returncode == 0
+    node.stop()
+    db = sqlite3.connect(node.data_dir / "audit.sqlite3")
+    rows = db.execute("select calling_ae, end_state from associations order by id").fetchall()
+    assert rows == [("HUGEPDU", "aborted"), ("ECHOSCU", "released")]
+    (error,) = db.execute("select error from events where event='association.aborted'").fetchone()
+    assert "P-DATA-TF PDU of 1610612736 bytes" in error
+
+
+@pytest.mark.integration
+def test_object_over_max_object_mb_aborts(node_factory: type[Node], tmp_path: Path) -> None:
+    """An object larger than node.max_object_mb aborts its association; smaller ones still arrive."""
+    node = node_factory(data_dir=tmp_path / "data",
+                        env_extra={"DICOMAI_NODE__MAX_OBJECT_MB": "1"}).start()
+    _, (big,) = make_study([shared_file("RG2_JPLL.dcm")], tmp_path / "big", dcmtk_encoding=False)
+    assert big.stat().st_size > 2**20
+    assert storescu(node.port, [big]).returncode != 0
+    study_uid, small = make_study([shared_file("dx_image.dcm")], tmp_path / "small")
+    assert storescu(node.port, small).returncode == 0
+    spooled = list((node.data_dir / "spool").rglob("*.dcm"))
+    assert [p.parent.name for p in spooled] == [study_uid]

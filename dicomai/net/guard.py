@@ -1,16 +1,20 @@
-"""Limits on what a peer can make the listener wait for.
+"""Limits on what a peer can make the listener wait for or hold in memory.
 
 pynetdicom reads a PDU by its header's length: it blocks in ``recv`` until every announced
-byte has arrived, on an accepted socket without a timeout. A peer that sends a header and
-then nothing holds an association slot forever (a dozen such connections lock every sender
-out). Its own ACSE and network timers do not help: they are only looked at between PDUs.
+byte has arrived, on an accepted socket without a timeout, and keeps what it read in memory.
+A peer that sends a header and then nothing holds an association slot forever (a dozen such
+connections lock every sender out); one that announces gigabytes makes the node buffer them.
+Its own ACSE and network timers do not help, because they are only looked at between PDUs.
 
 :func:`install` (an ``EVT_CONN_OPEN`` handler's work) wraps the accepted socket in a
 :class:`GuardedSocket` before the first byte is read. pynetdicom keeps using the socket as
 before; the guard follows the PDU framing of what it reads and closes the connection when
 
 * no byte arrives for ``node.network_timeout_s`` while a PDU is being read,
-* the A-ASSOCIATE-RQ has not fully arrived ``node.acse_timeout_s`` after the connection opened.
+* the A-ASSOCIATE-RQ has not fully arrived ``node.acse_timeout_s`` after the connection opened,
+* a P-DATA-TF PDU is longer than the ``node.max_pdu_size`` the node advertised (A-ABORT),
+* one DIMSE message (a C-STORE's data set) grows past ``node.max_object_mb`` (A-ABORT),
+* any other PDU is longer than a control PDU can be, or its type is unknown (A-ABORT).
 
 pynetdicom then sees a closed transport and ends the association as it does when a peer
 disconnects: the association is aborted, its handlers run and its slot is freed.
@@ -26,17 +30,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GuardedSocket", "Limits", "install"]
+from pynetdicom.pdu import A_ABORT_RQ
 
+__all__ = ["GuardedSocket", "Limits", "install", "message_received"]
+
+_P_DATA_TF = 0x04
 _A_ASSOCIATE_RQ = 0x01
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+# A-ABORT reasons of the service provider (PS3.8 9.3.8).
+_NOT_SPECIFIED, _UNRECOGNIZED_PDU, _INVALID_PARAMETER = 0x00, 0x01, 0x06
+#: Slack over the advertised maximum for peers that count a PDV item header into it.
+PDU_SLACK = 256
+#: The longest non-P-DATA PDU accepted: an A-ASSOCIATE-RQ proposing every storage SOP class
+#: with a dozen transfer syntaxes each, plus user identity, stays far below this.
+MAX_CONTROL_PDU = 2**20
 
 
 @dataclass(frozen=True)
 class Limits:
-    """How long a peer may make the listener wait."""
+    """What a peer may ask of the listener; 0 for ``max_pdu_size`` means unlimited."""
 
     network_timeout_s: float
     acse_timeout_s: float
+    max_pdu_size: int
+    max_object_bytes: int
 
 
 #: Called once when the guard closes a connection, with the reason.
@@ -58,6 +75,7 @@ class GuardedSocket:
         self._header = bytearray()
         self._body_left = 0
         self._pdu_type = 0
+        self._message_bytes = 0
         raw.settimeout(limits.network_timeout_s)
 
     def __getattr__(self, name: str) -> Any:
@@ -71,7 +89,7 @@ class GuardedSocket:
         if self._deadline is not None:
             left = self._deadline - time.monotonic()
             if left <= 0:
-                self._close("association not requested within node.acse_timeout_s")
+                self._close("association not requested within node.acse_timeout_s", abort=False)
                 return b""
             timeout = min(timeout, left)
         self._raw.settimeout(timeout)
@@ -79,12 +97,20 @@ class GuardedSocket:
             data = self._raw.recv(bufsize, flags)
         except TimeoutError:
             if self._deadline is not None and time.monotonic() >= self._deadline:
-                self._close("association not requested within node.acse_timeout_s")
+                self._close("association not requested within node.acse_timeout_s", abort=False)
             else:
-                self._close("no data within node.network_timeout_s in the middle of a PDU")
+                self._close("no data within node.network_timeout_s in the middle of a PDU",
+                            abort=False)
             return b""
-        self._follow(data)
+        violation = self._follow(data)
+        if violation is not None:
+            self._close(*violation)
+            return b""
         return data
+
+    def message_received(self) -> None:
+        """A whole DIMSE message was decoded: the next one starts from zero bytes."""
+        self._message_bytes = 0
 
     def shutdown(self, how: int) -> None:
         if not self._closed:  # the guard already shut it down; a second time raises ENOTCONN
@@ -93,8 +119,8 @@ class GuardedSocket:
     def close(self) -> None:
         self._raw.close()
 
-    def _follow(self, data: bytes) -> None:
-        """Follow the PDU framing through ``data``."""
+    def _follow(self, data: bytes) -> tuple[str, bool, int] | None:
+        """Follow the PDU framing through ``data``; say why to abort, if it must."""
         at = 0
         while at < len(data):
             if self._body_left:
@@ -111,16 +137,44 @@ class GuardedSocket:
                 continue
             pdu_type, _, length = struct.unpack(">BBL", self._header)
             self._header.clear()
+            violation = self._check(pdu_type, length)
+            if violation is not None:
+                return violation
             self._pdu_type = pdu_type
             self._body_left = length
             if not length:
                 self._pdu_done()
+        return None
+
+    def _check(self, pdu_type: int, length: int) -> tuple[str, bool, int] | None:
+        """Why a PDU with this header must not be read: reason, abort, A-ABORT diagnostic."""
+        if pdu_type not in _PDU_TYPES:
+            return f"unknown PDU type 0x{pdu_type:02X}", True, _UNRECOGNIZED_PDU
+        if pdu_type != _P_DATA_TF:
+            if length > MAX_CONTROL_PDU:
+                return f"PDU type 0x{pdu_type:02X} of {length} bytes", True, _INVALID_PARAMETER
+            return None
+        limit = self._limits.max_pdu_size
+        if limit and length > limit + PDU_SLACK:
+            return (f"P-DATA-TF PDU of {length} bytes, over the advertised maximum of {limit}",
+                    True, _INVALID_PARAMETER)
+        self._message_bytes += length
+        if self._message_bytes > self._limits.max_object_bytes:
+            return (f"DIMSE message over node.max_object_mb "
+                    f"({self._limits.max_object_bytes // 2**20} MiB)", True, _NOT_SPECIFIED)
+        return None
 
     def _pdu_done(self) -> None:
         if self._pdu_type == _A_ASSOCIATE_RQ:
             self._deadline = None
 
-    def _close(self, reason: str) -> None:
+    def _close(self, reason: str, abort: bool, diagnostic: int = _NOT_SPECIFIED) -> None:
+        if abort:
+            pdu = A_ABORT_RQ()
+            pdu.source = 0x02  # service provider
+            pdu.reason_diagnostic = diagnostic
+            with contextlib.suppress(OSError):  # the peer may be gone; closing is what matters
+                self._raw.sendall(pdu.encode())
         with contextlib.suppress(OSError):
             self._raw.shutdown(socket.SHUT_RDWR)
         self._closed = True
@@ -133,3 +187,9 @@ def install(event: Any, limits: Limits, on_close: OnClose) -> None:
     if transport is not None and isinstance(transport.socket, socket.socket):
         transport.socket = GuardedSocket(transport.socket, limits, on_close)
 
+
+def message_received(event: Any) -> None:
+    """EVT_DIMSE_RECV: reset the guard's count of bytes in the current message."""
+    guarded = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if isinstance(guarded, GuardedSocket):
+        guarded.message_received()

@@ -87,7 +87,9 @@ class Receiver:
         self._stats: dict[int, _AssocStats] = {}
         node = settings.node
         self._limits = guard.Limits(
-            network_timeout_s=node.network_timeout_s, acse_timeout_s=node.acse_timeout_s)
+            network_timeout_s=node.network_timeout_s, acse_timeout_s=node.acse_timeout_s,
+            max_pdu_size=node.max_pdu_size, max_object_bytes=node.max_object_mb * 2**20,
+        )
 
     # -- set-up -----------------------------------------------------------------------
     def build_ae(self) -> AE:
@@ -115,6 +117,7 @@ class Receiver:
             (evt.EVT_CONN_CLOSE, self._on_close),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_DIMSE_RECV, guard.message_received),
         ]
 
     @property
@@ -129,7 +132,7 @@ class Receiver:
         guard.install(event, self._limits, lambda reason: self._on_dropped(assoc, reason))
 
     def _on_dropped(self, assoc: Any, reason: str) -> None:
-        # The guard closed the connection (a peer too slow); pynetdicom now
+        # The guard closed the connection (timeout, oversized PDU or object); pynetdicom now
         # ends the association as if the peer had gone.
         peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
         stats = self._get(assoc)
