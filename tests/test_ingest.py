@@ -9,6 +9,7 @@ import subprocess
 import time
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -66,6 +67,33 @@ def test_parse_garbage() -> None:
     """Bytes that are not DICOM are refused with 0xC210."""
     with pytest.raises(IngestError) as err:
         parse_instance(b"\x00" * 128 + b"DICM" + bytes(range(256)) * 20, "1.2.840.10008.1.2.1", None)
+    assert err.value.status == 0xC210
+
+
+def _empty_pixel_data(out: Path) -> Path:
+    """dx_image.dcm with a zero-length Pixel Data element."""
+    ds = dcmread(shared_file("dx_image.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PixelData = b""
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def _unknown_vr(out: Path) -> Path:
+    """dx_image.dcm with the VR of Modality overwritten by the unknown VR ``ZZ``."""
+    raw = shared_file("dx_image.dcm").read_bytes()
+    at = raw.index(b"\x08\x00\x60\x00CS", 132)
+    out.write_bytes(raw[:at + 4] + b"ZZ" + raw[at + 6:])
+    return out
+
+
+@pytest.mark.parametrize("make", [_empty_pixel_data, _unknown_vr])
+def test_parse_corrupt_element(make: Any, tmp_path: Path) -> None:
+    """An empty Pixel Data element or an unknown VR is refused with 0xC210, not a crash."""
+    raw, ts = _encoded(make(tmp_path / "bad.dcm"))
+    with pytest.raises(IngestError) as err:
+        parse_instance(raw, ts, None)
     assert err.value.status == 0xC210
 
 
@@ -204,7 +232,7 @@ def _with_meta(meta_from: Path, body: bytes, out: Path) -> Path:
 
 @pytest.mark.integration
 def test_bad_objects_quarantined_node_keeps_serving(node: Node, tmp_path: Path) -> None:
-    """Garbage, truncated and UID-less objects get failure statuses, are kept, node goes on."""
+    """Garbage, truncated, UID-less and corrupt objects get failure statuses, are kept, node goes on."""
     src = shared_file("dx_image.dcm")
     garbage = _with_meta(src, bytes(range(256)) * 40, tmp_path / "garbage.dcm")
     truncated = tmp_path / "truncated.dcm"
@@ -216,18 +244,24 @@ def test_bad_objects_quarantined_node_keeps_serving(node: Node, tmp_path: Path) 
     no_uid = tmp_path / "no_uid.dcm"
     ds.save_as(no_uid, enforce_file_format=False)
 
+    empty_pixels = _empty_pixel_data(tmp_path / "empty_pixels.dcm")
+    unknown_vr = _unknown_vr(tmp_path / "unknown_vr.dcm")
+
     assert _send_file(node.port, garbage) == 0xC210
     assert _send_file(node.port, truncated) == 0xC210
     assert _send_file(node.port, no_uid) == 0xA900
+    assert _send_file(node.port, empty_pixels) == 0xC210
+    assert _send_file(node.port, unknown_vr) == 0xC210
 
     quarantine = node.data_dir / "quarantine"
     kept = sorted(quarantine.glob("*.dcm"))
-    assert len(kept) == 3
+    assert len(kept) == 5
     reasons = [json.loads(p.with_suffix(".json").read_text())["reason"] for p in kept]
     assert any("SOPInstanceUID" in r for r in reasons)
     assert any("truncated" in r for r in reasons)
     # What was kept is what was sent.
-    sent = {hashlib.sha256(dataset_bytes(p)).hexdigest() for p in (garbage, truncated, no_uid)}
+    sent = {hashlib.sha256(dataset_bytes(p)).hexdigest()
+            for p in (garbage, truncated, no_uid, empty_pixels, unknown_vr)}
     assert {hashlib.sha256(dataset_bytes(p)).hexdigest() for p in kept} == sent
 
     study_uid, files = make_study([src], tmp_path / "good")
@@ -235,8 +269,8 @@ def test_bad_objects_quarantined_node_keeps_serving(node: Node, tmp_path: Path) 
     assert out.returncode == 0, out.stderr
     node.wait_state(study_uid, "processed")
     db = _db(node)
-    assert db.execute("select count(*) from quarantine").fetchone() == (3,)
-    assert db.execute("select count(*) from events where event='instance.quarantined'").fetchone() == (3,)
+    assert db.execute("select count(*) from quarantine").fetchone() == (5,)
+    assert db.execute("select count(*) from events where event='instance.quarantined'").fetchone() == (5,)
 
 
 @pytest.mark.integration

@@ -128,16 +128,23 @@ def parse_instance(encoded: bytes, transfer_syntax: str, requested_sop_uid: str 
         0xC210 when the stream cannot be parsed or its pixel data is truncated,
         0xA900 when a required UID is missing, malformed or differs from the request.
     """
+    # pydicom decodes an element's value when it is first accessed, so a corrupt element (an
+    # unknown VR, an empty Pixel Data) raises in the checks below as well as in dcmread.
     try:
-        ds = dcmread(BytesIO(encoded))
-        uids = {
-            k: str(ds.get(k, "") or "").strip()
-            for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-        }
+        return _checked(dcmread(BytesIO(encoded)), transfer_syntax, requested_sop_uid)
+    except IngestError:
+        raise
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
         raise IngestError(STATUS_CANNOT_UNDERSTAND, f"cannot parse data set: {exc}") from exc
     except Exception as exc:  # pydicom raises assorted types on corrupt input
         raise IngestError(STATUS_CANNOT_UNDERSTAND, f"cannot parse data set: {exc!r}") from exc
+
+
+def _checked(ds: Dataset, transfer_syntax: str, requested_sop_uid: str | None) -> ReceivedInstance:
+    uids = {
+        k: str(ds.get(k, "") or "").strip()
+        for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+    }
     short = _first_truncated_element(ds)
     if short is not None:
         raise IngestError(STATUS_CANNOT_UNDERSTAND, f"data set truncated or corrupt at element {short}")
@@ -156,7 +163,7 @@ def parse_instance(encoded: bytes, transfer_syntax: str, requested_sop_uid: str 
             raise IngestError(STATUS_CANNOT_UNDERSTAND, "image without (complete) pixel data: truncated?")
         if "PixelData" in ds and not UID(transfer_syntax).is_encapsulated:
             expected = _expected_native_length(ds)
-            got = len(ds.PixelData)
+            got = len(ds.PixelData or b"")  # an empty element reads as None
             if expected is not None and got < expected:
                 raise IngestError(
                     STATUS_CANNOT_UNDERSTAND,
