@@ -1,11 +1,26 @@
-"""Grouping instances into studies and handing stable studies to the next stage.
+"""The one owner of study and instance states: an explicit state machine, and the monitor
+that hands stable studies to the next stage.
 
-A study is *stable* once no instance arrived for the quiet period. A scheduled job
-(:meth:`StudyMonitor.poll`, run by APScheduler) finds stable studies, marks them
-``processing`` and calls the next stage's hook with the instances not yet processed.
-An instance arriving meanwhile sets the study back to ``receiving`` (ingest does it);
-completion is then not recorded over it, so the late instances are picked up on a later
-poll. After a restart, :meth:`StudyMonitor.recover` re-queues whatever was in flight.
+A study moves through these states (:data:`TRANSITIONS` lists every legal move)::
+
+    receiving --quiet period elapsed--> processing --stage done--> processed
+        ^                                   |   \\--stage raised--> failed
+        |                                   |                        |
+        +---- late instance or restart -----+------------------------+
+
+*Stable* is the moment a study has been quiet for the quiet period; the monitor claims it
+then, in one transaction, straight into ``processing`` (the ``study.stable`` event marks the
+moment), so no study ever rests in a separate "stable" state.
+
+Every change of a study's state goes through :func:`advance` (on a row of the caller's
+transaction) or through :class:`StudyMonitor`, which uses the guarded updates of
+:mod:`dicomai.store.studies`. The listener calls :func:`instance_arrived` in the transaction
+that records an instance, so a late instance re-opens its study atomically with its row.
+
+Instances are ``stored`` until the stage has recorded a result for them; the monitor marks
+them ``processed`` (or ``failed`` when the stage raised) when it finishes the study, and
+marks any that already have a recorded result when it claims the study again after a
+restart, so that an image is never classified twice.
 """
 
 from __future__ import annotations
@@ -15,19 +30,63 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import structlog
-from sqlalchemy import CursorResult, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.store import Instance, InstanceState, Study, StudyState, record_event
-from dicomai.store.models import utcnow
+from dicomai.errors import DicomaiError
+from dicomai.store import studies as store
+from dicomai.store.events import record_event
+from dicomai.store.models import Study, StudyState, utcnow
 
-__all__ = ["StudyHook", "StudyMonitor", "StudyWork", "noop_hook"]
+__all__ = ["TRANSITIONS", "StudyHook", "StudyMonitor", "StudyWork", "WorkInstance", "advance",
+           "instance_arrived", "noop_hook"]
 
 log = structlog.get_logger("dicomai.studies")
 _STAGE = "studies"
+
+#: Every legal change of a study's state.
+TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
+    StudyState.RECEIVING: frozenset({StudyState.PROCESSING}),
+    StudyState.PROCESSING: frozenset({StudyState.PROCESSED, StudyState.FAILED, StudyState.RECEIVING}),
+    StudyState.PROCESSED: frozenset({StudyState.RECEIVING}),
+    StudyState.FAILED: frozenset({StudyState.RECEIVING}),
+}
+
+
+class StateError(DicomaiError):
+    """A change of state that the state machine does not allow (a bug, never input)."""
+
+
+def check(current: str, to: StudyState) -> None:
+    """Raise :class:`StateError` unless ``current -> to`` is a legal transition."""
+    if to not in TRANSITIONS.get(StudyState(current), frozenset()):
+        raise StateError(f"study state {current} -> {to} is not allowed")
+
+
+def advance(study: Study, to: StudyState, now: dt.datetime) -> None:
+    """Move a study row of the caller's transaction to ``to``."""
+    check(study.state, to)
+    study.state = to
+    study.state_changed_at = now
+
+
+def instance_arrived(session: Session, study: Study, now: dt.datetime,
+                     association_id: int | None) -> None:
+    """An instance of ``study`` was recorded in ``session``: restart its quiet period, and
+    re-open it when it was already processed (its results will be superseded)."""
+    study.last_received_at = now
+    if study.state == StudyState.RECEIVING:
+        return
+    previous = study.state
+    if previous in (StudyState.PROCESSED, StudyState.FAILED):
+        study.reopen_count += 1
+        record_event(session, _STAGE, "study.reopened", association_id=association_id,
+                     study_instance_uid=study.study_instance_uid,
+                     details={"previous_state": previous, "reopen_count": study.reopen_count})
+    # A study being processed goes back to receiving; the monitor then does not record
+    # completion over it, and the late instances are picked up after the quiet period.
+    advance(study, StudyState.RECEIVING, now)
 
 
 @dataclass(frozen=True)
@@ -73,24 +132,19 @@ class StudyMonitor:
         self.clock = clock
 
     def recover(self) -> int:
-        """Re-queue studies left ``stable``/``processing`` by a previous run."""
+        """Re-queue studies left ``processing`` by a previous run, and finished studies with
+        instances stored after they were last processed; both go back to ``receiving`` and
+        are picked up after the quiet period."""
         now = self.clock()
         with self.sessions.begin() as s:
-            # In flight when the node stopped, or with instances stored after a study was last
-            # processed: both go back to receiving and are picked up after the quiet period.
-            unprocessed = select(Instance.study_id).where(Instance.state == InstanceState.STORED)
-            studies = s.scalars(select(Study).where(or_(
-                Study.state.in_([StudyState.STABLE, StudyState.PROCESSING]),
-                Study.state.in_([StudyState.PROCESSED, StudyState.FAILED]) & Study.id.in_(unprocessed),
-            ))).all()
+            studies = store.unfinished(s)
             for study in studies:
                 details: dict[str, object] = {"previous_state": study.state}
                 if study.state in (StudyState.PROCESSED, StudyState.FAILED):
                     details["unprocessed"] = True
                 record_event(s, _STAGE, "study.recovered", study_instance_uid=study.study_instance_uid,
                              details=details)
-                study.state = StudyState.RECEIVING
-                study.state_changed_at = now
+                advance(study, StudyState.RECEIVING, now)
         count = len(studies)
         if count:
             log.info("studies.recovered", studies=count)
@@ -100,9 +154,7 @@ class StudyMonitor:
         """Process every study that is stable now; returns how many were handed on."""
         cutoff = self.clock() - self.quiet
         with self.sessions() as s:
-            ids = s.scalars(select(Study.id).where(
-                Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff,
-            ).order_by(Study.last_received_at)).all()
+            ids = store.quiet_since(s, cutoff)
             s.rollback()
         done = 0
         for study_id in ids:
@@ -112,33 +164,24 @@ class StudyMonitor:
 
     def _claim(self, study_id: int, cutoff: dt.datetime) -> StudyWork | None:
         now = self.clock()
+        check(StudyState.RECEIVING, StudyState.PROCESSING)
         with self.sessions.begin() as s:
-            result: CursorResult[Any] = s.execute(update(Study).where(  # type: ignore[assignment]
-                Study.id == study_id, Study.state == StudyState.RECEIVING,
-                Study.last_received_at <= cutoff,
-            ).values(state=StudyState.PROCESSING, state_changed_at=now))
-            claimed = result.rowcount
-            if not claimed:
+            claimed = store.claim(s, study_id, cutoff, now)
+            if claimed is None:
                 return None
-            study = s.get_one(Study, study_id)
-            rows = s.scalars(select(Instance).where(
-                Instance.study_id == study_id, Instance.state == InstanceState.STORED,
-            ).order_by(Instance.id)).all()
-            total = s.scalar(select(func.count()).select_from(Instance).where(
-                Instance.study_id == study_id)) or 0
-            quiet_for = (now - study.last_received_at).total_seconds()
-            record_event(s, _STAGE, "study.stable", study_instance_uid=study.study_instance_uid,
-                         details={"instances": total, "new_instances": len(rows),
+            quiet_for = (now - claimed.last_received_at).total_seconds()
+            record_event(s, _STAGE, "study.stable", study_instance_uid=claimed.study_instance_uid,
+                         details={"instances": claimed.total, "new_instances": len(claimed.new),
                                   "quiet_for_s": round(quiet_for, 3),
-                                  "reopen_count": study.reopen_count})
+                                  "reopen_count": claimed.reopen_count})
             work = StudyWork(
-                study_id=study.id, study_instance_uid=study.study_instance_uid,
-                reopen_count=study.reopen_count,
-                instances=tuple(WorkInstance(r.id, r.sop_instance_uid, r.sop_class_uid,
-                                             self.data_dir / r.spool_path) for r in rows),
+                study_id=claimed.study_id, study_instance_uid=claimed.study_instance_uid,
+                reopen_count=claimed.reopen_count,
+                instances=tuple(WorkInstance(i.instance_id, i.sop_instance_uid, i.sop_class_uid,
+                                             self.data_dir / i.spool_path) for i in claimed.new),
             )
-        log.info("study.stable", study_uid=work.study_instance_uid, instances=total,
-                 new_instances=len(rows), reopen_count=work.reopen_count)
+        log.info("study.stable", study_uid=work.study_instance_uid, instances=claimed.total,
+                 new_instances=len(work.instances), reopen_count=work.reopen_count)
         return work
 
     def _process(self, study_id: int, cutoff: dt.datetime) -> bool:
@@ -154,23 +197,19 @@ class StudyMonitor:
             log.exception("study.failed", study_uid=work.study_instance_uid)
         now = self.clock()
         seconds = round(time.monotonic() - started, 3)
-        ids = [i.instance_id for i in work.instances]
+        new_state = StudyState.FAILED if error else StudyState.PROCESSED
+        check(StudyState.PROCESSING, new_state)
         with self.sessions.begin() as s:
-            s.execute(update(Instance).where(Instance.id.in_(ids)).values(
-                state=InstanceState.FAILED if error else InstanceState.PROCESSED))
-            new_state = StudyState.FAILED if error else StudyState.PROCESSED
-            result: CursorResult[Any] = s.execute(update(Study).where(  # type: ignore[assignment]
-                Study.id == study_id, Study.state == StudyState.PROCESSING,
-            ).values(state=new_state, state_changed_at=now, processed_at=now))
-            finished = result.rowcount
+            finished = store.finish(s, study_id, [i.instance_id for i in work.instances],
+                                    failed=error is not None, to=new_state, now=now)
             record_event(
                 s, _STAGE, "study.failed" if error else "study.processed",
                 level="error" if error else "info", study_instance_uid=work.study_instance_uid,
-                details={"instances": len(ids), "seconds": seconds,
+                details={"instances": len(work.instances), "seconds": seconds,
                          "reopened_meanwhile": not finished},
                 error=error,
             )
         log.info("study.processed" if not error else "study.failed",
-                 study_uid=work.study_instance_uid, instances=len(ids), seconds=seconds,
+                 study_uid=work.study_instance_uid, instances=len(work.instances), seconds=seconds,
                  reopened_meanwhile=not finished)
         return True

@@ -71,7 +71,8 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 
 class StudyState(StrEnum):
     RECEIVING = "receiving"  # instances arriving; not yet quiet for the quiet period
-    STABLE = "stable"  # quiet period elapsed, waiting for the next stage
+    # (there is no resting "stable" state: a study quiet for the quiet period is claimed
+    # straight into processing, see dicomai.studies)
     PROCESSING = "processing"  # handed to the next stage
     PROCESSED = "processed"  # next stage finished for every instance received so far
     FAILED = "failed"  # next stage raised; see the event log
