@@ -27,17 +27,21 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai import __version__
-from dicomai.analysis.stage import ClassifyStage, NoModelStage
+from dicomai.analysis.image import Analyser, operating_points
+from dicomai.analysis.study import StudyAnalyser
 from dicomai.config import Output, Settings, masked
 from dicomai.deliver.outbox import OutboxWorker, Sender
 from dicomai.model.classifier import Classifier
-from dicomai.model.package import load_package
+from dicomai.model.package import ModelPackage, load_package
 from dicomai.net.listener import Receiver
+from dicomai.results.publish import Publisher
 from dicomai.store import make_sessionmaker, open_database, record_event
+from dicomai.store import results as store_results
+from dicomai.store.models import utcnow
 from dicomai.store.spool import Spool
-from dicomai.studies import StudyHook, StudyMonitor
+from dicomai.studies import StudyHook, StudyMonitor, StudyWork
 
-__all__ = ["build_stage", "default_model_dir", "limit_malloc_arenas", "run_node", "sd_notify"]
+__all__ = ["Triage", "build_stage", "default_model_dir", "limit_malloc_arenas", "run_node", "sd_notify"]
 
 log = structlog.get_logger("dicomai.node")
 
@@ -77,21 +81,48 @@ def default_model_dir() -> Path | None:
     return path if (path / "model.json").is_file() else None
 
 
+class Triage:
+    """The node's work on a stable study: analysis, then results (which queue the delivery)."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], package: ModelPackage,
+                 classifier: Classifier, on_queued: Callable[[], None] | None = None) -> None:
+        points = operating_points(settings, package)
+        self.analyse = StudyAnalyser(Analyser(settings.scope, package, classifier, points))
+        self.publish = Publisher(settings, sessions, package.manifest, points, on_queued=on_queued)
+
+    def __call__(self, work: StudyWork) -> None:
+        self.publish(self.analyse(work))
+
+
+class NotAnalysed:
+    """The stage when no model is installed: every image is recorded not analysed, with why."""
+
+    def __init__(self, sessions: sessionmaker[Session], reason: str) -> None:
+        self.sessions = sessions
+        self.reason = reason
+
+    def __call__(self, work: StudyWork) -> None:
+        with self.sessions.begin() as s:
+            store_results.record_not_analysed(
+                s, work.study_id, work.study_instance_uid, work.reopen_count,
+                [(i.instance_id, i.sop_instance_uid) for i in work.instances], self.reason, utcnow())
+
+
 def build_stage(settings: Settings, sessions: sessionmaker[Session],
                 on_queued: Callable[[], None] | None = None) -> StudyHook:
-    """The classification stage; raises ModelError (the node must not start) on a bad package."""
+    """The node's stage; raises ModelError (the node must not start) on a bad package."""
     path = settings.model.path or default_model_dir()
     if path is None:
         log.warning("model.missing", hint="set model.path; images are recorded as not_analysed")
-        return NoModelStage(sessions, "no model installed (set model.path)")
+        return NotAnalysed(sessions, "no model installed (set model.path)")
     package = load_package(path)
     classifier = Classifier(package, settings.model.threads, settings.model.providers)
     m = package.manifest
     log.info("model.loaded", name=m.name, version=m.version, sha256=m.sha256[:16],
              providers=classifier.providers)
-    stage = ClassifyStage(settings, sessions, package, classifier, on_queued=on_queued)
-    if stage.publisher.wants(Output.SC) or stage.publisher.wants(Output.SR):
-        log.info("results.ready", warm_up_s=round(stage.publisher.warm_up(), 3))
+    stage = Triage(settings, sessions, package, classifier, on_queued=on_queued)
+    if stage.publish.wants(Output.SC) or stage.publish.wants(Output.SR):
+        log.info("results.ready", warm_up_s=round(stage.publish.warm_up(), 3))
     return stage
 
 

@@ -21,7 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicomai.deliver.outbox import Outcome, backoff_s, status_outcome
-from dicomai.results.objects import SC_SERIES_DESCRIPTION
+from dicomai.results.sc import SC_SERIES_DESCRIPTION
 from tests.helpers import Node, Orthanc, dcmtk, make_study, pydicom_data, shared_file, storescu
 from tests.test_results import _dciodvfy
 

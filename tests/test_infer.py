@@ -83,7 +83,7 @@ def test_grading_rules() -> None:
 
 def test_configured_thresholds_override_the_manifest(tmp_path: Path) -> None:
     """model.high_sensitivity / high_specificity in the configuration replace the manifest's."""
-    from dicomai.analysis.stage import operating_points
+    from dicomai.analysis.image import operating_points
     from dicomai.config import load_settings
 
     pkg = load_package(hot_spot_model(tmp_path / "m", thresholds=(0.3, 0.7)))

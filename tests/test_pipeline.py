@@ -1,4 +1,5 @@
-"""Tests of the classification stage: through the node, and on hand-made bad inputs."""
+"""Tests of the node's stage (analysis, then results): through the node, on bad inputs, after
+interruptions and with lost spool files."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import pytest
 from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.analysis.stage import ClassifyStage
 from dicomai.config import load_settings
 from dicomai.model.classifier import Classifier
 from dicomai.model.package import load_package
+from dicomai.node import Triage
 from dicomai.store import (
+    Event,
     Instance,
     InstanceState,
     OutboxItem,
@@ -30,7 +32,7 @@ from dicomai.store import (
     open_database,
 )
 from dicomai.store.models import utcnow
-from dicomai.studies import StudyWork, WorkInstance
+from dicomai.studies import StudyMonitor, StudyWork, WorkInstance, instance_arrived
 from tests.helpers import Node, make_study, pydicom_data, shared_file, storescu
 from tests.synthetic import hot_spot_model
 
@@ -63,15 +65,16 @@ class _Row(WorkInstance):
     study_id: int = 0
 
 
-def _rows(sessions: sessionmaker[Session], study_uid: str, files: list[tuple[str, Path]]) -> list[_Row]:
-    """A study in ``processing`` with one stored instance per (SOP Instance UID, file)."""
+def _rows(sessions: sessionmaker[Session], study_uid: str, files: list[tuple[str, Path]],
+          state: StudyState = StudyState.PROCESSING) -> list[_Row]:
+    """A study (``processing`` unless said) with one stored instance per (SOP Instance UID, file)."""
     now = utcnow()
     with sessions.begin() as s:
-        study = Study(study_instance_uid=study_uid, state=StudyState.PROCESSING, first_received_at=now,
+        study = Study(study_instance_uid=study_uid, state=state, first_received_at=now,
                       last_received_at=now, state_changed_at=now, reopen_count=0)
         s.add(study)
         s.flush()
-        series = Series(study_id=study.id, series_instance_uid=f"{study_uid}.1")
+        series = Series(study_id=study.id, series_instance_uid=generate_uid())
         s.add(series)
         s.flush()
         rows = []
@@ -92,7 +95,7 @@ def test_bad_images_fail_alone(tmp_path: Path) -> None:
                                       "DICOMAI_SCOPE__MIN_SIZE_PX": "1"})
     sessions = make_sessionmaker(open_database(settings.database_url))
     pkg = load_package(hot_spot_model(tmp_path / "model"))
-    stage = ClassifyStage(settings, sessions, pkg, Classifier(pkg))
+    stage = Triage(settings, sessions, pkg, Classifier(pkg))
     files = {**_bad_variants(tmp_path), "good": pydicom_data("RG3_UNCR.dcm")}
     uids = [(f"1.2.3.1.{n}", p) for n, p in enumerate(files.values())]
     work = list(zip(files, _rows(sessions, "1.2.3", uids), strict=True))
@@ -152,40 +155,135 @@ def test_node_refuses_a_bad_model(tmp_path: Path, node_factory: type[Node]) -> N
     assert "does not match the manifest" in node.log()
 
 
-def test_interrupted_run_makes_planned_captures_later(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """A node stopped between the two steps (SR recorded and queued, SCs not made yet): the
-    next pass over the study makes the SCs with the UIDs the SR already references, and
-    queues them; nothing is classified twice."""
+def _one_image_study(tmp_path: Path, shadow: bool = False,
+                     ) -> tuple[Triage, sessionmaker[Session], StudyMonitor, str, Path]:
+    """A node's stage and monitor on SQLite, and one stored CR instance in a receiving study."""
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 9\n')
+    cfg.write_text('[results]\nshadow = true\n' if shadow else
+                   '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 9\n')
     settings = load_settings(cfg, environ={"DICOMAI_NODE__DATA_DIR": str(tmp_path / "data")})
     sessions = make_sessionmaker(open_database(settings.database_url))
     pkg = load_package(hot_spot_model(tmp_path / "model"))
-    stage = ClassifyStage(settings, sessions, pkg, Classifier(pkg))
+    stage = Triage(settings, sessions, pkg, Classifier(pkg))
+    monitor = StudyMonitor(sessions, Path("/"), 0.0, stage)
     study_uid, (path,) = make_study([pydicom_data("RG3_UNCR.dcm")], tmp_path / "s")
     ds = dcmread(path, stop_before_pixels=True)
-    (inst,) = _rows(sessions, study_uid, [(ds.SOPInstanceUID, path)])
-    work = StudyWork(inst.study_id, study_uid, 0, (inst,))
-    # Step 2 never runs: the process "stops" right after step 1's commit.
-    monkeypatch.setattr(stage, "_maps_and_captures", lambda *args: 0)
-    stage(work)
+    _rows(sessions, study_uid, [(ds.SOPInstanceUID, path)], state=StudyState.RECEIVING)
+    return stage, sessions, monitor, study_uid, path
+
+
+def test_interrupted_run_makes_planned_captures_later(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node killed between the two steps (SR recorded and queued, SCs not made yet): after
+    the restart the monitor hands the study on again without its classified image, and the
+    stage makes the SCs with the UIDs the SR already references; nothing is classified twice."""
+    stage, sessions, monitor, study_uid, path = _one_image_study(tmp_path)
+    ds = dcmread(path, stop_before_pixels=True)
+    killed: list[StudyWork] = []
+
+    def killed_after_step_one(work: StudyWork) -> None:
+        monkeypatch.setattr(stage.publish, "_maps_and_captures", lambda *args: 0)
+        stage(work)
+        killed.append(work)
+        raise KeyboardInterrupt  # not an Exception: the monitor records nothing, as after kill -9
+
+    monitor.hook = killed_after_step_one
+    with pytest.raises(KeyboardInterrupt):
+        monitor.poll()
     with sessions() as s:
         rows = {r.kind: r for r in s.scalars(select(ResultObject))}
         assert set(rows) == {"sr", "sc"} and rows["sc"].path is None
-        assert s.scalar(select(Instance.state)) == InstanceState.PROCESSED
+        assert s.scalar(select(Study.state)) == StudyState.PROCESSING
         planned_uid = rows["sc"].sop_instance_uid
     sr = dcmread(tmp_path / "data" / str(rows["sr"].path))
     assert planned_uid in str(sr)  # the SR references the SC before it exists
     monkeypatch.undo()
-    stage(StudyWork(work.study_id, study_uid, 0, ()))  # the next pass, as after a restart
+    handed: list[StudyWork] = []
+    monitor.hook = lambda work: (handed.append(work), stage(work))[0]
+    assert monitor.recover() == 1 and monitor.poll() == 1  # the restart
+    assert handed[0].instances == ()  # the classified image is not handed out again
     with sessions() as s:
         sc = s.scalars(select(ResultObject).where(ResultObject.kind == "sc")).one()
         kinds = sorted(s.scalars(select(ResultObject.kind).join(
             OutboxItem, OutboxItem.result_id == ResultObject.id)))
         assert s.scalar(select(func.count()).select_from(Prediction)) == 2  # image + study, once
+        assert s.scalar(select(Instance.state)) == InstanceState.PROCESSED
+        assert s.scalar(select(Study.state)) == StudyState.PROCESSED
     assert sc.sop_instance_uid == planned_uid and sc.path
     made = dcmread(tmp_path / "data" / sc.path)
     assert made.SOPInstanceUID == planned_uid and made.SourceImageSequence[0].ReferencedSOPInstanceUID == (
         ds.SOPInstanceUID)
     assert kinds == ["sc", "sr"]
+
+
+def _interrupt_after_step_one(stage: Triage, monitor: StudyMonitor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the stage on the study up to its recorded SR, then "kill" the node and restart it."""
+    real = stage.publish._maps_and_captures
+    monkeypatch.setattr(stage.publish, "_maps_and_captures", lambda *args: 0)
+    monitor.poll()
+    monkeypatch.setattr(stage.publish, "_maps_and_captures", real)
+    with monitor.sessions.begin() as s:  # as if killed before the monitor recorded completion
+        s.execute(update(Study).values(state=StudyState.PROCESSING))
+    monitor.recover()
+
+
+def test_planned_capture_without_a_grade_is_not_made_negative(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A planned SC whose grade is missing is not made (never drawn as "negative"), and the
+    failure is audited."""
+    stage, sessions, monitor, study_uid, _ = _one_image_study(tmp_path)
+    _interrupt_after_step_one(stage, monitor, monkeypatch)
+    with sessions.begin() as s:
+        s.execute(update(ResultObject).where(ResultObject.kind == "sc").values(grade=None))
+    monitor.poll()
+    with sessions() as s:
+        sc = s.scalars(select(ResultObject).where(ResultObject.kind == "sc")).one()
+        failed = s.scalars(select(Event).where(Event.event == "result.failed")).all()
+    assert sc.path is None
+    assert len(failed) == 1 and "no grade" in (failed[0].error or "")
+    assert not list((tmp_path / "data" / "results" / study_uid).glob("*.sc.dcm"))
+
+
+def test_capture_whose_source_is_gone_is_audited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A planned SC whose source file can no longer be read is audited as a failed result."""
+    stage, sessions, monitor, _, path = _one_image_study(tmp_path)
+    _interrupt_after_step_one(stage, monitor, monkeypatch)
+    path.unlink()
+    monitor.poll()
+    with sessions() as s:
+        failed = s.scalars(select(Event).where(Event.event == "result.failed")).all()
+    assert len(failed) == 1 and "cannot read the source image" in (failed[0].error or "")
+    assert failed[0].details == {"kind": "sc"}
+
+
+def test_sr_keeps_an_image_whose_spool_file_is_gone(tmp_path: Path) -> None:
+    """When a re-opened study's earlier image has lost its spool file, the new SR still reports
+    that image's finding and references it: the evidence matches the study's grade."""
+    stage, sessions, monitor, study_uid, first = _one_image_study(tmp_path, shadow=True)
+    monitor.poll()
+    first_uid = dcmread(first, stop_before_pixels=True).SOPInstanceUID
+    first.unlink()
+    _, (second,) = make_study([pydicom_data("RG3_UNCR.dcm")], tmp_path / "s2", study_uid=study_uid)
+    second_uid = dcmread(second, stop_before_pixels=True).SOPInstanceUID
+    with sessions.begin() as s:
+        study = s.scalars(select(Study)).one()
+        series = s.scalars(select(Series)).first()
+        assert series is not None
+        instance_arrived(s, study, utcnow(), None)
+        s.add(Instance(study_id=study.id, series_id=series.id, sop_instance_uid=second_uid,
+                       sop_class_uid="1.2.840.10008.5.1.4.1.1.1", transfer_syntax_uid="x", version=1,
+                       size_bytes=1, sha256="1" * 64, spool_path=str(second), state=InstanceState.STORED,
+                       received_at=utcnow()))
+    assert monitor.poll() == 1
+    with sessions() as s:
+        srs = s.scalars(select(ResultObject).where(ResultObject.kind == "sr").order_by(ResultObject.id)).all()
+        grades = {p.sop_instance_uid: p.grade for p in s.scalars(select(Prediction).where(
+            Prediction.level == "image"))}
+    assert len(srs) == 2
+    latest = dcmread(tmp_path / "data" / str(srs[1].path))
+    referenced = {item.ReferencedSOPInstanceUID
+                  for study in latest.CurrentRequestedProcedureEvidenceSequence
+                  for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+    assert {first_uid, second_uid} <= referenced
+    assert str(latest).count("Fracture of bone") >= 3  # two images and the study
+    assert grades[first_uid] in ("positive", "doubtful", "negative")

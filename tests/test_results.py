@@ -13,8 +13,9 @@ from PIL import Image
 from pydicom import dcmread
 
 from dicomai.imaging.pixels import to_display
+from dicomai.model.grading import Grade
 from dicomai.model.package import load_package
-from dicomai.results.objects import SC_SERIES_DESCRIPTION, secondary_capture
+from dicomai.results.sc import SC_SERIES_DESCRIPTION, secondary_capture
 from tests.helpers import dcmtk, missing, pydicom_data, shared_file
 from tests.synthetic import hot_spot_model
 
@@ -78,7 +79,7 @@ def test_sc_renders_with_caption_and_heat_map(tmp_path: Path) -> None:
 
 
 def _study(tmp_path: Path) -> tuple[list, object]:
-    from dicomai.results.objects import ImageFinding
+    from dicomai.results.sr import ImageFinding
 
     pkg = load_package(hot_spot_model(tmp_path / "m"))
     a = dcmread(pydicom_data("RG3_UNCR.dcm"))
@@ -88,10 +89,10 @@ def _study(tmp_path: Path) -> tuple[list, object]:
         other.StudyInstanceUID, other.PatientID = a.StudyInstanceUID, a.PatientID
         other.PatientName = a.PatientName
     shown = to_display(a).image
-    sc = secondary_capture(a, shown, np.zeros_like(shown), "positive", 0.93, pkg.manifest, UID())
-    findings = [ImageFinding(a, "positive", 0.93, None, sc),
-                ImageFinding(b, "doubtful", 0.41),
-                ImageFinding(c, "not_analysed", None, "body part not analysed: CHEST")]
+    sc = secondary_capture(a, shown, np.zeros_like(shown), Grade.POSITIVE, 0.93, pkg.manifest, UID())
+    findings = [ImageFinding(a, Grade.POSITIVE, 0.93, None, sc),
+                ImageFinding(b, Grade.DOUBTFUL, 0.41),
+                ImageFinding(c, Grade.NOT_ANALYSED, None, "body part not analysed: CHEST")]
     return findings, pkg
 
 
@@ -100,10 +101,11 @@ def test_sr_content_validity_and_references(tmp_path: Path) -> None:
     import highdicom.sr as hsr
     from pydicom.sr.codedict import codes
 
-    from dicomai.results.objects import FRACTURE, structured_report
+    from dicomai.results.sr import FRACTURE, structured_report
 
     findings, pkg = _study(tmp_path)
-    sr = structured_report(findings, "positive", 0.93, pkg.manifest, (0.3, 0.7), UID())
+    sr = structured_report(findings, Grade.POSITIVE, 0.93, pkg.manifest, (0.3, 0.7), UID(),
+                           identity=findings[0].source)
     path = tmp_path / "sr.dcm"
     sr.save_as(path)
     assert _dciodvfy(path) == []
@@ -144,11 +146,13 @@ def test_sr_content_validity_and_references(tmp_path: Path) -> None:
 
 def test_sr_supersedes_previous(tmp_path: Path) -> None:
     """A re-run's SR lists the SR it replaces in the Predecessor Documents Sequence."""
-    from dicomai.results.objects import structured_report
+    from dicomai.results.sr import structured_report
 
     findings, pkg = _study(tmp_path)
-    first = structured_report(findings[:1], "positive", 0.93, pkg.manifest, (0.3, 0.7), UID())
-    second = structured_report(findings, "positive", 0.93, pkg.manifest, (0.3, 0.7), UID(), previous=first)
+    first = structured_report(findings[:1], Grade.POSITIVE, 0.93, pkg.manifest, (0.3, 0.7), UID(),
+                              identity=findings[0].source)
+    second = structured_report(findings, Grade.POSITIVE, 0.93, pkg.manifest, (0.3, 0.7), UID(),
+                               identity=findings[0].source, previous=first)
     pred = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert pred.ReferencedSOPInstanceUID == first.SOPInstanceUID
     path = tmp_path / "sr2.dcm"

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numpy.typing import NDArray
 
 from dicomai.imaging.pixels import Letterbox, unletterbox
 
-__all__ = ["gradcam_on_image", "normalize_map"]
+__all__ = ["GradcamGrid", "gradcam_on_image", "normalize_map"]
+
+
+@dataclass(frozen=True)
+class GradcamGrid:
+    """The model's Grad-CAM grid and the letterbox that maps it back onto the image."""
+
+    grid: NDArray[np.float32]
+    geometry: Letterbox
+
+    def on_image(self) -> NDArray[np.float32]:
+        """The map on the original image's geometry, in [0, 1]."""
+        return gradcam_on_image(self.grid, self.geometry)
 
 
 def normalize_map(cam: NDArray[np.floating]) -> NDArray[np.float32]:

@@ -1,26 +1,21 @@
-"""Result objects of a classified study: made, kept durably, queued for every destination.
+"""From a study's analysis to recorded results and queued DICOM objects.
 
-For each run of the classification stage on a study, :class:`Publisher` makes
+For each run on a study, :class:`Publisher`
 
-* one Structured Report covering *every* image of the study classified so far (when an
-  earlier SR exists the new one names it in its Predecessor Documents Sequence and gets its
-  own series, whose description carries the grade, which may have changed);
-* a Secondary Capture for each image analysed *in this run* (images classified in an earlier
-  run already have theirs); all SCs of a study share one series.
+1. completes what an interrupted earlier run planned (SCs whose UIDs the last SR references);
+2. grades the study over every image classified so far, this run's included;
+3. makes the study's Structured Report, covering *every* image classified so far (when an
+   earlier SR exists the new one names it in its Predecessor Documents Sequence), and
+   records it in one transaction with the predictions, the study's grade and the planned
+   SCs, then wakes the sender: the triage flag reaches the PACS first;
+4. draws the full-size Grad-CAM maps, keeps them (reduced), makes a Secondary Capture per
+   image analysed in this run (all SCs of a study share one series), records and queues them.
 
-The SR is the triage flag a radiologist's worklist shows, so it is made and queued first,
-as soon as the probabilities are known; the SCs, which need the full-size heat maps
-rendered, follow. Their UIDs are assigned beforehand (:meth:`Publisher.plan`) and recorded
-with the SR (:meth:`Publisher.record_plan`), so that the SR can reference them and a
-node stopped in between makes them after restart. Each object is written under
-``data_dir/results/<StudyInstanceUID>/`` (fsynced, then renamed); :meth:`Publisher.record`
-adds, in the caller's transaction, a ``results`` row per object (or completes the planned
-one) and an ``outbox`` row per object and destination that wants that kind (none in shadow
-mode).
-
+Objects are written under ``data_dir/results/<StudyInstanceUID>/`` (fsynced, then renamed).
 A study with no image in scope gets no SR; a re-opened study whose new images are all out of
-scope gets no new SR either (its findings did not change). An object that cannot be made is
-reported as an event and never stops the classification results from being recorded.
+scope gets no new SR either. An object that cannot be made is audited as ``result.failed``
+and never stops the predictions from being recorded. A missing grade is never read as
+"no fracture": that SC is not made, and the failure is audited.
 """
 
 from __future__ import annotations
@@ -29,86 +24,37 @@ import datetime as dt
 import hashlib
 import io
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import structlog
 from highdicom import UID
-from numpy.typing import NDArray
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from dicomai.analysis.study import AnalysedImage, StudyAnalysis
 from dicomai.config import Output, Settings
-from dicomai.model.grading import Grade
+from dicomai.imaging.pixels import FloatImage, decode, resize, to_display
+from dicomai.model.grading import Grade, grade_study
 from dicomai.model.package import Manifest, OperatingPoints
-from dicomai.results.objects import ImageFinding, secondary_capture, structured_report
-from dicomai.store import Instance, OutboxItem, OutboxState, Prediction, ResultObject, record_event
+from dicomai.results.sc import SC_SOP_CLASS, secondary_capture
+from dicomai.results.sr import ImageFinding, reference_header, structured_report
+from dicomai.store import results as store
+from dicomai.store.events import record_event
 from dicomai.store.models import utcnow
 from dicomai.store.spool import Spool
+from dicomai.studies import StudyWork
 
-__all__ = ["Failure", "Made", "Plan", "Publisher", "RunImage", "StudyOutputs"]
+__all__ = ["Publisher"]
 
-log = structlog.get_logger("dicomai.results.publish")
-_STAGE = "results"
-_IN_SCOPE = (Grade.POSITIVE, Grade.DOUBTFUL, Grade.NEGATIVE, Grade.FAILED)
-SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-
-#: An object that could not be made: kind, SOP Instance UID (of the source, if any), error.
-Failure = tuple[str, str | None, str]
-
-
-@dataclass
-class RunImage:
-    """One image of this run as the publisher needs it."""
-
-    instance_id: int
-    source: Dataset  # the received data set (its header is what the objects copy)
-    grade: Grade
-    probability: float | None = None
-    reason: str | None = None
-    display: NDArray[np.float32] | None = None  # the displayed radiograph, analysed images only
-    cam: NDArray[np.float32] | None = None  # Grad-CAM map on the same geometry, when the model has one
+log = structlog.get_logger("dicomai.results")
+_REPORTED = (Grade.POSITIVE, Grade.DOUBTFUL, Grade.NEGATIVE, Grade.FAILED)
 
 
 @dataclass(frozen=True)
-class _Earlier:
-    instance_id: int
-    spool_path: str
-    grade: str
-    probability: float | None
-    reason: str | None
-
-
-@dataclass(frozen=True)
-class _ScRef:
-    """Enough of an SC for an SR to reference it (and list it as evidence)."""
-
-    sop_instance_uid: str
-    series_instance_uid: str
-
-    def header(self, study_uid: str) -> Dataset:
-        ds = Dataset()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, self.series_instance_uid
-        ds.SOPClassUID, ds.SOPInstanceUID = SC_SOP_CLASS, self.sop_instance_uid
-        return ds
-
-
-@dataclass
-class StudyOutputs:
-    """What earlier runs of a study left behind, read in one short transaction."""
-
-    sc_series_uid: str | None = None
-    sc_count: int = 0
-    sc_of: dict[int, _ScRef] = field(default_factory=dict)  # by source instance id
-    earlier: list[_Earlier] = field(default_factory=list)
-    previous_sr: tuple[int, str] | None = None  # id and path of the SR to supersede
-
-
-@dataclass(frozen=True)
-class Plan:
+class _Plan:
     """The SCs this run will make: UIDs and instance numbers fixed before the SR is made."""
 
     series_uid: str
@@ -116,29 +62,36 @@ class Plan:
 
 
 @dataclass
-class Made:
-    """A result object written to disk, waiting for its rows."""
-
-    kind: Output
-    dataset: Dataset
-    path: Path
-    size_bytes: int
-    sha256: str
-    source_instance_id: int | None = None
-    replaces_id: int | None = None
-    grade: str | None = None
+class _ScInput:
+    instance_id: int
+    source: Dataset
+    grade: Grade
+    probability: float
+    display: FloatImage
+    cam: FloatImage | None
+    sop_instance_uid: str
+    instance_number: int
 
 
 class Publisher:
-    """Makes the result objects of one run and queues them for delivery."""
+    """The results stage of the node: records a study's analysis and queues its objects."""
 
-    def __init__(self, settings: Settings, manifest: Manifest, points: OperatingPoints) -> None:
+    #: Longer side of the Grad-CAM map kept on disk (the grid itself is in the database).
+    MAP_SIDE = 512
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], manifest: Manifest,
+                 points: OperatingPoints, on_queued: Callable[[], None] | None = None) -> None:
         self.settings = settings
+        self.sessions = sessions
         self.manifest = manifest
         self.points = points
+        self.on_queued = on_queued
+        self.data_dir = settings.data_dir
+        self.results_dir = settings.data_dir / "results"
         self.spool = Spool(settings.data_dir, fsync=settings.storage.fsync)
         self.spool.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.results_dir = settings.data_dir / "results"
+        self.stamp = store.ModelStamp(manifest.name, manifest.version, manifest.sha256,
+                                      points.high_sensitivity, points.high_specificity)
 
     def wants(self, kind: Output) -> bool:
         """Whether objects of this kind are made at all: shadow mode, or a destination wants them."""
@@ -159,174 +112,226 @@ class Publisher:
             sc = secondary_capture(src, image, image, Grade.NEGATIVE, 0.0, self.manifest, UID())
             structured_report([ImageFinding(src, Grade.NEGATIVE, 0.0, None, sc)], Grade.NEGATIVE, 0.0,
                               self.manifest, (self.points.high_sensitivity, self.points.high_specificity),
-                              series_uid=UID())
+                              series_uid=UID(), identity=src)
         except Exception:  # noqa: BLE001 -- only a warm-up: the first study pays instead
             log.warning("results.warm_up_failed", exc_info=True)
         return time.perf_counter() - started
 
-    # -- reading what earlier runs left -------------------------------------------------------
+    def kick(self, queued: int) -> None:
+        if queued and self.on_queued is not None:
+            self.on_queued()
 
-    def gather(self, session: Session, study_id: int, exclude: set[int]) -> StudyOutputs:
-        """Earlier images and their SCs, the SC series, the last SR; ``exclude``: this run's images.
+    # -- the stage -----------------------------------------------------------------------------
 
-        Only reads; keep the session short (on SQLite every transaction holds the write lock).
-        """
-        scs = session.execute(select(ResultObject.source_instance_id, ResultObject.sop_instance_uid,
-                                     ResultObject.series_instance_uid).where(
-            ResultObject.study_id == study_id, ResultObject.kind == Output.SC,
-        ).order_by(ResultObject.id)).all()
-        latest = select(func.max(Prediction.id)).where(
-            Prediction.study_id == study_id, Prediction.level == "image",
-            Prediction.instance_id.is_not(None),
-        ).group_by(Prediction.instance_id)
-        rows = session.execute(
-            select(Instance.id, Instance.spool_path, Prediction.grade, Prediction.probability,
-                   Prediction.reason)
-            .join(Instance, Instance.id == Prediction.instance_id)
-            .where(Prediction.id.in_(latest)).order_by(Instance.id)).all()
-        previous = session.execute(select(ResultObject.id, ResultObject.path).where(
-            ResultObject.study_id == study_id, ResultObject.kind == Output.SR,
-            ResultObject.path.is_not(None),
-        ).order_by(ResultObject.id.desc()).limit(1)).first()
-        return StudyOutputs(
-            sc_series_uid=scs[0][2] if scs else None, sc_count=len(scs),
-            sc_of={src: _ScRef(uid, series) for src, uid, series in scs if src is not None},
-            earlier=[_Earlier(i, path, g, p, r) for i, path, g, p, r in rows if i not in exclude],
-            previous_sr=(previous[0], str(previous[1])) if previous else None)
+    def __call__(self, analysis: StudyAnalysis) -> None:
+        started = time.perf_counter()
+        work = analysis.work
+        self._finish_planned(work)
+        if not analysis.images:  # re-queued after a restart with nothing new: done
+            return
+        this_run = [i.instance.instance_id for i in analysis.images]
+        with self.sessions() as s:  # short: on SQLite a transaction holds the write lock
+            outputs = store.gather(s, work.study_id, this_run)
+            s.rollback()
+        items = [(e.grade, e.probability) for e in outputs.earlier]
+        items += [(i.analysis.grade, i.analysis.probability) for i in analysis.images]
+        grade, probability = grade_study(items)
+        plan = self._plan(analysis, outputs)
+        report, failures = self._report(analysis, outputs, plan, grade, probability)
+        with self.sessions.begin() as s:
+            ids = store.record_predictions(
+                s, work.study_id, work.study_instance_uid, work.reopen_count, self.stamp,
+                [self._prediction(i) for i in analysis.images], grade, probability, len(items), utcnow())
+            queued = self._record(s, work, report, failures)
+            grades = {i.instance.instance_id: i.analysis.grade for i in analysis.images}
+            store.add_planned_scs(s, work.study_id, work.reopen_count, plan.series_uid,
+                                  {iid: (uid, grades[iid]) for iid, (uid, _) in plan.sc.items()},
+                                  self.settings.results.shadow, utcnow())
+        self.kick(queued)
+        flagged_s = time.perf_counter() - started
+        made = self._maps_and_captures(analysis, plan, ids)
+        log.info("study.classified", study_uid=work.study_instance_uid, images=len(analysis.images),
+                 positive=analysis.count(Grade.POSITIVE), doubtful=analysis.count(Grade.DOUBTFUL),
+                 failed=analysis.count(Grade.FAILED), not_analysed=analysis.count(Grade.NOT_ANALYSED),
+                 grade=grade, objects=len(report) + made, flagged_s=round(flagged_s, 3),
+                 seconds=round(time.perf_counter() - started + analysis.seconds, 3))
 
     @staticmethod
-    def planned(session: Session, study_id: int) -> tuple[Plan, dict[int, str | None]]:
-        """SCs recorded as planned but not made yet (an interrupted run), with their grades."""
-        rows = session.execute(select(ResultObject.sop_instance_uid, ResultObject.series_instance_uid,
-                                      ResultObject.source_instance_id, ResultObject.path, ResultObject.grade)
-                               .where(ResultObject.study_id == study_id, ResultObject.kind == Output.SC)
-                               .order_by(ResultObject.id)).all()
-        sc = {src: (uid, n) for n, (uid, _, src, path, _) in enumerate(rows, start=1)
-              if path is None and src is not None}
-        grades = {src: grade for _, _, src, path, grade in rows if path is None and src is not None}
-        return Plan(rows[0][1] if rows else "", sc), grades
+    def _prediction(image: AnalysedImage) -> store.PredictionRecord:
+        a = image.analysis
+        return store.PredictionRecord(
+            instance_id=image.instance.instance_id, sop_instance_uid=image.instance.sop_instance_uid,
+            grade=a.grade, probability=a.probability, reason=a.reason, window=a.window, gradcam=a.gradcam,
+            decode_ms=a.timings.decode_ms, normalize_ms=a.timings.normalize_ms, infer_ms=a.timings.infer_ms)
 
-    def plan(self, images: list[RunImage], earlier: StudyOutputs) -> Plan:
+    def _plan(self, analysis: StudyAnalysis, outputs: store.StudyOutputs) -> _Plan:
         """Assign the UIDs and instance numbers of this run's SCs (none when no SC is wanted)."""
-        series_uid = earlier.sc_series_uid or UID()
+        series_uid = outputs.sc_series_uid or UID()
         sc: dict[int, tuple[str, int]] = {}
         if self.wants(Output.SC):
-            for image in images:
-                if image.grade in (Grade.POSITIVE, Grade.DOUBTFUL, Grade.NEGATIVE):
-                    sc[image.instance_id] = (UID(), earlier.sc_count + len(sc) + 1)
-        return Plan(series_uid, sc)
+            for image in analysis.images:
+                if image.analysis.analysed:
+                    sc[image.instance.instance_id] = (UID(), outputs.sc_count + len(sc) + 1)
+        return _Plan(series_uid, sc)
 
-    # -- making ---------------------------------------------------------------------------------
+    # -- the SR --------------------------------------------------------------------------------
 
-    def make_report(self, study_uid: str, images: list[RunImage], plan: Plan, earlier: StudyOutputs,
-                    grade: Grade, probability: float | None) -> tuple[list[Made], list[Failure]]:
+    def _report(self, analysis: StudyAnalysis, outputs: store.StudyOutputs, plan: _Plan, grade: Grade,
+                probability: float | None) -> tuple[list[store.NewObject], list[tuple[str, str | None, str]]]:
         """The study's SR, written; nothing when no SR is wanted or nothing new is in scope."""
-        if not self.wants(Output.SR) or not any(i.grade in _IN_SCOPE for i in images):
+        if not self.wants(Output.SR) or not any(i.analysis.grade in _REPORTED for i in analysis.images):
             return [], []
+        study_uid = analysis.work.study_instance_uid
         findings: list[ImageFinding] = []
-        for e in earlier.earlier:
-            try:
-                source = dcmread(self.settings.data_dir / e.spool_path, stop_before_pixels=True)
-            except Exception:  # noqa: BLE001 -- a lost spool file: that image is left out of the SR
-                log.warning("result.source_unreadable", study_uid=study_uid, instance_id=e.instance_id)
-                continue
-            ref = earlier.sc_of.get(e.instance_id)
-            findings.append(ImageFinding(source, e.grade, e.probability, e.reason,
-                                         ref.header(study_uid) if ref else None))
-        for i in images:
-            planned = plan.sc.get(i.instance_id)
-            sc = _ScRef(planned[0], plan.series_uid).header(study_uid) if planned else None
-            findings.append(ImageFinding(i.source, i.grade, i.probability, i.reason, sc))
-        previous = earlier.previous_sr
+        for e in outputs.earlier:
+            ref = outputs.sc_of.get(e.ref.instance_id)
+            sc = (reference_header(study_uid, ref.series_instance_uid, SC_SOP_CLASS, ref.sop_instance_uid)
+                  if ref else None)
+            findings.append(ImageFinding(self._header(study_uid, e.ref), e.grade, e.probability, e.reason,
+                                         sc))
+        identity: Dataset | None = None
+        for image in analysis.images:
+            a, iid = image.analysis, image.instance.instance_id
+            source = a.source if a.source is not None else self._header(study_uid, outputs.refs[iid])
+            if a.source is not None and identity is None:
+                identity = a.source
+            planned = plan.sc.get(iid)
+            sc = reference_header(study_uid, plan.series_uid, SC_SOP_CLASS, planned[0]) if planned else None
+            findings.append(ImageFinding(source, a.grade, a.probability, a.reason, sc))
         try:
-            prev_ds = dcmread(self.settings.data_dir / previous[1]) if previous else None
+            if identity is None:
+                raise ValueError("no image of this run could be read for the patient's identity")
+            previous = outputs.previous_sr
+            prev_ds = dcmread(self.data_dir / previous[1]) if previous else None
             sr = structured_report(findings, grade, probability, self.manifest,
                                    (self.points.high_sensitivity, self.points.high_specificity),
-                                   series_uid=UID(), previous=prev_ds)
-            return [self._write(Output.SR, sr, study_uid, replaces_id=previous[0] if previous else None,
-                                grade=grade)], []
+                                   series_uid=UID(), identity=identity, previous=prev_ds)
+            return [self._write(Output.SR, sr, study_uid, grade=grade,
+                                replaces_id=previous[0] if previous else None)], []
         except Exception as exc:  # audited; the predictions are still recorded
             log.exception("result.sr_failed", study_uid=study_uid)
             return [], [("sr", None, repr(exc))]
 
-    def make_secondary_captures(self, study_uid: str, images: list[RunImage], plan: Plan,
-                                ) -> tuple[list[Made], list[Failure]]:
-        """The planned SCs, written."""
-        made: list[Made] = []
-        failures: list[Failure] = []
+    @staticmethod
+    def _header(study_uid: str, ref: store.ImageRef) -> Dataset:
+        return reference_header(study_uid, ref.series_instance_uid, ref.sop_class_uid, ref.sop_instance_uid)
+
+    # -- maps and SCs --------------------------------------------------------------------------
+
+    def _maps_and_captures(self, analysis: StudyAnalysis, plan: _Plan, prediction_ids: dict[int, int]) -> int:
+        """Full-size maps (kept, reduced), SCs made and queued. Returns how many SCs."""
+        work = analysis.work
+        try:
+            inputs: list[_ScInput] = []
+            paths: dict[int, tuple[str, float]] = {}
+            for image in analysis.images:
+                a, iid = image.analysis, image.instance.instance_id
+                cam = None
+                if a.gradcam is not None:
+                    t0 = time.perf_counter()
+                    cam = a.gradcam.on_image()
+                    path = self._save_map(work.study_instance_uid, image.instance.sop_instance_uid, cam)
+                    paths[iid] = (path, (time.perf_counter() - t0) * 1e3)
+                planned = plan.sc.get(iid)
+                if planned and a.source is not None and a.display is not None and a.probability is not None:
+                    inputs.append(_ScInput(iid, a.source, a.grade, a.probability, a.display, cam, *planned))
+            made, failures = self._captures(work.study_instance_uid, plan.series_uid, inputs)
+            with self.sessions.begin() as s:
+                for iid, (path, ms) in paths.items():
+                    store.set_gradcam_path(s, prediction_ids[iid], path, ms)
+                queued = self._record(s, work, made, failures)
+            self.kick(queued)
+            return len(made)
+        except Exception as exc:  # the predictions and the SR are recorded already: report, go on
+            log.exception("result.sc_failed", study_uid=work.study_instance_uid)
+            with self.sessions.begin() as s:
+                store.record_failure(s, work.study_instance_uid, "sc", None, repr(exc))
+            return 0
+
+    def _captures(self, study_uid: str, series_uid: str, inputs: list[_ScInput],
+                  ) -> tuple[list[store.NewObject], list[tuple[str, str | None, str]]]:
+        made: list[store.NewObject] = []
+        failures: list[tuple[str, str | None, str]] = []
         r = self.settings.results
-        for image in images:
-            planned = plan.sc.get(image.instance_id)
-            if planned is None or image.display is None or image.probability is None:
-                continue
+        for i in inputs:
             try:
-                sc = secondary_capture(image.source, image.display, image.cam, image.grade,
-                                       image.probability, self.manifest, plan.series_uid,
-                                       instance_number=planned[1], max_side=r.max_side,
-                                       opacity=r.opacity, floor=r.floor, sop_instance_uid=planned[0])
-                made.append(self._write(Output.SC, sc, study_uid, source_instance_id=image.instance_id,
-                                        grade=image.grade))
+                sc = secondary_capture(i.source, i.display, i.cam, i.grade, i.probability, self.manifest,
+                                       series_uid, instance_number=i.instance_number, max_side=r.max_side,
+                                       opacity=r.opacity, floor=r.floor, sop_instance_uid=i.sop_instance_uid)
+                made.append(self._write(Output.SC, sc, study_uid, grade=i.grade,
+                                        source_instance_id=i.instance_id))
             except Exception as exc:  # one bad header must not cost the other images their SC
                 log.exception("result.sc_failed", study_uid=study_uid)
-                failures.append(("sc", str(image.source.get("SOPInstanceUID", "")) or None, repr(exc)))
+                failures.append(("sc", str(i.source.get("SOPInstanceUID", "")) or None, repr(exc)))
         return made, failures
 
-    def _write(self, kind: Output, ds: Dataset, study_uid: str, source_instance_id: int | None = None,
-               replaces_id: int | None = None, grade: str | None = None) -> Made:
+    def _finish_planned(self, work: StudyWork) -> None:
+        """Make the SCs an interrupted run planned (and its SR references) but did not make.
+
+        The heat map is drawn again from the grid kept in the prediction row; the radiograph
+        is read from the spool again. A planned SC without a recorded grade is not made.
+        """
+        with self.sessions() as s:
+            planned = store.planned_scs(s, work.study_id)
+            s.rollback()
+        if not planned:
+            return
+        inputs: list[_ScInput] = []
+        failures: list[tuple[str, str | None, str]] = []
+        for p in planned:
+            uid = p.source.sop_instance_uid
+            if p.grade is None or p.probability is None:
+                failures.append(("sc", uid, "no grade or probability recorded for the image: SC not made"))
+                continue
+            try:
+                ds = dcmread(self.data_dir / p.source.spool_path)
+                display = to_display(ds, decode(ds)).image
+            except Exception as exc:  # noqa: BLE001 -- audited below as a failed SC
+                failures.append(("sc", uid, f"cannot read the source image again: {exc!r}"))
+                continue
+            cam = p.gradcam.on_image() if p.gradcam is not None else None
+            inputs.append(_ScInput(p.source.instance_id, ds, p.grade, p.probability, display, cam,
+                                   p.sop_instance_uid, p.instance_number))
+        series_uid = planned[0].series_instance_uid
+        made, sc_failures = self._captures(work.study_instance_uid, series_uid, inputs)
+        with self.sessions.begin() as s:
+            queued = self._record(s, work, made, failures + sc_failures)
+            record_event(s, "results", "result.resumed", study_instance_uid=work.study_instance_uid,
+                         details={"planned": len(planned), "made": len(made)})
+        log.info("results.resumed", study_uid=work.study_instance_uid, planned=len(planned), made=len(made))
+        self.kick(queued)
+
+    # -- files and rows ------------------------------------------------------------------------
+
+    def _record(self, session: Session, work: StudyWork, made: list[store.NewObject],
+                failures: list[tuple[str, str | None, str]]) -> int:
+        for kind, sop_uid, error in failures:
+            store.record_failure(session, work.study_instance_uid, kind, sop_uid, error)
+        destinations = {str(kind): [d.name for d in self.settings.destinations if kind in d.outputs]
+                        for kind in Output}
+        return store.add_objects(session, work.study_id, work.study_instance_uid, work.reopen_count, made,
+                                 destinations, self.settings.results.shadow,
+                                 dt.timedelta(hours=self.settings.outbox.max_age_h), utcnow())
+
+    def _write(self, kind: Output, ds: Dataset, study_uid: str, grade: Grade | None = None,
+               source_instance_id: int | None = None, replaces_id: int | None = None) -> store.NewObject:
         buf = io.BytesIO()
         dcmwrite(buf, ds, enforce_file_format=True)
         data = buf.getvalue()
         path = self.results_dir / study_uid / f"{ds.SOPInstanceUID}.{kind}.dcm"
         self.spool.write_file(path, [data])
-        return Made(kind, ds, path, len(data), hashlib.sha256(data).hexdigest(),
-                    source_instance_id=source_instance_id, replaces_id=replaces_id, grade=grade)
+        return store.NewObject(
+            kind=str(kind), sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+            series_instance_uid=str(ds.SeriesInstanceUID), path=str(path.relative_to(self.data_dir)),
+            size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), grade=grade,
+            source_instance_id=source_instance_id, replaces_id=replaces_id)
 
-    # -- recording --------------------------------------------------------------------------
-
-    def record_plan(self, session: Session, study_id: int, run: int, plan: Plan,
-                    images: list[RunImage]) -> None:
-        """Add a row per planned SC (no path yet), in the transaction that records the SR."""
-        grades = {i.instance_id: i.grade for i in images}
-        for source_id, (uid, _) in plan.sc.items():
-            session.add(ResultObject(
-                study_id=study_id, kind=Output.SC, run=run, sop_instance_uid=uid,
-                sop_class_uid=SC_SOP_CLASS, series_instance_uid=plan.series_uid,
-                source_instance_id=source_id, grade=grades.get(source_id),
-                shadow=self.settings.results.shadow, created_at=utcnow()))
-
-    def record(self, session: Session, study_id: int, study_uid: str, run: int, made: list[Made],
-               failures: list[Failure]) -> int:
-        """Add (or, for planned SCs, complete) the rows of the made objects and add their outbox
-        items; returns how many items."""
-        for kind, sop_uid, error in failures:
-            record_event(session, _STAGE, "result.failed", level="error", study_instance_uid=study_uid,
-                         sop_instance_uid=sop_uid, details={"kind": kind}, error=error)
-        now = utcnow()
-        shadow = self.settings.results.shadow
-        expires = now + dt.timedelta(hours=self.settings.outbox.max_age_h)
-        queued = 0
-        for m in made:
-            uid = str(m.dataset.SOPInstanceUID)
-            row = session.scalar(select(ResultObject).where(ResultObject.sop_instance_uid == uid))
-            if row is None:
-                row = ResultObject(
-                    study_id=study_id, kind=m.kind, run=run, sop_instance_uid=uid,
-                    sop_class_uid=str(m.dataset.SOPClassUID),
-                    series_instance_uid=str(m.dataset.SeriesInstanceUID),
-                    source_instance_id=m.source_instance_id, replaces_id=m.replaces_id, grade=m.grade,
-                    shadow=shadow, created_at=now)
-                session.add(row)
-            row.path = str(m.path.relative_to(self.settings.data_dir))
-            row.size_bytes, row.sha256 = m.size_bytes, m.sha256
-            session.flush()
-            targets = [] if shadow else [d.name for d in self.settings.destinations if m.kind in d.outputs]
-            for name in targets:
-                session.add(OutboxItem(result_id=row.id, destination=name, state=OutboxState.PENDING,
-                                       attempts=0, created_at=now, next_attempt_at=now, expires_at=expires))
-            queued += len(targets)
-            record_event(session, _STAGE, "result.created", study_instance_uid=study_uid,
-                         sop_instance_uid=row.sop_instance_uid,
-                         details={"kind": m.kind, "run": row.run, "grade": m.grade,
-                                  "size_bytes": m.size_bytes,
-                                  "replaces": m.replaces_id, "destinations": targets, "shadow": shadow})
-        return queued
+    def _save_map(self, study_uid: str, sop_uid: str, cam: FloatImage) -> str:
+        h, w = cam.shape
+        scale = min(1.0, self.MAP_SIDE / max(h, w))
+        small = resize(cam, max(1, round(h * scale)), max(1, round(w * scale)))
+        folder = self.results_dir / study_uid
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{sop_uid}.gradcam.npz"
+        np.savez(path, gradcam=small.astype(np.float16), image_shape=np.array([h, w]))
+        return str(path.relative_to(self.data_dir))

@@ -1,0 +1,172 @@
+"""One radiograph in, one typed :class:`ImageAnalysis` out: scope, decode, display, classify.
+
+Used by the node (a batch per study, :mod:`dicomai.analysis.study`) and by
+``dicomai classify`` (one file at a time), so both see the same pixels and the same rules.
+Every failure of one image (an unreadable file, a header pydicom chokes on, pixels that do
+not decode, a model error on that image) becomes that image's ``failed`` result with a short
+reason; it never stops the other images.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicomai.analysis.scope import out_of_scope
+from dicomai.config import ScopeConfig, Settings
+from dicomai.imaging.gradcam import GradcamGrid
+from dicomai.imaging.pixels import FloatImage, NormalizeError, Window, decode, to_display
+from dicomai.model.classifier import Classifier, ModelInput, preprocess
+from dicomai.model.grading import Grade, grade_image
+from dicomai.model.package import ModelPackage, OperatingPoints
+
+__all__ = ["Analyser", "GradcamGrid", "ImageAnalysis", "Timings", "operating_points", "short_reason"]
+
+
+def operating_points(settings: Settings, package: ModelPackage) -> OperatingPoints:
+    """The manifest's thresholds, with the configuration's overrides applied."""
+    base = package.manifest.operating_points
+    return OperatingPoints(
+        high_sensitivity=(settings.model.high_sensitivity
+                          if settings.model.high_sensitivity is not None else base.high_sensitivity),
+        high_specificity=(settings.model.high_specificity
+                          if settings.model.high_specificity is not None else base.high_specificity),
+    )
+
+
+def short_reason(what: str, exc: BaseException) -> str:
+    """A one-line reason for an audit row: what failed, and the error's type and message."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{what}: {type(exc).__name__}" + (f": {text[:200]}" if text else "")
+
+
+@dataclass
+class Timings:
+    decode_ms: float | None = None
+    normalize_ms: float | None = None
+    infer_ms: float | None = None
+    gradcam_ms: float | None = None
+
+
+@dataclass
+class ImageAnalysis:
+    """What the analysis found for one image: a grade and probability, or why there is none."""
+
+    grade: Grade
+    probability: float | None = None
+    reason: str | None = None
+    source: Dataset | None = None  # the image as read (None when it could not be read)
+    display: FloatImage | None = None  # the radiograph as displayed, analysed images only
+    window: Window | None = None
+    gradcam: GradcamGrid | None = None  # None when the model has no map or none was made
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def analysed(self) -> bool:
+        return self.grade in (Grade.POSITIVE, Grade.DOUBTFUL, Grade.NEGATIVE)
+
+
+@dataclass
+class _Candidate:
+    analysis: ImageAnalysis
+    model_input: ModelInput
+
+
+class Analyser:
+    """Scope rules, normalization and the model, applied to images one by one or in batches."""
+
+    def __init__(self, scope: ScopeConfig, package: ModelPackage, classifier: Classifier,
+                 points: OperatingPoints) -> None:
+        self.scope = scope
+        self.package = package
+        self.classifier = classifier
+        self.points = points
+
+    @staticmethod
+    def read(path: Path) -> Dataset | str:
+        """The data set at ``path``, or the reason it cannot be read."""
+        try:
+            return dcmread(path)
+        except Exception as exc:  # noqa: BLE001 -- any parser failure is this image's reason
+            return short_reason("cannot read the stored file", exc)
+
+    def analyse(self, sources: list[Dataset | str], apply_scope: bool = True) -> list[ImageAnalysis]:
+        """Analyse a batch: one result per source, in order (a ``str`` source is a read failure)."""
+        results: list[ImageAnalysis] = []
+        candidates: list[_Candidate] = []
+        for source in sources:
+            if isinstance(source, str):
+                results.append(ImageAnalysis(Grade.FAILED, reason=source))
+                continue
+            result, model_input = self._prepare(source, apply_scope)
+            results.append(result)
+            if model_input is not None:
+                candidates.append(_Candidate(result, model_input))
+        self._infer(candidates)
+        return results
+
+    def analyse_display(self, display: FloatImage) -> ImageAnalysis:
+        """Analyse an image given as displayed pixels (a PNG or JPEG radiograph)."""
+        result = ImageAnalysis(Grade.FAILED, display=display)
+        try:
+            model_input = preprocess(display, self.package)
+        except Exception as exc:  # noqa: BLE001 -- reported as this image's failure
+            result.reason = short_reason("cannot prepare the image", exc)
+            return result
+        self._infer([_Candidate(result, model_input)])
+        return result
+
+    def _prepare(self, ds: Dataset, apply_scope: bool) -> tuple[ImageAnalysis, ModelInput | None]:
+        result = ImageAnalysis(Grade.FAILED, source=ds)
+        t0 = time.perf_counter()
+        try:
+            if apply_scope:
+                reason = out_of_scope(ds, self.scope, self.package.manifest.body_parts)
+                if reason is not None:
+                    result.grade, result.reason = Grade.NOT_ANALYSED, reason
+                    return result, None
+            stored = decode(ds)
+            t1 = time.perf_counter()
+            shown = to_display(ds, stored)
+            model_input = preprocess(shown.image, self.package)
+            t2 = time.perf_counter()
+        except NormalizeError as exc:
+            result.reason = str(exc)
+            return result, None
+        except Exception as exc:  # noqa: BLE001 -- a header or codec fault of this image only
+            result.reason = short_reason("cannot decode the image", exc)
+            return result, None
+        result.window = shown.window
+        result.display = shown.image
+        result.timings = Timings(decode_ms=(t1 - t0) * 1e3, normalize_ms=(t2 - t1) * 1e3)
+        return result, model_input
+
+    def _infer(self, candidates: list[_Candidate]) -> None:
+        if not candidates:
+            return
+        t0 = time.perf_counter()
+        try:
+            outputs = self.classifier.predict([c.model_input for c in candidates])
+        except Exception as exc:  # noqa: BLE001 -- find the image that fails: run them one by one
+            if len(candidates) > 1:
+                for c in candidates:
+                    self._infer([c])
+            else:
+                candidates[0].analysis.reason = short_reason("inference failed", exc)
+            return
+        per_image = (time.perf_counter() - t0) * 1e3 / len(candidates)
+        for c, out in zip(candidates, outputs, strict=True):
+            r = c.analysis
+            try:
+                grade = grade_image(out.probability, self.points)
+            except ValueError as exc:  # a probability outside [0, 1]: the model misbehaved
+                r.reason = short_reason("inference failed", exc)
+                continue
+            r.probability, r.grade = out.probability, grade
+            r.timings.infer_ms = per_image
+            if out.gradcam is not None:
+                r.gradcam = GradcamGrid(out.gradcam, c.model_input.geometry)
