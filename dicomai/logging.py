@@ -28,9 +28,29 @@ def _drop_patient_fields(
     return event_dict
 
 
+class _Standard:
+    """``sys.stdout`` or ``sys.stderr`` looked up at every write, not once: whoever replaces
+    the process's stream later (a test runner's capture, a daemoniser) still gets the lines,
+    and a logger never writes to a stream that was closed behind its back."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def write(self, text: str) -> int:
+        return int(getattr(sys, self.name).write(text))
+
+    def flush(self) -> None:
+        getattr(sys, self.name).flush()
+
+    def isatty(self) -> bool:
+        return bool(getattr(sys, self.name).isatty())
+
+
 def configure_logging(config: LoggingConfig, stream: object | None = None) -> None:
     """Configure structlog (and the stdlib loggers of our dependencies) once per process."""
     out = stream if stream is not None else sys.stdout
+    if out is sys.stdout or out is sys.stderr:
+        out = _Standard("stdout" if out is sys.stdout else "stderr")
     use_json = config.format == LogFormat.JSON or (
         config.format == LogFormat.AUTO and not getattr(out, "isatty", lambda: False)()
     )
