@@ -10,8 +10,8 @@ from typing import Any
 
 from dicomai.cli import ExitCode, Subparsers, iso, json_flag, print_table, sessions
 from dicomai.config import Settings
-from dicomai.store.admin import retry_outbox
 from dicomai.store.models import OutboxState
+from dicomai.store.outbox import retry_outbox
 from dicomai.store.queries import OutboxListing, list_outbox
 
 __all__ = ["cmd_outbox_list", "cmd_outbox_retry", "register"]

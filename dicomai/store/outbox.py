@@ -7,17 +7,17 @@ Every state change of an outbox row is here (the sender's attempts and an admin'
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.store.events import record_event
 from dicomai.store.models import OutboxItem, OutboxState, ResultObject, Study
 
-__all__ = ["Due", "Expired", "Retried", "due", "expire", "has_due", "retry", "settle"]
+__all__ = ["Due", "Expired", "RetryResult", "due", "expire", "has_due", "retry_outbox", "settle"]
 
 _STAGE = "outbox"
 
@@ -112,27 +112,44 @@ def settle(session: Session, item: Due, outcome: str, status: int | None, error:
 
 
 @dataclass(frozen=True)
-class Retried:
-    queued: int
-    missing: tuple[int, ...]  # ids asked for that do not exist (then nothing is changed)
-    were_sent: tuple[int, ...]  # rows that had been delivered and are queued again on request
+class RetryResult:
+    """What :func:`retry_outbox` did.
+
+    Attributes
+    ----------
+    queued:
+        Ids of the rows queued again, in the order found.
+    resent:
+        The subset of ``queued`` that had been sent already.
+    missing:
+        Ids asked for that no row has; when not empty, nothing was changed.
+    """
+
+    queued: list[int]
+    resent: list[int]
+    missing: list[int]
 
 
-def retry(session: Session, ids: Sequence[int], dead: bool, now: dt.datetime,
-          expires_at: dt.datetime) -> Retried:
-    """Queue rows again now (the given ids, or every ``dead`` row), audited as an admin action."""
-    q = _joined(OutboxItem, ResultObject.sop_instance_uid, Study.study_instance_uid)
-    rows = session.execute(q.where(OutboxItem.state == OutboxState.DEAD) if dead
-                           else q.where(OutboxItem.id.in_(list(ids)))).all()
-    missing = tuple(sorted(set(ids) - {item.id for item, _, _ in rows}))
-    if missing:
-        return Retried(0, missing, ())
-    were_sent = []
-    for item, sop_uid, study_uid in rows:
-        if item.state == OutboxState.SENT:
-            were_sent.append(item.id)
-        record_event(session, "admin", "outbox.retry_requested", study_instance_uid=study_uid,
-                     sop_instance_uid=sop_uid, details={"item": item.id, "previous_state": item.state,
-                                                        "destination": item.destination})
-        item.state, item.next_attempt_at, item.expires_at = OutboxState.PENDING, now, expires_at
-    return Retried(len(rows), (), tuple(were_sent))
+def retry_outbox(sessions: sessionmaker[Session], ids: Collection[int] | None, now: dt.datetime,
+                 expires_at: dt.datetime) -> RetryResult:
+    """Queue outbox rows for delivery at ``now``, with a new expiry, recording one event per row.
+
+    ``ids`` names the rows; ``None`` means every dead row. All or nothing: if an id has no
+    row, no row is changed. A running node picks the rows up at its next poll.
+    """
+    with sessions() as session, session.begin():
+        q = (select(OutboxItem, ResultObject.sop_instance_uid, Study.study_instance_uid)
+             .join(ResultObject, ResultObject.id == OutboxItem.result_id)
+             .join(Study, Study.id == ResultObject.study_id))
+        q = q.where(OutboxItem.state == OutboxState.DEAD if ids is None else OutboxItem.id.in_(ids))
+        rows = session.execute(q).all()
+        missing = sorted(set(ids or ()) - {item.id for item, _, _ in rows})
+        if missing:  # nothing changed yet: leaving the block commits nothing
+            return RetryResult(queued=[], resent=[], missing=missing)
+        resent = [item.id for item, _, _ in rows if item.state == OutboxState.SENT]
+        for item, sop_uid, study_uid in rows:
+            record_event(session, "admin", "outbox.retry_requested", study_instance_uid=study_uid,
+                         sop_instance_uid=sop_uid, details={"item": item.id, "previous_state": item.state,
+                                                            "destination": item.destination})
+            item.state, item.next_attempt_at, item.expires_at = OutboxState.PENDING, now, expires_at
+        return RetryResult(queued=[item.id for item, _, _ in rows], resent=resent, missing=[])
