@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,19 @@ def test_quarantine_keeps_bytes_and_reason(tmp_path: Path) -> None:
     path = spool.quarantine([b"garbage"], "cd" * 32, {"reason": "cannot parse"})
     assert path.read_bytes() == b"garbage"
     assert json.loads(path.with_suffix(".json").read_text())["reason"] == "cannot parse"
+
+
+def test_private_modes_whatever_the_umask(tmp_path: Path) -> None:
+    """Folders are created 0700 and files 0600 even under umask 0."""
+    old = os.umask(0)
+    try:
+        spool = Spool(tmp_path / "data")
+        spool.prepare()
+        written = [spool.write_instance("1.2.3", "1.2.3.4", "ab" * 32, [b"x"]),
+                   spool.quarantine([b"garbage"], "cd" * 32, {"reason": "cannot parse"})]
+    finally:
+        os.umask(old)
+    folders = [spool.root, spool.spool_dir, spool.quarantine_dir, spool.tmp_dir, written[0].parent]
+    assert {oct(stat.S_IMODE(d.stat().st_mode)) for d in folders} == {"0o700"}
+    files = [*written, written[1].with_suffix(".json")]
+    assert {oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {"0o600"}

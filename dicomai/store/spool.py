@@ -9,6 +9,8 @@ Layout under the data directory::
 A file is written to ``tmp/``, flushed and fsynced, then renamed into place and its
 directory fsynced, so after a crash a path in the spool is either absent or complete.
 Spool paths are content-addressed: re-writing the same object is harmless.
+
+Received objects hold patient data: folders are 0700 and files 0600 whatever the umask.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from dicomai.errors import IngestError, SpoolFullError
 __all__ = ["Spool", "is_valid_uid"]
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 def is_valid_uid(value: str) -> bool:
@@ -56,9 +60,11 @@ class Spool:
         return self.root / "tmp"
 
     def prepare(self) -> int:
-        """Create the folders; remove partial writes left by a crash. Returns how many."""
-        for d in (self.spool_dir, self.quarantine_dir, self.tmp_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        """Create the folders (0700, also when they exist); remove partial writes left by a
+        crash. Returns how many."""
+        for d in (self.root, self.spool_dir, self.quarantine_dir, self.tmp_dir):
+            d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            d.chmod(DIR_MODE)  # mkdir's mode is masked by the umask and ignored when d exists
         leftovers = list(self.tmp_dir.iterdir())
         for path in leftovers:
             path.unlink(missing_ok=True)
@@ -97,10 +103,13 @@ class Spool:
     def _durable_write(self, final: Path, chunks: list[bytes]) -> None:
         created_dir = not final.parent.exists()
         if created_dir:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            final.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            final.parent.chmod(DIR_MODE)
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         try:
-            with open(tmp, "wb") as fh:
+            # Created 0600 (the umask can only remove bits), kept by the rename.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            with open(fd, "wb") as fh:
                 for chunk in chunks:
                     fh.write(chunk)
                 fh.flush()
