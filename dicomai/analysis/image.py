@@ -92,7 +92,7 @@ class Analyser:
         try:
             return dcmread(path)
         except Exception as exc:  # noqa: BLE001 -- any parser failure is this image's reason
-            return short_reason("cannot read the stored file", exc)
+            return short_reason("cannot read the DICOM file", exc)
 
     def analyse(self, sources: list[Dataset | str], apply_scope: bool = True) -> list[ImageAnalysis]:
         """Analyse a batch: one result per source, in order (a ``str`` source is a read failure)."""

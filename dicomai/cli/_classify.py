@@ -18,17 +18,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 
-from dicomai.analysis.image import operating_points
-from dicomai.analysis.scope import out_of_scope
+from dicomai.analysis.image import Analyser, ImageAnalysis, operating_points, short_reason
 from dicomai.config import Settings
-from dicomai.imaging.gradcam import gradcam_on_image
 from dicomai.imaging.overlay import overlay
-from dicomai.imaging.pixels import NormalizeError, to_display
-from dicomai.model.classifier import Classifier, preprocess
-from dicomai.model.grading import Grade, grade_image
+from dicomai.model.classifier import Classifier
+from dicomai.model.grading import Grade
 from dicomai.model.package import load_package
 
 __all__ = ["classify_paths", "iter_inputs"]
@@ -77,10 +72,13 @@ class _Progress:
 
 def classify_paths(paths: list[Path], settings: Settings, model_dir: Path, as_json: bool = False,
                    gradcam_dir: Path | None = None, scope: bool = False) -> int:
-    """Classify every image under ``paths``; returns the exit code (1 if any failed)."""
+    """Classify every image under ``paths``; returns the exit code (1 if any failed).
+
+    The images go through the node's own per-image path (:class:`~dicomai.analysis.image.Analyser`).
+    """
     package = load_package(model_dir)
     classifier = Classifier(package, settings.model.threads, settings.model.providers)
-    points = operating_points(settings, package)
+    analyser = Analyser(settings.scope, package, classifier, operating_points(settings, package))
     model_label = f"{package.manifest.name} {package.manifest.version}"
     if gradcam_dir is not None:
         gradcam_dir.mkdir(parents=True, exist_ok=True)
@@ -90,26 +88,24 @@ def classify_paths(paths: list[Path], settings: Settings, model_dir: Path, as_js
     for n, path in enumerate(inputs, start=1):
         started = time.perf_counter()
         record: dict[str, Any] = {"path": str(path)}
-        try:
-            image = _load(path, record, settings, package.manifest.body_parts, scope)
-            if image is not None:
-                model_input = preprocess(image, package)
-                (out,) = classifier.predict([model_input])
-                record.update(probability=round(out.probability, 6),
-                              grade=str(grade_image(out.probability, points)), model=model_label)
-                if gradcam_dir is not None:
-                    cam = (gradcam_on_image(out.gradcam, model_input.geometry)
-                           if out.gradcam is not None else None)
-                    name = path.stem if path.stem not in used_names else f"{path.stem}-{n}"
-                    used_names.add(name)
-                    Image.fromarray(overlay(image, cam)).save(gradcam_dir / f"{name}.gradcam.png")
-                    if cam is not None:
-                        np.save(gradcam_dir / f"{name}.gradcam.npy", cam.astype(np.float32))
-                    record["gradcam"] = cam is not None
-        except (NormalizeError, InvalidDicomError, UnidentifiedImageError, OSError, ValueError,
-                AttributeError) as exc:
-            record["error"] = str(exc) or type(exc).__name__
+        result = _analyse(analyser, path, record, scope)
+        if result.grade == Grade.FAILED:
+            record["error"] = result.reason or "failed"
             failures += 1
+        elif result.grade == Grade.NOT_ANALYSED:
+            record.update(grade=str(result.grade), reason=result.reason)
+        else:
+            assert result.probability is not None and result.display is not None
+            record.update(probability=round(result.probability, 6), grade=str(result.grade),
+                          model=model_label)
+            if gradcam_dir is not None:
+                cam = result.gradcam.on_image() if result.gradcam is not None else None
+                name = path.stem if path.stem not in used_names else f"{path.stem}-{n}"
+                used_names.add(name)
+                Image.fromarray(overlay(result.display, cam)).save(gradcam_dir / f"{name}.gradcam.png")
+                if cam is not None:
+                    np.save(gradcam_dir / f"{name}.gradcam.npy", cam.astype(np.float32))
+                record["gradcam"] = cam is not None
         record["seconds"] = round(time.perf_counter() - started, 4)
         progress.step(n)
         _emit(record, as_json, progress.enabled)
@@ -117,20 +113,19 @@ def classify_paths(paths: list[Path], settings: Settings, model_dir: Path, as_js
     return 1 if failures else 0
 
 
-def _load(path: Path, record: dict[str, Any], settings: Settings, body_parts: list[str],
-          scope: bool) -> np.ndarray | None:
-    """The display image, or ``None`` when ``--scope`` rules it out (recorded in ``record``)."""
+def _analyse(analyser: Analyser, path: Path, record: dict[str, Any], scope: bool) -> ImageAnalysis:
+    """One file through the analyser: a PNG/JPEG radiograph as displayed, or a DICOM file."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    ds = dcmread(path)
-    record["sop_instance_uid"] = str(ds.get("SOPInstanceUID", "")) or None
-    if scope:
-        reason = out_of_scope(ds, settings.scope, body_parts)
-        if reason is not None:
-            record.update(grade=str(Grade.NOT_ANALYSED), reason=reason)
-            return None
-    return to_display(ds).image
+        try:
+            with Image.open(path) as im:
+                display = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+        except (OSError, UnidentifiedImageError) as exc:
+            return ImageAnalysis(Grade.FAILED, reason=short_reason("cannot read the image", exc))
+        return analyser.analyse_display(display)
+    source = analyser.read(path)
+    if not isinstance(source, str):
+        record["sop_instance_uid"] = str(source.get("SOPInstanceUID", "")) or None
+    return analyser.analyse([source], apply_scope=scope)[0]
 
 
 def _emit(record: dict[str, Any], as_json: bool, clear_line: bool) -> None:
