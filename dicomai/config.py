@@ -228,6 +228,9 @@ class ResultsConfig(_Section):
     """The DICOM result objects: what they look like and whether they are sent."""
 
     shadow: bool = False  # make, keep and audit the objects, send nothing
+    # Kinds made and kept in data_dir/results even when no destination wants them, so a new
+    # node shows its results (`studies show` lists them) before any PACS is configured.
+    keep: list[Output] = Field(default_factory=lambda: [Output.SC, Output.SR])
     max_side: int = Field(2048, ge=256, le=8192)  # SC images larger than this are downscaled
     opacity: float = Field(0.45, ge=0, le=1)  # heat map weight where the map is at its maximum
     floor: float = Field(0.25, ge=0, lt=1)  # map values below this are not drawn

@@ -155,12 +155,15 @@ def test_node_refuses_a_bad_model(tmp_path: Path, node_factory: type[Node]) -> N
     assert "does not match the manifest" in node.log()
 
 
-def _one_image_study(tmp_path: Path, shadow: bool = False,
+_PACS = '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 9\n'
+
+
+def _one_image_study(tmp_path: Path, shadow: bool = False, config: str = _PACS,
                      ) -> tuple[Triage, sessionmaker[Session], StudyMonitor, str, Path]:
     """A node's stage and monitor on SQLite, and one stored CR instance in a receiving study."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[results]\nshadow = true\n' if shadow else
-                   '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 9\n')
+    cfg.write_text('[results]\nshadow = true\n' if shadow else config)
     settings = load_settings(cfg, environ={"DICOMAI_NODE__DATA_DIR": str(tmp_path / "data")})
     sessions = make_sessionmaker(open_database(settings.database_url))
     pkg = load_package(hot_spot_model(tmp_path / "model"))
@@ -287,3 +290,19 @@ def test_sr_keeps_an_image_whose_spool_file_is_gone(tmp_path: Path) -> None:
     assert {first_uid, second_uid} <= referenced
     assert str(latest).count("Fracture of bone") >= 3  # two images and the study
     assert grades[first_uid] in ("positive", "doubtful", "negative")
+
+
+def test_default_configuration_keeps_results_without_a_destination(tmp_path: Path) -> None:
+    """With no destination and shadow mode off, the SC and SR are still made and kept in the
+    data directory (nothing queued); ``results.keep = []`` makes none."""
+    _, sessions, monitor, study_uid, _ = _one_image_study(tmp_path / "default", config="")
+    monitor.poll()
+    with sessions() as s:
+        kinds = sorted(s.scalars(select(ResultObject.kind).where(ResultObject.path.is_not(None))))
+        queued = s.scalar(select(func.count()).select_from(OutboxItem))
+    assert kinds == ["sc", "sr"] and queued == 0
+    assert len(list((tmp_path / "default" / "data" / "results" / study_uid).glob("*.dcm"))) == 2
+    _, sessions, monitor, _, _ = _one_image_study(tmp_path / "none", config="[results]\nkeep = []\n")
+    monitor.poll()
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(ResultObject)) == 0

@@ -94,8 +94,10 @@ class Publisher:
                                       points.high_sensitivity, points.high_specificity)
 
     def wants(self, kind: Output) -> bool:
-        """Whether objects of this kind are made at all: shadow mode, or a destination wants them."""
-        return self.settings.results.shadow or any(kind in d.outputs for d in self.settings.destinations)
+        """Whether objects of this kind are made at all: shadow mode, ``results.keep``, or a
+        destination wants them."""
+        r = self.settings.results
+        return r.shadow or kind in r.keep or any(kind in d.outputs for d in self.settings.destinations)
 
     def warm_up(self) -> float:
         """Make one tiny SC and SR in memory, so that highdicom loads its standard tables
