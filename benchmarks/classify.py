@@ -63,7 +63,7 @@ def build_standin(directory: Path, size: int = 224) -> Any:
 def stitch_standin(package: Any, directory: Path, settings: dict[str, Any]) -> None:
     """``package`` rewritten by ``train stitch`` with the shipped map's settings, into ``directory``."""
     from dicomai.train.export import write_manifest
-    from dicomai.train.stitch import stitch_onnx
+    from dicomai.train.stitch_release import stitch_onnx
 
     stitch_onnx(package, directory / "model.onnx", [tuple(o) for o in settings["offsets_cells"]],
                 settings["factor"], settings["sigma_fine_cells"],

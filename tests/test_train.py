@@ -230,7 +230,7 @@ def test_ensemble_of_two_runs_releases_and_serves(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not one of the ensemble's runs"):
         make_ensemble(runs, small, tmp_path / "ens2", gradcam_from=tmp_path / "os32-96")
     # `train stitch`: the same scores, a map twice as fine, checked, evaluated, in the card; served.
-    from dicomai.train.stitch import stitch_package
+    from dicomai.train.stitch_release import stitch_package
 
     pkg2, report2 = stitch_package(pkg1, small, tmp_path / "pkg2", "tiny-ensemble", "0.0.3")
     assert report2["check"]["max_abs_prob_diff"] <= 1e-6 and report2["check"]["max_rel_gradcam_diff"] <= 1e-4

@@ -80,7 +80,7 @@ def test_proportion_interval_is_wilsons() -> None:
 
 def test_target_verdicts_read_the_interval() -> None:
     """A figure above its target with the interval reaching below is not called safely met."""
-    from dicomai.train.evaluate import target_verdict
+    from dicomai.train.card import target_verdict
 
     assert target_verdict(0.95, [0.91, 0.98], 0.90).startswith("met: the whole interval")
     assert target_verdict(0.908, [0.839, 0.949], 0.90).startswith("met by the figure, but")

@@ -131,7 +131,7 @@ def cmd_train_release(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_train_stitch(args: argparse.Namespace, settings: Settings) -> int:
     """A finer Grad-CAM for a released package (``train stitch``)."""
     from dicomai.model.package import load_package
-    from dicomai.train.stitch import stitch_package
+    from dicomai.train.stitch_release import stitch_package
 
     try:
         offsets = [(float(dy), float(dx)) for dy, dx in (o.split(",") for o in args.offsets.split())]

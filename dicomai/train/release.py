@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from dicomai.model.package import ModelPackage
+from dicomai.train.card import write_model_card
 from dicomai.train.data import Sample, load_display
-from dicomai.train.evaluate import evaluate_package, write_model_card
+from dicomai.train.evaluate import evaluate_package
 from dicomai.train.export import (
     check_storage,
     export_package,
