@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 from dicomai.imaging.pixels import Letterbox, letterbox
 from dicomai.model.package import ModelError, ModelPackage
 
-__all__ = ["Classifier", "ModelInput", "Output", "preprocess"]
+__all__ = ["Classifier", "ModelInput", "ModelOutput", "preprocess"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class ModelInput:
 
 
 @dataclass(frozen=True)
-class Output:
+class ModelOutput:
     probability: float  # of the positive class
     gradcam: NDArray[np.float32] | None  # the model's grid, not yet on the image
 
@@ -69,7 +69,7 @@ class Classifier:
                 raise ModelError(package.directory, f"output {name!r} not in the graph ({sorted(outputs)})")
         self.providers = self.session.get_providers()
 
-    def predict(self, inputs: list[ModelInput]) -> list[Output]:
+    def predict(self, inputs: list[ModelInput]) -> list[ModelOutput]:
         """Probabilities (and Grad-CAM grids when the model has them) for a batch."""
         if not inputs:
             return []
@@ -87,5 +87,5 @@ class Classifier:
         out = []
         for i in range(len(inputs)):
             p = float(np.clip(probs[i, m.positive_index], 0.0, 1.0))
-            out.append(Output(p, cams[i] if cams is not None else None))
+            out.append(ModelOutput(p, cams[i] if cams is not None else None))
         return out
