@@ -12,7 +12,7 @@ from typing import Any
 
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from dicomai.net.listener import TRANSFER_SYNTAXES
+from dicomai.net.dimse import TRANSFER_SYNTAXES
 
 
 def _open(event: Any) -> None:
