@@ -1,0 +1,1 @@
+"""Operations: the preflight checks and the HTTP endpoint (health, readiness, metrics)."""

@@ -1,0 +1,104 @@
+"""Checks of what the node needs to take studies: database, model, disk, DICOM peers.
+
+Each check returns a :class:`Check` instead of raising, so that a preflight reports every
+broken item at once (``dicomai check``) and the readiness endpoint names the failing one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from dicomai.config import Destination, Settings
+
+__all__ = ["Check", "check_database", "check_destination", "check_disk", "check_model", "free_bytes"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of one check: what was checked, whether it passed, and why."""
+
+    item: str
+    ok: bool
+    detail: str
+
+
+def check_database(engine: Engine) -> Check:
+    """The audit database answers and is at the head revision of this dicomai."""
+    from dicomai.store.db import current_revision, head_revision
+
+    url = engine.url.render_as_string(hide_password=True)
+    try:
+        current = current_revision(engine)
+    except sa.exc.SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        return Check("database", False, f"cannot connect to {url}: {reason}")
+    head = head_revision(engine)
+    if current != head:
+        return Check("database", False, f"{url} is at revision {current or 'base'}, this dicomai "
+                                        f"needs {head}: run `dicomai db upgrade`")
+    return Check("database", True, f"{url} at revision {head}")
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system of ``path``, or of its nearest existing parent."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_disk(settings: Settings) -> Check:
+    """The data directory's file system has more free space than ``storage.min_free_mb``."""
+    free_mib = free_bytes(settings.data_dir) // 2**20
+    floor = settings.storage.min_free_mb
+    detail = f"{free_mib} MiB free on {settings.data_dir}, floor {floor} MiB (storage.min_free_mb)"
+    return Check("disk", free_mib >= floor, detail)
+
+
+def check_model(settings: Settings) -> Check:
+    """The model package loads, matches its hash and runs one blank image."""
+    import numpy as np
+
+    from dicomai.model.classifier import Classifier, preprocess
+    from dicomai.model.package import ModelError, load_package
+    from dicomai.node import default_model_dir
+
+    path = settings.model.path or default_model_dir()
+    if path is None:
+        return Check("model", False, "no model package: set model.path (images would not be analysed)")
+    try:
+        package = load_package(path)
+        clf = Classifier(package, threads=settings.model.threads, providers=settings.model.providers)
+        (out,) = clf.predict([preprocess(np.zeros((300, 200), np.float32), package)])
+    except ModelError as exc:
+        return Check("model", False, str(exc))
+    m = package.manifest
+    return Check("model", True, f"{m.name} {m.version} ({path}); hash ok, test input -> "
+                                f"{out.probability:.4f} on {', '.join(clf.providers)}")
+
+
+def check_destination(settings: Settings, dest: Destination) -> Check:
+    """A C-ECHO to ``dest`` is answered with status 0x0000."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    item, peer = f"destination {dest.name}", f"{dest.ae_title}@{dest.host}:{dest.port}"
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = settings.node.acse_timeout_s
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        why = "rejected by the peer" if assoc.is_rejected else "failed (nothing listening or unreachable)"
+        return Check(item, False, f"C-ECHO {peer}: association {why}")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = int(status.Status) if status and "Status" in status else None
+    if code is None:
+        return Check(item, False, f"C-ECHO {peer}: no response")
+    return Check(item, code == 0, f"C-ECHO {peer}: status 0x{code:04X}")
