@@ -147,6 +147,10 @@ class StudiesConfig(_Section):
 
     quiet_period_s: float = Field(10.0, ge=0)
     poll_interval_s: float = Field(0.25, gt=0)
+    # Stable earlier: once every association that brought the study's instances is released
+    # and settle_s has passed (the quiet period still applies to associations left open).
+    on_release: bool = True
+    settle_s: float = Field(1.0, ge=0)
 
 
 class DatabaseConfig(_Section):

@@ -139,7 +139,9 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     outbox = OutboxWorker(Sender(settings, sessions), settings.outbox.poll_interval_s)
     if hook is None:
         hook = build_stage(settings, sessions, on_queued=outbox.kick)
-    monitor = StudyMonitor(sessions, data_dir, settings.studies.quiet_period_s, hook)
+    st = settings.studies
+    monitor = StudyMonitor(sessions, data_dir, st.quiet_period_s, hook,
+                           settle_s=st.settle_s if st.on_release else None)
     recovered = monitor.recover()
     with sessions.begin() as s:
         record_event(s, "node", "node.started",

@@ -8,9 +8,15 @@ A study moves through these states (:data:`TRANSITIONS` lists every legal move):
         |                                   |                        |
         +---- late instance or restart -----+------------------------+
 
-*Stable* is the moment a study has been quiet for the quiet period; the monitor claims it
-then, in one transaction, straight into ``processing`` (the ``study.stable`` event marks the
-moment), so no study ever rests in a separate "stable" state.
+*Stable* is the moment a study has been quiet for the quiet period, or (with a settle delay)
+quiet for the settle delay after every association that brought its instances was released:
+a PACS that sends a study over one association and releases it gets its result seconds
+after the last image instead of after the whole quiet period. The monitor claims a stable
+study in one transaction, straight into ``processing`` (the ``study.stable`` event marks the
+moment, and says which rule applied), so no study ever rests in a separate "stable" state.
+The trade-off: an instance of the same study sent later over another association re-opens
+the study, which is processed again and its SR superseded; the quiet period remains the
+rule for associations left open.
 
 Every change of a study's state goes through :func:`advance` (on a row of the caller's
 transaction) or through :class:`StudyMonitor`, which uses the guarded updates of
@@ -124,10 +130,12 @@ class StudyMonitor:
         quiet_period_s: float,
         hook: StudyHook = noop_hook,
         clock: Callable[[], dt.datetime] = utcnow,
+        settle_s: float | None = None,
     ) -> None:
         self.sessions = sessions
         self.data_dir = data_dir
         self.quiet = dt.timedelta(seconds=quiet_period_s)
+        self.settle = None if settle_s is None else dt.timedelta(seconds=settle_s)
         self.hook = hook
         self.clock = clock
 
@@ -152,27 +160,31 @@ class StudyMonitor:
 
     def poll(self) -> int:
         """Process every study that is stable now; returns how many were handed on."""
-        cutoff = self.clock() - self.quiet
+        now = self.clock()
+        cutoff = now - self.quiet
+        settled = None if self.settle is None else now - self.settle
         with self.sessions() as s:
-            ids = store.quiet_since(s, cutoff)
+            ids = store.quiet_since(s, cutoff, settled)
             s.rollback()
         done = 0
         for study_id in ids:
-            if self._process(study_id, cutoff):
+            if self._process(study_id, cutoff, settled):
                 done += 1
         return done
 
-    def _claim(self, study_id: int, cutoff: dt.datetime) -> StudyWork | None:
+    def _claim(self, study_id: int, cutoff: dt.datetime, settled: dt.datetime | None) -> StudyWork | None:
         now = self.clock()
         check(StudyState.RECEIVING, StudyState.PROCESSING)
         with self.sessions.begin() as s:
-            claimed = store.claim(s, study_id, cutoff, now)
+            claimed = store.claim(s, study_id, cutoff, now, settled)
             if claimed is None:
                 return None
             quiet_for = (now - claimed.last_received_at).total_seconds()
             record_event(s, _STAGE, "study.stable", study_instance_uid=claimed.study_instance_uid,
                          details={"instances": claimed.total, "new_instances": len(claimed.new),
                                   "quiet_for_s": round(quiet_for, 3),
+                                  "rule": "quiet period" if claimed.last_received_at <= cutoff
+                                  else "associations released",
                                   "reopen_count": claimed.reopen_count})
             work = StudyWork(
                 study_id=claimed.study_id, study_instance_uid=claimed.study_instance_uid,
@@ -184,8 +196,8 @@ class StudyMonitor:
                  new_instances=len(work.instances), reopen_count=work.reopen_count)
         return work
 
-    def _process(self, study_id: int, cutoff: dt.datetime) -> bool:
-        work = self._claim(study_id, cutoff)
+    def _process(self, study_id: int, cutoff: dt.datetime, settled: dt.datetime | None) -> bool:
+        work = self._claim(study_id, cutoff, settled)
         if work is None:
             return False
         started = time.monotonic()

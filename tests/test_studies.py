@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.store import (
+    Association,
     Event,
     Instance,
     InstanceState,
@@ -19,7 +20,7 @@ from dicomai.store import (
     make_sessionmaker,
     open_database,
 )
-from dicomai.studies import StudyMonitor, StudyWork
+from dicomai.studies import StudyMonitor, StudyWork, instance_arrived
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -37,7 +38,8 @@ def sessions(db_url: str) -> sessionmaker[Session]:
     return make_sessionmaker(open_database(db_url))
 
 
-def add_instance(sessions: sessionmaker[Session], study_uid: str, sop: str, at: dt.datetime) -> None:
+def add_instance(sessions: sessionmaker[Session], study_uid: str, sop: str, at: dt.datetime,
+                 association: int | None = None) -> None:
     """What ingest does for one stored instance (study row, series row, instance row)."""
     with sessions.begin() as s:
         study = s.scalar(select(Study).where(Study.study_instance_uid == study_uid))
@@ -50,16 +52,13 @@ def add_instance(sessions: sessionmaker[Session], study_uid: str, sop: str, at: 
             s.add(Series(study_id=study.id, series_instance_uid=study_uid + ".1"))
             s.flush()
         else:
-            study.last_received_at = at
-            if study.state != StudyState.RECEIVING:
-                study.reopen_count += study.state == StudyState.PROCESSED
-                study.state = StudyState.RECEIVING
+            instance_arrived(s, study, at, association)
         series = s.scalar(select(Series).where(Series.study_id == study.id))
         assert series is not None
         s.add(Instance(study_id=study.id, series_id=series.id, sop_instance_uid=sop,
                        sop_class_uid="1.2.840.10008.5.1.4.1.1.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
                        version=1, size_bytes=1, sha256="0" * 64, spool_path=f"spool/{sop}.dcm",
-                       state=InstanceState.STORED, received_at=at))
+                       state=InstanceState.STORED, received_at=at, association_id=association))
 
 
 def state(sessions: sessionmaker[Session], uid: str) -> str:
@@ -149,3 +148,41 @@ def test_recover_requeues_in_flight(sessions: sessionmaker[Session], tmp_path: P
     assert mon.recover() == 1
     clock.now = T0 + dt.timedelta(seconds=2)
     assert mon.poll() == 1 and state(sessions, "5.1") == "processed"
+
+
+def _association(sessions: sessionmaker[Session], at: dt.datetime) -> int:
+    with sessions.begin() as s:
+        row = Association(peer_host="127.0.0.1", peer_port=1, calling_ae="PACS", called_ae="DICOMAI",
+                          accepted=True, started_at=at, instances=0, bytes_received=0, failures=0)
+        s.add(row)
+        s.flush()
+        return row.id
+
+
+def _release(sessions: sessionmaker[Session], association: int, at: dt.datetime) -> None:
+    with sessions.begin() as s:
+        row = s.get_one(Association, association)
+        row.ended_at, row.end_state = at, "released"
+
+
+def test_stable_early_once_every_sending_association_is_released(sessions: sessionmaker[Session],
+                                                                  tmp_path: Path) -> None:
+    """With a settle delay, a study is handed on once the associations that brought its
+    instances are released and the delay has passed, long before the quiet period; while one
+    of them is still open, the quiet period rules."""
+    clock = Clock()
+    seen: list[StudyWork] = []
+    mon = StudyMonitor(sessions, tmp_path, 10, seen.append, clock, settle_s=1.0)
+    a, b = _association(sessions, T0), _association(sessions, T0)
+    add_instance(sessions, "1.2.9", "1.2.9.1", T0, association=a)
+    add_instance(sessions, "1.2.9", "1.2.9.2", T0, association=b)
+    _release(sessions, a, T0)
+    clock.now = T0 + dt.timedelta(seconds=2)
+    assert mon.poll() == 0  # b is still open
+    _release(sessions, b, clock.now)
+    assert StudyMonitor(sessions, tmp_path, 10, seen.append, clock).poll() == 0  # no settle: quiet period
+    assert mon.poll() == 1 and [len(w.instances) for w in seen] == [2]
+    assert state(sessions, "1.2.9") == StudyState.PROCESSED
+    with sessions() as s:
+        (stable,) = s.scalars(select(Event).where(Event.event == "study.stable")).all()
+    assert stable.details is not None and stable.details["rule"] == "associations released"

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import CursorResult, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from dicomai.store.models import Instance, InstanceState, Prediction, Study, StudyState
+from dicomai.store.models import Association, Instance, InstanceState, Prediction, Study, StudyState
 
 __all__ = ["ClaimedInstance", "ClaimedStudy", "claim", "finish", "quiet_since", "unfinished"]
 
@@ -51,21 +51,36 @@ def unfinished(session: Session) -> Sequence[Study]:
     ))).all()
 
 
-def quiet_since(session: Session, cutoff: dt.datetime) -> Sequence[int]:
-    """Ids of receiving studies whose last instance arrived at or before ``cutoff``, oldest first."""
+def _sending() -> Any:
+    """True for a study with an instance brought by an association that is still open."""
+    return exists().where(Instance.study_id == Study.id, Instance.association_id == Association.id,
+                          Association.ended_at.is_(None))
+
+
+def _stable(cutoff: dt.datetime, settled: dt.datetime | None) -> Any:
+    """Quiet since ``cutoff``; or, with ``settled``, quiet since then and no longer being sent."""
+    quiet = Study.last_received_at <= cutoff
+    if settled is None:
+        return quiet
+    return or_(quiet, (Study.last_received_at <= settled) & ~_sending())
+
+
+def quiet_since(session: Session, cutoff: dt.datetime, settled: dt.datetime | None = None) -> Sequence[int]:
+    """Ids of receiving studies that are stable (see :func:`_stable`), oldest first."""
     return session.scalars(select(Study.id).where(
-        Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff,
+        Study.state == StudyState.RECEIVING, _stable(cutoff, settled),
     ).order_by(Study.last_received_at)).all()
 
 
-def claim(session: Session, study_id: int, cutoff: dt.datetime, now: dt.datetime) -> ClaimedStudy | None:
-    """``receiving`` -> ``processing`` if the study is still quiet since ``cutoff``.
+def claim(session: Session, study_id: int, cutoff: dt.datetime, now: dt.datetime,
+          settled: dt.datetime | None = None) -> ClaimedStudy | None:
+    """``receiving`` -> ``processing`` if the study is still stable (see :func:`_stable`).
 
     Instances that already have a recorded result (a run interrupted after recording it) are
     marked ``processed`` here and not handed out again.
     """
     result: CursorResult[Any] = session.execute(update(Study).where(  # type: ignore[assignment]
-        Study.id == study_id, Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff,
+        Study.id == study_id, Study.state == StudyState.RECEIVING, _stable(cutoff, settled),
     ).values(state=StudyState.PROCESSING, state_changed_at=now))
     if not result.rowcount:
         return None
