@@ -1,19 +1,21 @@
 """End to end: studies in, results back in the PACS. Latency, throughput and memory of the node.
 
 A real Orthanc (Debian package) plays the PACS; the node (`dicomai serve`, shipped model,
-SQLite, defaults except the quiet period) sends its SC and SR to it. Studies of two
+SQLite, default settings unless ``--quiet`` is given) sends its SC and SR to it. Studies of two
 uncompressed CR views (RG3 extremity 1760x1760 and RG2 hip 2140x1760, decompressed, fresh
 UIDs per study) are sent with dcmtk `storescu`.
 
-* latency: from `storescu` returning (last instance acknowledged) to the study's SR being
-  present in Orthanc (REST, polled every 10 ms), minus the quiet period; one study at a time;
+* latency: from `storescu` returning (last instance acknowledged, association released) to
+  the study's SR being present in Orthanc (REST, polled every 10 ms); one study at a time.
+  With the defaults a study is stable once its association is released and
+  ``studies.settle_s`` has passed, so this is what a radiologist waits;
 * throughput: N studies sent back to back, from the first send until every study's SR and
   both SCs are in Orthanc;
 * peak RSS of the node process (VmHWM) after both phases;
 * the peer row: the same two views stored into Orthanc by `storescu` directly, the cost of
   one plain DICOM transfer, for scale (ratio = node's added latency / plain transfer).
 
-    python benchmarks/e2e.py [--studies 20] [--throughput 10] [--quiet 2]
+    python benchmarks/e2e.py [--studies 20] [--throughput 10] [--quiet 2 (and no early stability)]
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from ingest import dcmtk, free_port, wait_port  # noqa: E402
 
-SHARED = REPO.parent / "shared" / "data" / "dicom"
+SHARED = Path(os.environ.get("DICOMAI_TEST_DATA", REPO.parent / "shared" / "data")) / "dicom"
 ENV = {**os.environ, "TCP_NODELAY": "1"}  # Debian dcmtk: no Nagle stalls
 
 
@@ -135,7 +137,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--studies", type=int, default=20, help="studies for the latency phase")
     ap.add_argument("--throughput", type=int, default=10, help="studies sent back to back")
-    ap.add_argument("--quiet", type=float, default=2.0, help="the node's quiet period (s)")
+    ap.add_argument("--quiet", type=float, default=None,
+                    help="the node's quiet period (s), with stability on release off; default: the "
+                         "node's own defaults")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="dicomai-e2e-") as tmp:
         work = Path(tmp)
@@ -147,8 +151,10 @@ def main() -> None:
                        f'port = {orthanc.dicom}\n')
         env = {k: v for k, v in ENV.items() if not k.startswith("DICOMAI_")}
         env.update({"DICOMAI_NODE__DATA_DIR": str(work / "node"), "DICOMAI_NODE__HOST": "127.0.0.1",
-                    "DICOMAI_NODE__PORT": str(node_port), "DICOMAI_STUDIES__QUIET_PERIOD_S": str(args.quiet),
-                    "DICOMAI_LOGGING__FORMAT": "json"})
+                    "DICOMAI_NODE__PORT": str(node_port), "DICOMAI_LOGGING__FORMAT": "json"})
+        if args.quiet is not None:
+            env.update({"DICOMAI_STUDIES__QUIET_PERIOD_S": str(args.quiet),
+                        "DICOMAI_STUDIES__ON_RELEASE": "false"})
         log = work / "node.log"
         with open(log, "wb") as fh:
             node = subprocess.Popen([sys.executable, "-m", "dicomai", "serve", "--config", str(cfg)],
@@ -170,7 +176,7 @@ def main() -> None:
                 uid, files = make_study(sources, work / f"lat{i}")
                 storescu(node_port, "DICOMAI", files)
                 acked = time.monotonic()
-                latencies.append(wait_sr(orthanc, uid) - acked - args.quiet)
+                latencies.append(wait_sr(orthanc, uid) - acked)
             batch = [make_study(sources, work / f"tp{i}") for i in range(args.throughput)]
             t0 = time.monotonic()
             storescu(node_port, "DICOMAI", [f for _, files in batch for f in files])
@@ -188,12 +194,13 @@ def main() -> None:
         stats = node_log_stats(log)
     p50, p95 = statistics.median(latencies), pct(latencies, 0.95)
     plain_ms = statistics.median(plain) * 1e3
+    rule = "node defaults" if args.quiet is None else f"quiet period {args.quiet:g} s, no early stability"
     print(f"\nend to end, {args.studies} studies of 2 uncompressed CR views (1760x1760, 2140x1760), "
-          f"quiet period {args.quiet:g} s, {os.cpu_count()} CPUs\n")
+          f"{rule}, {os.cpu_count()} CPUs\n")
     print("| measure | value | goal |")
     print("|---|---|---|")
-    print(f"| latency beyond quiet period, p50 | {p50 * 1e3:.0f} ms | < 500 ms |")
-    print(f"| latency beyond quiet period, p95 | {p95 * 1e3:.0f} ms | |")
+    print(f"| last instance acknowledged -> SR in Orthanc, p50 | {p50 * 1e3:.0f} ms | <= 3000 ms |")
+    print(f"| last instance acknowledged -> SR in Orthanc, p95 | {p95 * 1e3:.0f} ms | <= 5000 ms |")
     print(f"| node: classified, SR made and queued (median of log) | {stats['flagged_s'] * 1e3:.0f} ms | |")
     print(f"| node: whole stage, heat maps and SCs included (median) | {stats['total_s'] * 1e3:.0f} ms | |")
     print(f"| throughput, {args.throughput} studies back to back | {per_min:.1f} studies/min | |")
