@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicomai.analysis.scope import out_of_scope
+from dicomai.analysis.scope import KNOWN_BODY_PARTS, out_of_scope
 from dicomai.config import ScopeConfig
 from tests.helpers import pydicom_data
 
@@ -32,7 +35,7 @@ def test_cr_extremity_in_scope() -> None:
     ({"NumberOfFrames": 3}, "multi-frame"),
     ({"ImageType": ["DERIVED", "SECONDARY"]}, "secondary"),
     ({"Rows": 64}, "too small"),
-    ({"BodyPartExamined": "CHEST"}, "body part not analysed: CHEST"),
+    ({"BodyPartExamined": "CHEST"}, "body part not analysed: CHEST (outside the model's validated scope)"),
 ])
 def test_out_of_scope_reasons(change: dict[str, object], reason: str) -> None:
     """Each rule gives its own readable reason."""
@@ -53,7 +56,8 @@ def test_unknown_or_empty_body_part_is_analysed_unless_configured() -> None:
     strict = ScopeConfig(analyse_unknown_body_part=False)
     assert out_of_scope(ds, strict, PARTS) == "body part not given"
     ds.BodyPartExamined = "LEFT PINKY"
-    assert out_of_scope(ds, strict, PARTS) == "body part not analysed: LEFTPINKY"
+    assert out_of_scope(ds, strict, PARTS) == ("body part not analysed: LEFTPINKY "
+                                               "(outside the model's validated scope)")
 
 
 def test_configured_body_parts_override_the_model() -> None:
@@ -61,3 +65,46 @@ def test_configured_body_parts_override_the_model() -> None:
     ds = _cr()
     ds.BodyPartExamined = "CHEST"
     assert out_of_scope(ds, ScopeConfig(body_parts=["CHEST"]), PARTS) is None
+    ds.BodyPartExamined = "HAND"
+    assert out_of_scope(ds, ScopeConfig(body_parts=["CHEST"]), PARTS) == (
+        "body part not analysed: HAND (not in scope.body_parts)")
+
+
+#: FracAtlas's regions (hand, leg, hip, shoulder) as the views a site sends them under.
+VALIDATED = {"HAND", "HANDS", "FINGER", "THUMB", "WRIST", "LEG", "LOWERLEG", "TIBIA", "FIBULA", "KNEE",
+             "ANKLE", "FOOT", "FEET", "TOE", "HIP", "PELVIS", "SHOULDER"}
+
+
+def test_shipped_model_lists_only_its_validated_body_parts() -> None:
+    """The shipped manifest names FracAtlas's regions; elbow, forearm, humerus are left out."""
+    from dicomai.model.package import load_package
+    from dicomai.node import default_model_dir
+
+    model = default_model_dir()
+    assert model is not None
+    parts = set(load_package(model, check_hash=False).manifest.body_parts)
+    assert parts == VALIDATED
+    assert parts <= KNOWN_BODY_PARTS
+
+
+def test_body_part_outside_the_manifest_is_not_analysed(tmp_path: Path) -> None:
+    """Through the node's analysis: an elbow is not analysed, with the reason; a hand is."""
+    from dicomai.analysis.image import Analyser
+    from dicomai.model.classifier import Classifier
+    from dicomai.model.grading import Grade
+    from dicomai.model.package import load_package
+    from tests.synthetic import hot_spot_model
+
+    directory = hot_spot_model(tmp_path / "model")
+    manifest = json.loads((directory / "model.json").read_text())
+    manifest["body_parts"] = sorted(VALIDATED)
+    (directory / "model.json").write_text(json.dumps(manifest))
+    package = load_package(directory)
+    analyser = Analyser(ScopeConfig(), package, Classifier(package, threads=1),
+                        package.manifest.operating_points)
+    elbow, hand = dcmread(pydicom_data("RG3_UNCR.dcm")), dcmread(pydicom_data("RG3_UNCR.dcm"))
+    elbow.BodyPartExamined, hand.BodyPartExamined = "ELBOW", "HAND"
+    got_elbow, got_hand = analyser.analyse([elbow, hand])
+    assert got_elbow.grade == Grade.NOT_ANALYSED
+    assert got_elbow.reason == "body part not analysed: ELBOW (outside the model's validated scope)"
+    assert got_hand.analysed and got_hand.probability is not None

@@ -11,9 +11,10 @@ from pydicom.dataset import Dataset
 
 from dicomai.config import ScopeConfig
 
-__all__ = ["KNOWN_BODY_PARTS", "OWN_MANUFACTURER", "out_of_scope"]
+__all__ = ["KNOWN_BODY_PARTS", "OUTSIDE_VALIDATED_SCOPE", "OWN_MANUFACTURER", "out_of_scope"]
 
 OWN_MANUFACTURER = "dicomai"
+OUTSIDE_VALIDATED_SCOPE = "outside the model's validated scope"
 
 #: Common defined terms of Body Part Examined (PS3.16 Annex L). A value outside this list is
 #: "unknown" (site-specific spelling) and analysed when ``analyse_unknown_body_part`` is set.
@@ -55,7 +56,9 @@ def out_of_scope(ds: Dataset, scope: ScopeConfig, model_body_parts: list[str]) -
     part = _norm(ds.get("BodyPartExamined"))
     known_or_strict = part in KNOWN_BODY_PARTS or not scope.analyse_unknown_body_part
     if wanted and part and part not in wanted and known_or_strict:
-        return f"body part not analysed: {part}"
+        # The model's list is what it was trained and validated on (the model card's scope).
+        why = "not in scope.body_parts" if scope.body_parts else OUTSIDE_VALIDATED_SCOPE
+        return f"body part not analysed: {part} ({why})"
     if not part and not scope.analyse_unknown_body_part:
         return "body part not given"
     return None
