@@ -31,6 +31,7 @@ __all__ = [
     "AllowedCaller",
     "DatabaseConfig",
     "Destination",
+    "HttpConfig",
     "LogFormat",
     "LoggingConfig",
     "ModelConfig",
@@ -250,6 +251,20 @@ class OutboxConfig(_Section):
     max_age_h: float = Field(72.0, gt=0)  # then the object is dead (an admin may retry it)
 
 
+class HttpConfig(_Section):
+    """The operations endpoint: ``/healthz``, ``/readyz`` and ``/metrics`` over plain HTTP."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"  # loopback unless an admin binds it elsewhere on purpose
+    port: int = Field(9102, ge=1, le=65535)
+
+    @field_validator("host")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        ipaddress.ip_address(value)  # its ValueError names the bad value
+        return value
+
+
 class Settings(BaseSettings):
     """Effective configuration of one dicomai process."""
 
@@ -271,6 +286,7 @@ class Settings(BaseSettings):
     scope: ScopeConfig = ScopeConfig()
     results: ResultsConfig = ResultsConfig()
     outbox: OutboxConfig = OutboxConfig()
+    http: HttpConfig = HttpConfig()
     destinations: list[Destination] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -34,6 +34,7 @@ from dicomai.deliver.outbox import OutboxWorker, Sender
 from dicomai.model.classifier import Classifier
 from dicomai.model.package import ModelPackage, load_package
 from dicomai.net.listener import Receiver
+from dicomai.ops.endpoint import start_endpoint
 from dicomai.results.publish import Publisher
 from dicomai.store import make_sessionmaker, open_database, record_event
 from dicomai.store import results as store_results
@@ -167,6 +168,9 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     assert server is not None  # block=False always returns the server
     log.info("node.listening", ae_title=settings.node.ae_title, host=settings.node.host,
              port=settings.node.port, data_dir=str(data_dir), version=__version__)
+    # The operations endpoint (/healthz, /readyz, /metrics); None when off or its port is taken.
+    ops = start_endpoint(settings, engine, sessions,
+                         hook.publish.manifest if isinstance(hook, Triage) else None, scheduler)
     sd_notify("READY=1")
 
     stop = threading.Event()
@@ -190,6 +194,8 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     ae.shutdown()
     scheduler.shutdown(wait=True)
     outbox.stop(timeout=settings.node.shutdown_grace_s)
+    if ops is not None:
+        ops.stop()
     with sessions.begin() as s:
         record_event(s, "node", "node.stopped")
     engine.dispose()
