@@ -1,28 +1,28 @@
 """The one configuration object of the node.
 
 Sources, highest priority first: command-line flags, ``DICOMAI_<SECTION>__<KEY>``
-environment variables, the TOML file given with ``--config``, and the embedded defaults
-(documented key by key in ``config/dicomai.toml``). Validation happens once, at start-up;
-an unknown key or a bad value raises :class:`~dicomai.errors.ConfigError` naming it.
+environment variables, the TOML file (``--config FILE``, else ``DICOMAI_CONFIG``, else
+``/etc/dicomai/dicomai.toml`` when it exists: :func:`find_config`), and the embedded
+defaults (documented key by key in ``config/dicomai.toml``). Validation happens once, at
+start-up; an unknown key or a bad value raises :class:`~dicomai.errors.ConfigError` naming
+it and where it came from. Loading reads the environment it is given and changes nothing.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
+import types
+import typing
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
 
 from dicomai.errors import ConfigError
 
@@ -43,11 +43,17 @@ __all__ = [
     "Settings",
     "StorageConfig",
     "StudiesConfig",
+    "find_config",
     "load_settings",
+    "mask_url",
     "masked",
 ]
 
 ENV_PREFIX = "DICOMAI_"
+#: The variable naming the configuration file when ``--config`` is not given.
+CONFIG_ENV = "DICOMAI_CONFIG"
+#: The file every command reads when neither ``--config`` nor ``DICOMAI_CONFIG`` names one.
+SYSTEM_CONFIG = Path("/etc/dicomai/dicomai.toml")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default repertoire, no backslash
 
 
@@ -68,7 +74,7 @@ class NodeConfig(_Section):
     ae_title: str = "DICOMAI"
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
-    data_dir: Path = Path("./dicomai-data")
+    data_dir: Path = Field(Path("./dicomai-data"), validate_default=True)  # made absolute at load
     max_associations: int = Field(10, ge=1, le=1000)
     max_pdu_size: int = Field(65536, ge=0)
     max_object_mb: int = Field(1024, ge=1)
@@ -78,6 +84,13 @@ class NodeConfig(_Section):
     shutdown_grace_s: float = Field(30.0, ge=0)
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Once, at load: every command run from another directory then still means the same
+        # folder, and `config show` prints the folder that is used.
+        return value.expanduser().resolve()
 
     @field_validator("host")
     @classmethod
@@ -265,28 +278,22 @@ class HttpConfig(_Section):
         return value
 
 
-class Settings(BaseSettings):
-    """Effective configuration of one dicomai process."""
+class Settings(BaseModel):
+    """Effective configuration of one dicomai process (built by :func:`load_settings`)."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        extra="forbid",
-        frozen=True,
-        nested_model_default_partial_update=True,
-    )
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    node: NodeConfig = NodeConfig()
-    access: AccessConfig = AccessConfig()
-    storage: StorageConfig = StorageConfig()
-    studies: StudiesConfig = StudiesConfig()
-    database: DatabaseConfig = DatabaseConfig()
-    logging: LoggingConfig = LoggingConfig()
-    model: ModelConfig = ModelConfig()
-    scope: ScopeConfig = ScopeConfig()
-    results: ResultsConfig = ResultsConfig()
-    outbox: OutboxConfig = OutboxConfig()
-    http: HttpConfig = HttpConfig()
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    access: AccessConfig = Field(default_factory=AccessConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    studies: StudiesConfig = Field(default_factory=StudiesConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    scope: ScopeConfig = Field(default_factory=ScopeConfig)
+    results: ResultsConfig = Field(default_factory=ResultsConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     destinations: list[Destination] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -298,7 +305,7 @@ class Settings(BaseSettings):
 
     @property
     def data_dir(self) -> Path:
-        return self.node.data_dir.resolve()
+        return self.node.data_dir
 
     @property
     def database_url(self) -> str:
@@ -313,104 +320,181 @@ class Settings(BaseSettings):
         raise ConfigError("destinations", f"no destination named {name!r}")
 
 
-def _check_env_keys(environ: dict[str, str]) -> None:
-    """Reject ``DICOMAI_*`` variables that name no setting (pydantic ignores them)."""
+def find_config(given: Path | None, environ: Mapping[str, str]) -> tuple[Path | None, str]:
+    """The configuration file a command reads, and what named it.
+
+    ``given`` (``--config``), else ``DICOMAI_CONFIG``, else :data:`SYSTEM_CONFIG` when it
+    exists, else none (the embedded defaults).
+    """
+    if given is not None:
+        return given, "--config"
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV]), CONFIG_ENV
+    if SYSTEM_CONFIG.exists():
+        return SYSTEM_CONFIG, "the default location"
+    return None, "no file"
+
+
+def _is_complex(annotation: Any) -> bool:
+    """Whether a field's value is given as JSON in an environment variable (a list, a table)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_complex(a) for a in typing.get_args(annotation) if a is not type(None))
+    if origin in (list, dict, tuple, set):
+        return True
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """The settings given as ``DICOMAI_<SECTION>__<KEY>`` (or a whole ``DICOMAI_<SECTION>``).
+
+    Other ``DICOMAI_*`` variables (``DICOMAI_CONFIG``, those of the training tools or of the
+    tests) are not settings and are left alone. Returns the nested values and, per key path,
+    the variable that gave it.
+    """
+    data: dict[str, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
     sections = Settings.model_fields
-    for name in environ:
-        if not name.startswith(ENV_PREFIX) or name.startswith("DICOMAI_TEST_"):
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
             continue
         parts = name[len(ENV_PREFIX):].lower().split("__")
-        section = sections.get(parts[0])
-        if section is None:
-            raise ConfigError(name, "unknown setting (expected DICOMAI_<SECTION>__<KEY>)")
-        if len(parts) == 2:
-            model = section.annotation
-            if (isinstance(model, type) and issubclass(model, BaseModel)
-                    and parts[1] not in model.model_fields):
-                raise ConfigError(name, f"unknown key {parts[1]!r} in section {parts[0]!r}")
-        elif len(parts) > 2:
-            raise ConfigError(name, "too many '__' separators")
+        if len(parts) == 1:
+            if parts[0] not in sections:
+                continue  # DICOMAI_CONFIG, DICOMAI_MOBILENET_V2_TFLITE, ...: not a setting
+            annotation = sections[parts[0]].annotation
+        elif len(parts) == 2:
+            section = sections.get(parts[0])
+            model = section.annotation if section is not None else None
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                raise ConfigError(name, "unknown setting (expected DICOMAI_<SECTION>__<KEY>, "
+                                  f"sections: {', '.join(_section_names())})")
+            if parts[1] not in model.model_fields:
+                raise ConfigError(name, f"unknown key {parts[1]!r} in section [{parts[0]}]")
+            annotation = model.model_fields[parts[1]].annotation
+        else:
+            raise ConfigError(name, "too many '__' separators (expected DICOMAI_<SECTION>__<KEY>)")
+        value: Any = raw
+        if _is_complex(annotation):
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(name, f"not valid JSON ({exc.msg}); lists and tables are "
+                                  "given as JSON, e.g. '[\"sc\", \"sr\"]'") from None
+        if len(parts) == 1:
+            data[parts[0]] = _merge(data.get(parts[0]), value)
+        else:
+            data.setdefault(parts[0], {})[parts[1]] = value
+        origin[tuple(parts)] = name
+    return data, origin
 
 
-def _format_validation_error(exc: ValidationError) -> ConfigError:
-    first = exc.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(root)"
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    if len(exc.errors()) > 1:
-        message += f" (and {len(exc.errors()) - 1} more problem(s))"
-    return ConfigError(key, message)
+def _section_names() -> list[str]:
+    return [name for name, f in Settings.model_fields.items()
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)]
+
+
+def _merge(base: Any, top: Any) -> Any:
+    """``top`` over ``base``: tables merge key by key, anything else is replaced."""
+    if isinstance(base, dict) and isinstance(top, dict):
+        merged = dict(base)
+        for key, value in top.items():
+            merged[key] = _merge(base.get(key), value)
+        return merged
+    return top
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The file's tables; ConfigError for a file that is missing, unreadable or not TOML."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), "configuration file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), "is a directory, not a configuration file") from None
+    except PermissionError:
+        raise ConfigError(str(path), "cannot read the configuration file (permission denied "
+                          f"for user id {os.geteuid()}; see its owner, group and mode)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the configuration file ({exc.strerror})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+
+
+def _has(data: Any, loc: tuple[str | int, ...]) -> bool:
+    for part in loc:
+        found = (isinstance(data, dict) and part in data
+                 or isinstance(data, list) and isinstance(part, int) and part < len(data))
+        if not found:
+            return False
+        data = data[part]
+    return True
+
+
+def _source(loc: tuple[str | int, ...], overrides: dict[str, Any], env_origin: dict[tuple[str, ...], str],
+            file_data: dict[str, Any], path: Path | None) -> str | None:
+    """Where the value at ``loc`` came from, in the order the layers win."""
+    if _has(overrides, loc[:2]):
+        return "the command line"
+    for n in (2, 1):
+        name = env_origin.get(tuple(str(p) for p in loc[:n]))
+        if name is not None:
+            return f"environment variable {name}"
+    if path is not None and _has(file_data, loc[:2]):
+        return str(path)
+    return None
 
 
 def load_settings(
     path: Path | None = None,
     overrides: dict[str, Any] | None = None,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Settings:
     """Build and validate the effective configuration.
 
     Parameters
     ----------
     path:
-        TOML file, or ``None`` for embedded defaults only.
+        TOML file, or ``None`` for embedded defaults only (see :func:`find_config`).
     overrides:
         Values from command-line flags, nested by section (``{"node": {"port": 104}}``).
     environ:
-        Environment to read ``DICOMAI_*`` variables from (default ``os.environ``).
+        Environment to read ``DICOMAI_<SECTION>__<KEY>`` variables from (default
+        ``os.environ``, which is only read).
 
     Raises
     ------
     ConfigError
-        Naming the first bad key or value.
+        Naming the first bad key or value and where it came from.
     """
-    env = dict(os.environ if environ is None else environ)
-    _check_env_keys(env)
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(str(path), "configuration file not found")
-        try:
-            tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(str(path), f"not valid TOML: {exc}") from None
-
-    class _Loaded(Settings):
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-            if path is not None:
-                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
-            return tuple(sources)
-
-    saved = dict(os.environ)
+    env_data, env_origin = _env_layer(os.environ if environ is None else environ)
+    file_data = _read_toml(path) if path is not None else {}
+    flags = overrides or {}
+    data = _merge(_merge(file_data, env_data), flags)
     try:
-        if environ is not None:
-            os.environ.clear()
-            os.environ.update(env)
-        return _Loaded(**(overrides or {}))
+        return Settings.model_validate(data)
     except ValidationError as exc:
-        raise _format_validation_error(exc) from None
-    finally:
-        if environ is not None:
-            os.environ.clear()
-            os.environ.update(saved)
+        errors = exc.errors()
+        first = errors[0]
+        loc = tuple(first["loc"])
+        key = ".".join(str(p) for p in loc) or "(root)"
+        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem(s))"
+        raise ConfigError(key, message, _source(loc, flags, env_origin, file_data, path)) from None
 
 
 def masked(settings: Settings) -> dict[str, Any]:
     """The configuration as plain data with secrets (database password) masked."""
     data = settings.model_dump(mode="json")
-    url = data["database"]["url"]
-    if url:
-        data["database"]["url"] = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
-    data["node"]["data_dir"] = str(settings.data_dir)
-    data["database"]["effective_url"] = re.sub(
-        r"(://[^:/@]+:)[^@]*@", r"\1***@", settings.database_url
-    )
+    data["database"]["url"] = mask_url(data["database"]["url"])
     return data
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)

@@ -12,8 +12,10 @@ __all__ = [
     "DatabaseBehindError",
     "DatabaseError",
     "DicomaiError",
+    "InUseError",
     "IngestError",
     "SpoolFullError",
+    "UsageError",
 ]
 
 
@@ -30,14 +32,39 @@ class ConfigError(DicomaiError):
     ----------
     key:
         The dotted configuration key (``node.port``), or the file/variable at fault.
+    source:
+        Where the bad value came from (a file's path, an environment variable, the command
+        line), when that is not ``key`` itself.
     """
 
     exit_code = 2
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"configuration error: {key}: {message}")
+    def __init__(self, key: str, message: str, source: str | None = None) -> None:
+        where = f" (from {source})" if source else ""
+        super().__init__(f"configuration error: {key}{where}: {message}")
         self.key = key
         self.message = message
+        self.source = source
+
+
+class UsageError(DicomaiError):
+    """An operator's mistake the command cannot work around: a missing extra, a bad value."""
+
+    exit_code = 2
+
+
+class InUseError(UsageError):
+    """A resource the node needs for itself is held by another process.
+
+    Attributes
+    ----------
+    resource:
+        What is in use, as a person names it (``port 11112 on 0.0.0.0``, a data directory).
+    """
+
+    def __init__(self, resource: str, detail: str) -> None:
+        super().__init__(f"{resource} is in use{detail}")
+        self.resource = resource
 
 
 class DatabaseError(DicomaiError):

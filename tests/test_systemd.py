@@ -27,3 +27,20 @@ def test_unit_verifies(tmp_path: Path) -> None:
     out = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "dicomai.service" not in out.stderr, out.stderr
+
+
+def test_unit_config_and_readme_agree() -> None:
+    """The unit, the shipped configuration and the README's recipe name one data directory and
+    one configuration file, the one every command reads by default, readable by the unit's user."""
+    from dicomai.config import SYSTEM_CONFIG, load_settings
+
+    unit = (REPO / "systemd" / "dicomai.service").read_text()
+    assert "DICOMAI_NODE__DATA_DIR" not in unit  # commands run by hand would not see it
+    assert "StateDirectory=dicomai\n" in unit and "WorkingDirectory=/var/lib/dicomai\n" in unit
+    shipped = load_settings(REPO / "config" / "dicomai.toml", environ={})
+    assert shipped.data_dir == Path("/var/lib/dicomai")
+    assert f"dicomai serve --config {SYSTEM_CONFIG}\n" in unit
+    assert "User=dicomai\n" in unit and "Group=dicomai\n" in unit
+    readme = (REPO / "README.md").read_text()
+    assert f"sudo install -D -m 0640 -o root -g dicomai config/dicomai.toml {SYSTEM_CONFIG}\n" in readme
+    assert "sudo -u dicomai /opt/dicomai/venv/bin/dicomai studies list\n" in readme
