@@ -171,6 +171,7 @@ class Node:
     db_url: str = ""
     ae_title: str = "DICOMAI"
     port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)  # the operations endpoint, one per node
     env_extra: dict[str, str] = field(default_factory=dict)
     config: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
@@ -182,6 +183,7 @@ class Node:
             "DICOMAI_NODE__DATA_DIR": str(self.data_dir),
             "DICOMAI_NODE__HOST": "127.0.0.1",
             "DICOMAI_NODE__PORT": str(self.port),
+            "DICOMAI_HTTP__PORT": str(self.http_port),
             "DICOMAI_NODE__AE_TITLE": self.ae_title,
             "DICOMAI_STUDIES__QUIET_PERIOD_S": "1.0",
             "DICOMAI_STUDIES__POLL_INTERVAL_S": "0.2",
