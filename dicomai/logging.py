@@ -1,7 +1,9 @@
 """Logging set-up for the entry point; library modules only call ``structlog.get_logger``.
 
 JSON lines on stdout when stdout is not a terminal (systemd, containers), coloured
-key/value output on a terminal. Event names are short verbs (``study.stable``); values are
+key/value output on a terminal. The stdlib records of our dependencies (pynetdicom,
+pydicom, apscheduler), Python warnings and the tracebacks of crashed threads take the same
+way and the same format. Event names are short verbs (``study.stable``); values are
 fields. Patient names and IDs are never logged: only UIDs, counts, hashes and AE titles.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 import structlog
 
@@ -17,6 +20,8 @@ from dicomai.config import LogFormat, LoggingConfig
 __all__ = ["configure_logging"]
 
 _FORBIDDEN_KEYS = frozenset({"patient_name", "patient_id", "PatientName", "PatientID"})
+
+log = structlog.get_logger("dicomai.logging")
 
 
 def _drop_patient_fields(
@@ -67,6 +72,7 @@ def configure_logging(config: LoggingConfig, stream: object | None = None) -> No
         shared.append(structlog.processors.format_exc_info)
     else:
         renderer = structlog.dev.ConsoleRenderer()
+    _route_stdlib(out, shared, renderer)
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
@@ -75,7 +81,6 @@ def configure_logging(config: LoggingConfig, stream: object | None = None) -> No
     )
     # pynetdicom logs every PDU at INFO and may print identifiers from requests; keep it
     # at WARNING so its messages do not leak patient data into the journal.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     # "skipped: maximum number of running instances reached" whenever one study takes longer
@@ -84,3 +89,38 @@ def configure_logging(config: LoggingConfig, stream: object | None = None) -> No
     # pydicom logs a traceback for each decoder plugin it tries; dicomai reports the
     # resulting failure itself (event and audit row), so only keep pydicom's critical ones.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+
+
+class _StructlogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The root handler :func:`configure_logging` installs (and replaces when called again)."""
+
+
+def _route_stdlib(out: object, shared: list[structlog.typing.Processor],
+                  renderer: structlog.typing.Processor) -> None:
+    """Send stdlib logging, warnings and crashed threads' tracebacks through structlog.
+
+    Records of other libraries get the same level, timestamp and redaction as ours, their
+    logger's name and, with ``exc_info``, the traceback as a field of the same JSON line.
+    """
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = _StructlogHandler(out)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StructlogHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    threading.excepthook = _thread_crashed
+
+
+def _thread_crashed(args: threading.ExceptHookArgs) -> None:
+    """A thread died of an exception: one log record with its traceback, not raw stderr."""
+    if args.exc_type is SystemExit:
+        return
+    assert args.exc_value is not None
+    log.error("thread.crashed", thread=args.thread.name if args.thread else None,
+              exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
