@@ -30,6 +30,8 @@ __all__ = [
     "Association",
     "Base",
     "Event",
+    "Feedback",
+    "FeedbackRead",
     "Instance",
     "InstanceState",
     "OutboxItem",
@@ -88,6 +90,14 @@ class OutboxState(StrEnum):
     PENDING = "pending"  # to be sent (again) at next_attempt_at
     SENT = "sent"  # the destination confirmed storage
     DEAD = "dead"  # given up: a permanent rejection or older than the maximum age
+
+
+class FeedbackRead(StrEnum):
+    """The radiologist's final read of a study, as far as fracture triage is concerned."""
+
+    FRACTURE = "fracture"  # a fracture confirmed
+    NO_FRACTURE = "no_fracture"
+    OTHER = "other"  # another finding, no fracture
 
 
 class Base(DeclarativeBase):
@@ -281,3 +291,16 @@ class Event(Base):
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     details: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class Feedback(Base):
+    """A radiologist's final read of a study (the latest row of a study counts)."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    read: Mapped[str] = mapped_column(String(16))
+    read_by: Mapped[str] = mapped_column(String(64))
+    note: Mapped[str | None] = mapped_column(Text)
+    recorded_at: Mapped[dt.datetime] = mapped_column(index=True)

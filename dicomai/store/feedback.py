@@ -1,0 +1,111 @@
+"""Radiologists' final reads of studies, and the studies they make a labelled sample of.
+
+Every function takes the caller's session and does not commit: a read and its audit event
+commit together.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dicomai.errors import DicomaiError
+from dicomai.model.grading import Grade
+from dicomai.store.events import record_event
+from dicomai.store.models import Feedback, FeedbackRead, Series, Study, utcnow
+
+__all__ = [
+    "ReviewedStudy",
+    "UnknownStudyError",
+    "record_calibration",
+    "record_feedback",
+    "reviewed_studies",
+    "study_scores",
+]
+
+#: Grades of a study the model analysed (the others have no probability to judge).
+ANALYSED = (Grade.POSITIVE, Grade.DOUBTFUL, Grade.NEGATIVE)
+
+
+class UnknownStudyError(DicomaiError):
+    """The audit database has no study with this Study Instance UID."""
+
+    exit_code = 1
+
+    def __init__(self, study_instance_uid: str) -> None:
+        super().__init__(f"no study {study_instance_uid} in the audit database")
+        self.study_instance_uid = study_instance_uid
+
+
+@dataclass(frozen=True)
+class ReviewedStudy:
+    """A study the model graded, with its latest final read."""
+
+    study_instance_uid: str
+    grade: Grade
+    probability: float | None
+    body_part: str | None
+    read: FeedbackRead
+
+    @property
+    def fractured(self) -> bool:
+        """The truth for fracture triage: another finding counts as no fracture."""
+        return self.read == FeedbackRead.FRACTURE
+
+
+def _study(session: Session, study_instance_uid: str) -> Study:
+    study = session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
+    if study is None:
+        raise UnknownStudyError(study_instance_uid)
+    return study
+
+
+def record_feedback(session: Session, study_instance_uid: str, read: FeedbackRead, by: str,
+                    note: str | None = None) -> Feedback:
+    """Store a final read of a known study and its audit event; a later read supersedes it."""
+    study = _study(session, study_instance_uid)
+    row = Feedback(study_id=study.id, read=str(read), read_by=by, note=note, recorded_at=utcnow())
+    session.add(row)
+    # The note stays in the feedback table: free text may name the patient.
+    record_event(session, "feedback", "feedback.recorded", study_instance_uid=study_instance_uid,
+                 details={"read": str(read), "by": by, "model_grade": study.grade})
+    return row
+
+
+def reviewed_studies(session: Session, since: dt.datetime | None = None) -> list[ReviewedStudy]:
+    """Studies graded by the model and read by a radiologist, received at or after ``since``."""
+    latest = (select(Feedback.study_id, func.max(Feedback.id).label("fid"))
+              .group_by(Feedback.study_id).subquery())
+    part = (select(Series.body_part).where(Series.study_id == Study.id, Series.body_part.is_not(None))
+            .order_by(Series.id).limit(1).correlate(Study).scalar_subquery())
+    q = (select(Study, Feedback.read, part)
+         .join(latest, latest.c.study_id == Study.id)
+         .join(Feedback, Feedback.id == latest.c.fid)
+         .where(Study.grade.in_([str(g) for g in ANALYSED]))
+         .order_by(Study.id))
+    if since is not None:
+        q = q.where(Study.first_received_at >= since)
+    return [ReviewedStudy(study.study_instance_uid, Grade(study.grade), study.probability,
+                          body_part, FeedbackRead(read))
+            for study, read, body_part in session.execute(q).all()]
+
+
+def study_scores(session: Session, study_instance_uids: Sequence[str]
+                 ) -> dict[str, tuple[float | None, str | None]]:
+    """The recorded probability and body part of each study graded by the model, by UID."""
+    part = (select(Series.body_part).where(Series.study_id == Study.id, Series.body_part.is_not(None))
+            .order_by(Series.id).limit(1).correlate(Study).scalar_subquery())
+    q = (select(Study.study_instance_uid, Study.probability, part)
+         .where(Study.study_instance_uid.in_(list(study_instance_uids)),
+                Study.grade.in_([str(g) for g in ANALYSED])))
+    return {uid: (p, bp) for uid, p, bp in session.execute(q).all()}
+
+
+def record_calibration(session: Session, by: str, details: dict[str, Any]) -> None:
+    """Audit a new site profile: who, on how many cases, with which thresholds."""
+    record_event(session, "calibrate", "site.calibrated", details={"by": by, **details})
