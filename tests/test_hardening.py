@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import socket
 import sqlite3
 import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,11 +19,20 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
 
-from dicomai.config import AccessConfig, AllowedCaller, NodeConfig, Settings
+from dicomai.config import (
+    AccessConfig,
+    AllowedCaller,
+    LogFormat,
+    LoggingConfig,
+    NodeConfig,
+    Settings,
+)
+from dicomai.logging import configure_logging
 from dicomai.net.listener import Receiver
-from dicomai.store import make_engine, make_sessionmaker
-from dicomai.store.spool import Spool
+from dicomai.store import make_engine, open_database
+from tests import pdu
 from tests.helpers import Node, dcmtk, free_port, make_study, shared_file, storescu
+from tests.receiver import serving
 
 
 def _echo(port: int, calling: str, called: str = "DICOMAI") -> subprocess.CompletedProcess[str]:
@@ -34,19 +47,8 @@ def dead_db_receiver(tmp_path: Path) -> Iterator[int]:
                         access=AccessConfig(allowed_callers=[AllowedCaller(ae_title="GOODPACS")]))
     # Nothing listens on this port: every write to the audit database raises.
     engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/dicomai")
-    spool = Spool(tmp_path)
-    spool.prepare()
-    receiver = Receiver(settings, spool, make_sessionmaker(engine))
-    ae = receiver.build_ae()
-    ae.start_server(("127.0.0.1", settings.node.port), block=False, evt_handlers=receiver.handlers())
-    try:
+    with serving(settings, engine):
         yield settings.node.port
-    finally:
-        deadline = time.monotonic() + 5  # let the refused associations see their peers go
-        while ae.active_associations and time.monotonic() < deadline:
-            time.sleep(0.05)
-        ae.shutdown()
-        engine.dispose()
 
 
 @pytest.mark.integration
@@ -138,3 +140,130 @@ def test_object_over_max_object_mb_aborts(node_factory: type[Node], tmp_path: Pa
     assert storescu(node.port, small).returncode == 0
     spooled = list((node.data_dir / "spool").rglob("*.dcm"))
     assert [p.parent.name for p in spooled] == [study_uid]
+
+
+# -- protocol errors: every association ends with an answer, an end state and a free slot ------
+_GARBLED_COMMANDS = [
+    b"\x00\x00\x00\x00\xff\xff\xff\xff" + b"x" * 20,  # a group length that runs off the end
+    pdu.command_set([(0x0100, b"\x30")]),  # a US value one byte long
+    pdu.command_set([(0x0002, b"1.2.3\x00")]),  # no Command Field at all
+    bytes(range(64)),  # noise
+]
+
+
+@pytest.mark.integration
+def test_malformed_command_sets_abort_and_end_every_association(node_factory: type[Node],
+                                                                 tmp_path: Path) -> None:
+    """A garbled command set gets an A-ABORT; every association row gets an end state, no
+    thread traceback reaches the log, and SIGTERM on the idle node is quick."""
+    node = node_factory(data_dir=tmp_path / "data",
+                        env_extra={"DICOMAI_NODE__SHUTDOWN_GRACE_S": "30"}).start()
+    for command in _GARBLED_COMMANDS:
+        replies = pdu.exchange(node.port, [pdu.associate_rq(), pdu.p_data(1, command)], read_after=1)
+        assert [r.pdu_type for r in replies] == [pdu.A_ASSOCIATE_AC, pdu.A_ABORT], command
+    assert _echo(node.port, "ECHOSCU").returncode == 0
+    time.sleep(0.5)  # the last association's close handler
+    assert node.proc is not None
+    started = time.monotonic()
+    assert node.stop() == 0
+    took = time.monotonic() - started
+    assert took < 5, f"SIGTERM on an idle node took {took:.1f} s"
+    db = sqlite3.connect(node.data_dir / "audit.sqlite3")
+    ends = db.execute("select end_state from associations order by id").fetchall()
+    assert ends == [("aborted",)] * len(_GARBLED_COMMANDS) + [("released",)]
+    aborted = db.execute("select error from events where event='association.aborted'").fetchall()
+    assert len(aborted) == len(_GARBLED_COMMANDS)
+    assert all("command set" in e for (e,) in aborted), aborted
+    lines = [line for line in node.log().splitlines() if line.strip()]
+    assert all(line.startswith("{") for line in lines), "\n".join(
+        line for line in lines if not line.startswith("{"))[:2000]
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[tuple[Receiver, int]]:
+    """An in-process listener on SQLite (no allow-list), with short timeouts."""
+    settings = Settings(node=NodeConfig(data_dir=tmp_path, port=free_port(), acse_timeout_s=3,
+                                        network_timeout_s=3, max_associations=10))
+    with serving(settings, open_database(f"sqlite:///{tmp_path / 'audit.sqlite3'}")) as rcv:
+        yield rcv, settings.node.port
+
+
+def _rows(tmp_path: Path, n: int) -> list[tuple[str, int, str | None, str | None]]:
+    """The association rows, once there are ``n`` (the audit row follows the answer)."""
+    db = sqlite3.connect(tmp_path / "audit.sqlite3")
+    deadline = time.monotonic() + 5
+    while True:
+        rows = db.execute("select calling_ae, accepted, end_state, reject_reason "
+                          "from associations order by id").fetchall()
+        if len(rows) >= n or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+@pytest.mark.integration
+def test_no_acceptable_context_is_rejected(receiver: tuple[Receiver, int], tmp_path: Path) -> None:
+    """An association proposing nothing the node supports gets A-ASSOCIATE-RJ, not an AC."""
+    _, port = receiver
+    unknown = pdu.presentation_context(1, "1.2.3.4.5", [pdu.IMPLICIT_LE])
+    wrong_syntax = pdu.presentation_context(3, pdu.VERIFICATION, ["1.2.3.4.6"])
+    for contexts in ([unknown], [unknown, wrong_syntax]):
+        (reply,) = pdu.exchange(port, [pdu.associate_rq(calling="NOCTX", contexts=contexts)])
+        assert reply.reject == (0x01, 0x01, 0x01)  # permanent, service user, no reason given
+    rows = _rows(tmp_path, 2)
+    assert rows == [("NOCTX", 0, "rejected", "no acceptable presentation context")] * 2
+
+
+@pytest.mark.integration
+def test_blank_ae_titles_are_rejected(receiver: tuple[Receiver, int], tmp_path: Path) -> None:
+    """A blank (or unprintable) calling or called AE title gets A-ASSOCIATE-RJ, not A-ABORT."""
+    rcv, port = receiver
+    cases = [(b"", "DICOMAI", 0x03), (b" " * 16, "DICOMAI", 0x03), ("RAWSCU", b"", 0x07),
+             (b"BAD\x01AE", "DICOMAI", 0x03), ("RAWSCU", b"\\\\", 0x07)]
+    for calling, called, reason in cases:
+        (reply,) = pdu.exchange(port, [pdu.associate_rq(calling=calling, called=called)])
+        assert reply.reject == (0x01, 0x01, reason), (calling, called, reply)
+    rows = _rows(tmp_path, len(cases))
+    assert len(rows) == len(cases)
+    assert all(accepted == 0 and end == "rejected" and "AE title" in (why or "")
+               for _, accepted, end, why in rows), rows
+    assert rcv.active == 0
+
+
+def test_stdlib_logs_are_structlog_json() -> None:
+    """pynetdicom's and pydicom's stdlib records, tracebacks included, come out as JSON lines."""
+    out = io.StringIO()
+    configure_logging(LoggingConfig(format=LogFormat.JSON), stream=out)
+    try:
+        raise ValueError("bad PDU")
+    except ValueError:
+        logging.getLogger("pynetdicom.dul").exception("Unable to decode the received PDU data")
+    logging.getLogger("pydicom").critical("critical %s", "thing")
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["event"] for r in records] == ["Unable to decode the received PDU data",
+                                             "critical thing"]
+    assert records[0]["logger"] == "pynetdicom.dul" and records[0]["level"] == "error"
+    assert "ValueError: bad PDU" in records[0]["exception"]
+
+
+@pytest.mark.integration
+def test_concurrent_senders_at_the_association_limit(receiver: tuple[Receiver, int]) -> None:
+    """10 senders in parallel, each opening associations back to back, against
+    max_associations=10: none is refused for a slot still held by a closing association."""
+    _, port = receiver
+
+    def sender(n: int) -> list[str]:
+        ae = AE(ae_title=f"SENDER{n}")
+        ae.add_requested_context(Verification)
+        refused = []
+        for _ in range(15):
+            assoc = ae.associate("127.0.0.1", port, ae_title="DICOMAI")
+            if not assoc.is_established:
+                refused.append("rejected" if assoc.is_rejected else "other")
+                continue
+            assoc.send_c_echo()
+            assoc.release()
+        return refused
+
+    with ThreadPoolExecutor(10) as pool:
+        refused = [r for rs in pool.map(sender, range(10)) for r in rs]
+    assert refused == []

@@ -14,10 +14,16 @@ before; the guard follows the PDU framing of what it reads and closes the connec
 * the A-ASSOCIATE-RQ has not fully arrived ``node.acse_timeout_s`` after the connection opened,
 * a P-DATA-TF PDU is longer than the ``node.max_pdu_size`` the node advertised (A-ABORT),
 * one DIMSE message (a C-STORE's data set) grows past ``node.max_object_mb`` (A-ABORT),
-* any other PDU is longer than a control PDU can be, or its type is unknown (A-ABORT).
+* any other PDU is longer than a control PDU can be, or its type is unknown (A-ABORT),
+* an A-ASSOCIATE-RQ carries a blank or unprintable AE title (A-ASSOCIATE-RJ: pynetdicom
+  cannot decode such a request and would answer it with an A-ABORT).
 
 pynetdicom then sees a closed transport and ends the association as it does when a peer
 disconnects: the association is aborted, its handlers run and its slot is freed.
+
+Whatever way an association ends, pynetdicom closes its socket last; the guard reports that
+once through ``on_finished``, so the listener can close the association's books even when
+pynetdicom fires no closing event.
 """
 
 from __future__ import annotations
@@ -30,15 +36,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 
-__all__ = ["GuardedSocket", "Limits", "install", "message_received"]
+__all__ = ["Drop", "GuardedSocket", "Limits", "install", "message_received"]
 
 _P_DATA_TF = 0x04
 _A_ASSOCIATE_RQ = 0x01
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 # A-ABORT reasons of the service provider (PS3.8 9.3.8).
 _NOT_SPECIFIED, _UNRECOGNIZED_PDU, _INVALID_PARAMETER = 0x00, 0x01, 0x06
+# A-ASSOCIATE-RJ: rejected permanent, by the service user, calling / called AE not recognised.
+_PERMANENT, _SERVICE_USER, _CALLING_AE, _CALLED_AE = 0x01, 0x01, 0x03, 0x07
+#: Bytes of an A-ASSOCIATE-RQ body up to the end of the Calling AE Title field.
+_RQ_AE_END = 36
 #: Slack over the advertised maximum for peers that count a PDV item header into it.
 PDU_SLACK = 256
 #: The longest non-P-DATA PDU accepted: an A-ASSOCIATE-RQ proposing every storage SOP class
@@ -56,8 +66,24 @@ class Limits:
     max_object_bytes: int
 
 
-#: Called once when the guard closes a connection, with the reason.
-OnClose = Callable[[str], None]
+@dataclass(frozen=True)
+class Drop:
+    """Why the guard closed a connection and what it answered the peer.
+
+    ``rejected`` is set when the answer was an A-ASSOCIATE-RJ; ``calling_ae`` and
+    ``called_ae`` then hold the request's titles as far as they are printable.
+    """
+
+    reason: str
+    rejected: bool = False
+    calling_ae: str = ""
+    called_ae: str = ""
+
+
+#: Called once when the guard closes a connection.
+OnClose = Callable[[Drop], None]
+#: Called once when pynetdicom closes the socket, however the association ended.
+OnFinished = Callable[[], None]
 
 
 class GuardedSocket:
@@ -66,10 +92,13 @@ class GuardedSocket:
     Only pynetdicom's DUL thread reads from it; every other attribute is the socket's own.
     """
 
-    def __init__(self, raw: socket.socket, limits: Limits, on_close: OnClose) -> None:
+    def __init__(self, raw: socket.socket, limits: Limits, on_close: OnClose,
+                 on_finished: OnFinished | None = None) -> None:
         self._raw = raw
         self._limits = limits
         self._on_close = on_close
+        self._on_finished = on_finished
+        self._rq_head = bytearray()
         self._deadline: float | None = time.monotonic() + limits.acse_timeout_s
         self._closed = False
         self._header = bytearray()
@@ -103,6 +132,9 @@ class GuardedSocket:
                             abort=False)
             return b""
         violation = self._follow(data)
+        if isinstance(violation, Drop):
+            self._reject(violation)
+            return b""
         if violation is not None:
             self._close(*violation)
             return b""
@@ -118,13 +150,20 @@ class GuardedSocket:
 
     def close(self) -> None:
         self._raw.close()
+        finished, self._on_finished = self._on_finished, None
+        if finished is not None:
+            finished()
 
-    def _follow(self, data: bytes) -> tuple[str, bool, int] | None:
-        """Follow the PDU framing through ``data``; say why to abort, if it must."""
+    def _follow(self, data: bytes) -> tuple[str, bool, int] | Drop | None:
+        """Follow the PDU framing through ``data``; say why to abort or reject, if it must."""
         at = 0
         while at < len(data):
             if self._body_left:
                 step = min(self._body_left, len(data) - at)
+                if self._pdu_type == _A_ASSOCIATE_RQ and len(self._rq_head) < _RQ_AE_END:
+                    self._rq_head += data[at:at + min(step, _RQ_AE_END - len(self._rq_head))]
+                    if len(self._rq_head) == _RQ_AE_END and (drop := _check_titles(self._rq_head)):
+                        return drop
                 self._body_left -= step
                 at += step
                 if not self._body_left:
@@ -169,23 +208,61 @@ class GuardedSocket:
             self._deadline = None
 
     def _close(self, reason: str, abort: bool, diagnostic: int = _NOT_SPECIFIED) -> None:
+        reply = None
         if abort:
             pdu = A_ABORT_RQ()
             pdu.source = 0x02  # service provider
             pdu.reason_diagnostic = diagnostic
+            reply = pdu.encode()
+        self._shut(reply, Drop(reason))
+
+    def _reject(self, drop: Drop) -> None:
+        pdu = A_ASSOCIATE_RJ()
+        pdu.result = _PERMANENT
+        pdu.source = _SERVICE_USER
+        pdu.reason_diagnostic = _CALLED_AE if drop.reason.startswith("called") else _CALLING_AE
+        self._shut(pdu.encode(), drop)
+
+    def _shut(self, reply: bytes | None, drop: Drop) -> None:
+        if reply is not None:
             with contextlib.suppress(OSError):  # the peer may be gone; closing is what matters
-                self._raw.sendall(pdu.encode())
+                self._raw.sendall(reply)
         with contextlib.suppress(OSError):
             self._raw.shutdown(socket.SHUT_RDWR)
         self._closed = True
-        self._on_close(reason)
+        self._on_close(drop)
 
 
-def install(event: Any, limits: Limits, on_close: OnClose) -> None:
+def _title(raw: bytes | bytearray) -> str | None:
+    """An AE title field's text, or None when pynetdicom could not take it (blank, not
+    printable ASCII, a backslash)."""
+    text = raw.strip(b" ")
+    if not text or any(b < 0x20 or b > 0x7E or b == 0x5C for b in text):
+        return None
+    return text.decode("ascii")
+
+
+def _printable(raw: bytes | bytearray) -> str:
+    return "".join(chr(b) if 0x20 <= b <= 0x7E else "?" for b in raw).strip()
+
+
+def _check_titles(head: bytes | bytearray) -> Drop | None:
+    """The rejection an A-ASSOCIATE-RQ's AE title fields call for, if any."""
+    called_raw, calling_raw = head[4:20], head[20:36]
+    called, calling = _title(called_raw), _title(calling_raw)
+    if called is not None and calling is not None:
+        return None
+    which = "called" if called is None else "calling"
+    return Drop(reason=f"{which} AE title blank or not printable", rejected=True,
+                calling_ae=_printable(calling_raw), called_ae=_printable(called_raw))
+
+
+def install(event: Any, limits: Limits, on_close: OnClose,
+            on_finished: OnFinished | None = None) -> None:
     """EVT_CONN_OPEN: wrap the association's accepted socket before anything is read from it."""
     transport = event.assoc.dul.socket
     if transport is not None and isinstance(transport.socket, socket.socket):
-        transport.socket = GuardedSocket(transport.socket, limits, on_close)
+        transport.socket = GuardedSocket(transport.socket, limits, on_close, on_finished)
 
 
 def message_received(event: Any) -> None:

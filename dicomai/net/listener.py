@@ -2,14 +2,17 @@
 
 Handler contracts (pynetdicom runs each association in its own thread):
 
-* ``EVT_REQUESTED``: checks the called AE title and the calling AE/host allow-list,
+* ``EVT_REQUESTED``: checks the called AE title, the calling AE/host allow-list, the
+  association limit and that at least one proposed presentation context is acceptable,
   records the association (accepted or rejected) and sends A-ASSOCIATE-RJ when refused.
 * ``EVT_C_STORE``: returns 0x0000 only after the object is fsynced in the spool and its
   row is committed in the audit database. Otherwise it returns a precise failure status:
   0xA700 (disk nearly full), 0xA900 (required UID missing or not matching the request),
   0xC210 (cannot be parsed or truncated, object quarantined), 0x0110 (internal failure).
   It never raises: an exception becomes a status and an audit row.
-* ``EVT_CONN_CLOSE``: closes the association row and logs one summary line.
+* ``EVT_CONN_CLOSE`` (or the guarded socket's close, whichever comes first): closes the
+  association row with its end state and logs one summary line. Every association the
+  listener accepted ends there, also one pynetdicom ends without an event.
 
 Every statement against the audit database is in :mod:`dicomai.store.ingest`.
 """
@@ -26,12 +29,13 @@ from typing import Any
 import structlog
 from pydicom.dataset import FileMetaDataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.presentation import negotiate_as_acceptor
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.config import Settings
 from dicomai.errors import IngestError
-from dicomai.net import guard
+from dicomai.net import guard, protocol
 from dicomai.net.dimse import (
     STATUS_PROCESSING_FAILURE,
     STATUS_SUCCESS,
@@ -52,8 +56,11 @@ log = structlog.get_logger("dicomai.net.listener")
 # A-ASSOCIATE-RJ result, source and reason (PS3.8 9.3.4).
 _PERMANENT, _TRANSIENT = 0x01, 0x02
 _SERVICE_USER, _SERVICE_PROVIDER_PRESENTATION = 0x01, 0x03
-_CALLING_AE_NOT_RECOGNISED, _CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
+_NO_REASON, _CALLING_AE_NOT_RECOGNISED, _CALLED_AE_NOT_RECOGNISED = 0x01, 0x03, 0x07
 _LOCAL_LIMIT_EXCEEDED = 0x02
+_LIMIT_REASON = "association limit (node.max_associations) reached"
+#: pynetdicom's own limit, on association threads, as a multiple of node.max_associations.
+_THREAD_BACKSTOP = 10
 
 
 @dataclass
@@ -67,7 +74,8 @@ class _AssocStats:
     bytes: int = 0
     failures: int = 0
     echoes: int = 0
-    end_state: str = "closed"
+    end_state: str = "closed"  # until released, aborted or rejected: the connection just closed
+    ended: bool = False  # released, aborted or rejected: no longer counts against the limit
 
 
 class Receiver:
@@ -95,7 +103,13 @@ class Receiver:
     def build_ae(self) -> AE:
         node = self.settings.node
         ae = AE(ae_title=node.ae_title)
-        ae.maximum_associations = node.max_associations
+        # The limit is enforced in _on_requested over associations that have not ended.
+        # pynetdicom counts threads, which includes associations already released and still
+        # waiting to write their audit row, and connections that have not sent a request
+        # yet: at exactly the limit, senders that reconnect at once were refused. Its own
+        # check stays as a backstop for when closing threads pile up behind a stalled
+        # database (10 senders reconnecting at once on SQLite left up to 18 threads).
+        ae.maximum_associations = _THREAD_BACKSTOP * node.max_associations
         ae.maximum_pdu_size = node.max_pdu_size
         ae.acse_timeout = node.acse_timeout_s
         ae.dimse_timeout = node.dimse_timeout_s
@@ -122,6 +136,7 @@ class Receiver:
 
     @property
     def active(self) -> int:
+        """Associations accepted and not yet closed."""
         with self._stats_lock:
             return len(self._stats)
 
@@ -129,17 +144,31 @@ class Receiver:
     def _on_conn_open(self, event: Any) -> None:
         set_nodelay(event)
         assoc = event.assoc
-        guard.install(event, self._limits, lambda reason: self._on_dropped(assoc, reason))
+        guard.install(event, self._limits, lambda drop: self._on_dropped(assoc, drop),
+                      on_finished=lambda: self._finish(assoc))
+        protocol.contain(assoc, lambda reason: self._aborted(assoc, reason))
 
-    def _on_dropped(self, assoc: Any, reason: str) -> None:
-        # The guard closed the connection (timeout, oversized PDU or object); pynetdicom now
-        # ends the association as if the peer had gone.
+    def _on_dropped(self, assoc: Any, drop: guard.Drop) -> None:
+        # The guard closed the connection (timeout, oversized PDU or object, unusable AE
+        # title); pynetdicom now ends the association as if the peer had gone.
+        if drop.rejected:
+            peer = store.Peer(host=assoc.requestor.address, port=int(assoc.requestor.port),
+                              calling_ae=drop.calling_ae, called_ae=drop.called_ae)
+            log.warning("association.rejected", peer=peer.host, calling_ae=peer.calling_ae,
+                        called_ae=peer.called_ae, reason=drop.reason)
+            self._audit("association.rejected", store.association_requested, peer, drop.reason,
+                        utcnow())
+            return
+        self._aborted(assoc, drop.reason, event="connection.dropped")
+
+    def _aborted(self, assoc: Any, reason: str, event: str = "association.aborted") -> None:
+        """The node ended ``assoc`` itself (a limit, a protocol error): log and audit why."""
         peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
         stats = self._get(assoc)
-        log.warning("connection.dropped", peer=peer, reason=reason,
+        log.warning(event, peer=peer, reason=reason,
                     association_id=stats.row_id if stats else None)
         if stats is not None and stats.row_id is not None:
-            stats.end_state = "aborted"
+            stats.end_state, stats.ended = "aborted", True
             self._audit("association.aborted", store.association_aborted, stats.row_id, reason, peer)
 
     def _on_requested(self, event: Any) -> None:
@@ -152,46 +181,70 @@ class Receiver:
                           called_ae=str(rq.called_ae_title).strip())
         reason = self.settings.access.check(peer.calling_ae, peer.host, peer.called_ae,
                                             self.settings.node.ae_title)
-        fields = {"peer": peer.host, "calling_ae": peer.calling_ae, "called_ae": peer.called_ae}
         if reason:
-            log.warning("association.rejected", **fields, reason=reason)
             called = reason.startswith("called")
-            assoc.acse.send_reject(_PERMANENT, _SERVICE_USER,
-                                   _CALLED_AE_NOT_RECOGNISED if called else _CALLING_AE_NOT_RECOGNISED)
-            assoc.is_rejected = True
-            self._audit("association.rejected", store.association_requested, peer, reason, utcnow())
-            assoc.kill()
+            self._reject(assoc, peer, reason, _PERMANENT, _SERVICE_USER,
+                         _CALLED_AE_NOT_RECOGNISED if called else _CALLING_AE_NOT_RECOGNISED)
+            return
+        accepted, _ = negotiate_as_acceptor(rq.presentation_context_definition_list,
+                                            assoc.acceptor.supported_contexts)
+        if not any(cx.result == 0x00 for cx in accepted):
+            # An AC without a usable context leaves the peer nothing to do but hang up.
+            self._reject(assoc, peer, "no acceptable presentation context", _PERMANENT,
+                         _SERVICE_USER, _NO_REASON)
+            return
+        stats = _AssocStats(row_id=None, calling_ae=peer.calling_ae, peer=peer.host)
+        with self._stats_lock:  # count and reserve the slot at once
+            live = sum(not s.ended for s in self._stats.values())
+            if live < self.settings.node.max_associations:
+                self._stats[id(assoc)] = stats
+        if self._get(assoc) is not stats:
+            self._reject(assoc, peer, _LIMIT_REASON, _TRANSIENT, _SERVICE_PROVIDER_PRESENTATION,
+                         _LOCAL_LIMIT_EXCEEDED)
             return
         try:
             with self.sessions.begin() as s:
-                row_id = store.association_requested(s, peer, None, utcnow())
+                stats.row_id = store.association_requested(s, peer, None, utcnow())
         except Exception:  # noqa: BLE001 -- what cannot be audited is not accepted
-            log.exception("association.refused", **fields, reason="audit database unavailable")
+            with self._stats_lock:
+                self._stats.pop(id(assoc), None)
+            log.exception("association.refused", peer=peer.host, calling_ae=peer.calling_ae,
+                          called_ae=peer.called_ae, reason="audit database unavailable")
             assoc.acse.send_reject(_TRANSIENT, _SERVICE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED)
             assoc.is_rejected = True
             assoc.kill()
-            return
-        with self._stats_lock:
-            self._stats[id(assoc)] = _AssocStats(row_id=row_id, calling_ae=peer.calling_ae,
-                                                 peer=peer.host)
+
+    def _reject(self, assoc: Any, peer: store.Peer, reason: str, result: int, source: int,
+                diagnostic: int) -> None:
+        """Send A-ASSOCIATE-RJ, then audit it (the answer does not wait for the database)."""
+        log.warning("association.rejected", peer=peer.host, calling_ae=peer.calling_ae,
+                    called_ae=peer.called_ae, reason=reason)
+        assoc.acse.send_reject(result, source, diagnostic)
+        assoc.is_rejected = True
+        self._audit("association.rejected", store.association_requested, peer, reason, utcnow())
+        assoc.kill()
 
     def _on_rejected(self, event: Any) -> None:
-        # Rejections decided by pynetdicom itself (too many associations, no context).
+        # Rejections decided by pynetdicom itself (its backstop on association threads).
         stats = self._get(event.assoc)
         if stats is None or stats.row_id is None:
             return
-        stats.end_state = "rejected"
+        stats.end_state, stats.ended = "rejected", True
         self._audit("association.rejected", store.association_rejected, stats.row_id,
-                    "rejected by the DICOM layer (association limit or no context)")
+                    f"rejected by the DICOM layer ({_LIMIT_REASON})")
 
     def _on_end(self, event: Any, state: str) -> None:
         stats = self._get(event.assoc)
-        if stats is not None and stats.end_state == "closed":
-            stats.end_state = state
+        if stats is not None and not stats.ended:
+            stats.end_state, stats.ended = state, True
 
     def _on_close(self, event: Any) -> None:
+        self._finish(event.assoc)
+
+    def _finish(self, assoc: Any) -> None:
+        """Close the books of ``assoc`` once: its row's end state and totals, one log line."""
         with self._stats_lock:
-            stats = self._stats.pop(id(event.assoc), None)
+            stats = self._stats.pop(id(assoc), None)
         if stats is None or stats.row_id is None:
             return
         self._audit("association.closed", store.association_closed, stats.row_id, stats.end_state,
