@@ -27,9 +27,18 @@ from dicomai.model.package import ModelPackage, OperatingPoints
 __all__ = ["Analyser", "GradcamGrid", "ImageAnalysis", "Timings", "operating_points", "short_reason"]
 
 
-def operating_points(settings: Settings, package: ModelPackage) -> OperatingPoints:
-    """The manifest's thresholds, with the configuration's overrides applied."""
-    base = package.manifest.operating_points
+def operating_points(settings: Settings, package: ModelPackage,
+                     body_part: str | None = None) -> OperatingPoints:
+    """The thresholds in force: configuration, else the site profile, else the manifest.
+
+    The site profile (``dicomai calibrate``, ``data_dir/site-profile.json``) counts only for
+    the model it was calibrated with; ``body_part`` picks its per-body-part points where it
+    has them. A threshold set in the configuration is the admin's explicit choice and wins.
+    """
+    from dicomai.model.profile import profile_for
+
+    profile = profile_for(settings.data_dir, package)
+    base = profile.points(body_part) if profile is not None else package.manifest.operating_points
     return OperatingPoints(
         high_sensitivity=(settings.model.high_sensitivity
                           if settings.model.high_sensitivity is not None else base.high_sensitivity),

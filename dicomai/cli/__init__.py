@@ -139,7 +139,7 @@ def _register_plugins(subparsers: Subparsers[argparse.ArgumentParser],
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree: the node's groups, then the plug-ins'."""
     # Imported here: each group's module imports what its commands need only when they run.
-    from dicomai.cli import check, classify, config, db, feedback, model, node, outbox, studies
+    from dicomai.cli import calibrate, check, classify, config, db, feedback, model, node, outbox, studies
 
     common = common_parser()
     parser = argparse.ArgumentParser(
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     outbox.register(sub, common)
     model.register(sub, common)
     feedback.register(sub, common)  # after model: adds `model performance`
+    calibrate.register(sub, common)
     classify.register(sub, common)
     check.register(sub, common)
     _register_plugins(sub, common)

@@ -1,0 +1,165 @@
+"""Tests of site calibration: thresholds from labelled cases, the refusal rule, the audited profile."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import select
+
+from dicomai.analysis.image import operating_points
+from dicomai.cli import main
+from dicomai.config import load_settings
+from dicomai.model.calibration import (
+    InsufficientSample,
+    calibrate,
+    calibrate_site,
+    threshold_for_sensitivity,
+    threshold_for_specificity,
+)
+from dicomai.model.package import load_package
+from dicomai.model.profile import PROFILE_NAME, load_profile
+from dicomai.store import Event, make_sessionmaker, open_database
+from tests.synthetic import hot_spot_model
+
+
+def _p(level: int) -> float:
+    """The hot-spot model's probability for a 32x32 block of grey ``level`` (0-255)."""
+    return 1 / (1 + math.exp(-10 * (level / 255 - 0.5)))
+
+
+def _sample(folder: Path, positives: int, negatives: int,
+            seed: int = 0) -> tuple[Path, list[tuple[int, bool]]]:
+    """PNGs with one bright block whose grey level steers P(fractured); positives brighter on average."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = [(rng.randint(110, 255), True) for _ in range(positives)]
+    cases += [(rng.randint(0, 150), False) for _ in range(negatives)]
+    table = folder / "cases.csv"
+    with open(table, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "body_part"])
+        for n, (level, fractured) in enumerate(cases):
+            pixels = np.zeros((224, 224), np.uint8)
+            pixels[96:128, 96:128] = level
+            Image.fromarray(pixels).save(folder / f"{n}.png")
+            w.writerow([f"{n}.png", int(fractured), "HAND" if n % 2 else "FOOT"])
+    return table, cases
+
+
+@pytest.fixture
+def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    directory = hot_spot_model(tmp_path / "model", thresholds=(0.3, 0.7))
+    monkeypatch.setenv("DICOMAI_MODEL__PATH", str(directory))
+    monkeypatch.setenv("DICOMAI_MODEL__THREADS", "1")
+    monkeypatch.setenv("DICOMAI_MODEL__PROVIDERS", '["CPUExecutionProvider"]')
+    return directory
+
+
+def test_thresholds_reach_the_targets() -> None:
+    """The highest threshold reaching the sensitivity, the lowest reaching the specificity."""
+    scores = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    labels = [False] * 5 + [True] * 5
+    assert threshold_for_sensitivity(scores, labels, 0.8) == 0.7  # 4 of 5 positives at or above
+    assert threshold_for_sensitivity(scores, labels, 1.0 - 1e-9) == 0.6
+    t = threshold_for_specificity(scores, labels, 0.8)  # 4 of 5 negatives below
+    assert 0.4 < t <= 0.4 + 1e-12
+    with pytest.raises(ValueError, match="no positive"):
+        threshold_for_sensitivity([0.1], [False], 0.9)
+
+
+def test_too_few_positives_are_refused() -> None:
+    """20 positives cannot show a sensitivity of 0.9 to within 0.05: refused, with the numbers."""
+    scores = [i / 40 for i in range(40)]
+    labels = [i >= 20 for i in range(40)]
+    with pytest.raises(InsufficientSample, match="too few cases to show sensitivity 0.90"):
+        calibrate(scores, labels, 0.9)
+    assert calibrate(scores, labels, 0.9, margin=0.3).positives == 20
+
+
+def test_body_parts_get_their_own_points_where_the_sample_allows() -> None:
+    """A body part with enough cases gets its own thresholds; a small one uses the site's."""
+    rng = random.Random(1)
+    scores, labels, parts = [], [], []
+    for part, n in (("HAND", 600), ("FOOT", 40)):
+        for _ in range(n):
+            y = rng.random() < 0.5
+            scores.append(min(1.0, max(0.0, rng.gauss(0.7 if y else 0.3, 0.15))))
+            labels.append(y)
+            parts.append(part)
+    got = calibrate_site(scores, labels, parts, 0.9, 0.9)
+    assert set(got.body_parts) == {"HAND"} and "too few cases" in got.skipped["FOOT"]
+    hand = got.body_parts["HAND"]
+    assert hand.at_high_sensitivity.sensitivity.value is not None
+    assert hand.at_high_sensitivity.sensitivity.value >= 0.9
+    assert hand.high_sensitivity <= (hand.high_specificity or 1.0)
+
+
+def test_calibrate_reaches_the_sensitivity_and_the_node_uses_the_profile(
+        tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """On a labelled synthetic sample: sensitivity reached, profile written and audited, then used."""
+    data = tmp_path / "data"
+    url = f"sqlite:///{data / 'audit.sqlite3'}"
+    open_database(url)
+    table, cases = _sample(tmp_path / "cases", positives=240, negatives=240)
+    assert main(["--data-dir", str(data), "calibrate", str(table), "--target-sensitivity", "0.9",
+                 "--target-specificity", "0.9", "--by", "dr-a"]) == 0
+    out = capsys.readouterr().out
+    assert "calibrated hot-spot-test 1.0.0 on 480 cases (240 fractured) by dr-a" in out
+
+    profile = load_profile(data)
+    assert profile is not None and profile.by == "dr-a" and profile.cases == 480
+    hs, hp = profile.operating_points.high_sensitivity, profile.operating_points.high_specificity
+    # checked against the probabilities the model gives by construction, not the command's own
+    # figures; the model computes in float32 (1e-4 is far below one grey level's step, ~0.01)
+    caught = sum(_p(level) >= hs - 1e-4 for level, y in cases if y)
+    cleared = sum(_p(level) < hp + 1e-4 for level, y in cases if not y)
+    assert caught / 240 >= 0.9 and cleared / 240 >= 0.9
+    assert (hs, hp) != (0.3, 0.7)
+    assert set(profile.figures["skipped_body_parts"]) == {"FOOT", "HAND"}  # 120 positives each: too few
+
+    with make_sessionmaker(open_database(url, create=False))() as s:
+        (event,) = s.scalars(select(Event).where(Event.event == "site.calibrated")).all()
+    assert event.details is not None and event.details["by"] == "dr-a" and event.details["cases"] == 480
+    assert event.details["operating_points"] == {"high_sensitivity": hs, "high_specificity": hp}
+
+    settings = load_settings(None, {"node": {"data_dir": data}})
+    package = load_package(model)
+    assert operating_points(settings, package).high_sensitivity == hs
+    assert operating_points(settings, package).high_specificity == hp
+    overridden = load_settings(None, {"node": {"data_dir": data}, "model": {"high_sensitivity": 0.05}})
+    assert operating_points(overridden, package).high_sensitivity == 0.05
+
+
+def test_too_small_a_sample_is_refused(tmp_path: Path, model: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 1 with one clear line; no profile, no audit event."""
+    data = tmp_path / "data"
+    url = f"sqlite:///{data / 'audit.sqlite3'}"
+    open_database(url)
+    table, _ = _sample(tmp_path / "cases", positives=30, negatives=30)
+    assert main(["--data-dir", str(data), "calibrate", str(table), "--target-sensitivity", "0.9"]) == 1
+    err = capsys.readouterr().err
+    assert "calibration refused, nothing written: too few cases to show sensitivity 0.90" in err
+    assert not (data / PROFILE_NAME).exists()
+    with make_sessionmaker(open_database(url, create=False))() as s:
+        assert not s.scalars(select(Event).where(Event.event == "site.calibrated")).all()
+
+
+def test_profile_of_another_model_is_ignored(tmp_path: Path, model: Path) -> None:
+    """A profile calibrated for another model never sets this model's thresholds."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / PROFILE_NAME).write_text(json.dumps({
+        "model_name": "other", "model_version": "1", "model_sha256": "0" * 64,
+        "created_at": "2026-01-01T00:00:00Z", "by": "x", "cases": 500, "positives": 250,
+        "targets": {"sensitivity": 0.9}, "operating_points": {"high_sensitivity": 0.01,
+                                                              "high_specificity": 0.02}}))
+    settings = load_settings(None, {"node": {"data_dir": data}})
+    assert operating_points(settings, load_package(model)).high_sensitivity == 0.3
