@@ -26,6 +26,8 @@ __all__ = [
     "OperatingPoints",
     "Outputs",
     "Preprocessing",
+    "Reference",
+    "ScoreReference",
     "load_package",
     "sha256_file",
 ]
@@ -78,6 +80,32 @@ class OperatingPoints(_Strict):
         return self
 
 
+class ScoreReference(_Strict):
+    """Where the validation set's probabilities fall, for the drift watch (``dicomai model drift``).
+
+    ``edges`` are the inner edges of equal-count bins (the deciles: 9 edges, 10 bins), so each
+    bin held ``1 / (len(edges) + 1)`` of the validation images.
+    """
+
+    edges: list[float] = Field(min_length=1)
+    images: int = Field(gt=0)
+    data: str
+    high_sensitivity_rate: float = Field(ge=0, le=1)  # share at or above each operating point
+    high_specificity_rate: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _increasing(self) -> ScoreReference:
+        if any(b < a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise ValueError("reference score edges must not decrease")
+        return self
+
+
+class Reference(_Strict):
+    """Reference distributions of the validation set."""
+
+    scores: ScoreReference
+
+
 # how model.onnx may store its weights (`train release --weights`); the graph computes in float32
 WeightStorage = Literal["float32", "float16"]
 WEIGHT_STORAGE: tuple[str, ...] = get_args(WeightStorage)
@@ -97,6 +125,7 @@ class Manifest(_Strict):
     weights: WeightStorage = "float32"
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    reference: Reference | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
