@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -16,18 +18,24 @@ from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
+from sqlalchemy.exc import OperationalError
 
+from dicomai.config import NodeConfig, Settings, StorageConfig
 from dicomai.errors import IngestError
 from dicomai.net.dimse import parse_instance
+from dicomai.store import ingest, open_database
 from tests.helpers import (
     Node,
     dataset_bytes,
     dcmtk,
+    free_port,
     make_study,
+    missing,
     pydicom_data,
     shared_file,
     storescu,
 )
+from tests.receiver import serving
 
 ALL_SOURCES = ["RG2_JPLL.dcm", "RG1_JLSN.dcm", "JPEGExtended_1s_1f_u_16_12.dcm", "dx_image.dcm"]
 PYDICOM_SOURCES = ["RG3_UNCR.dcm", "RG3_J2KR.dcm", "RG3_J2KI.dcm"]
@@ -330,3 +338,69 @@ def test_association_limit_rejects_and_audits(node_factory: type[Node], tmp_path
     rows = _db(node).execute("select accepted, reject_reason from associations order by id").fetchall()
     assert rows[-2] == (1, None)
     assert rows[-1][0] == 0 and "association limit" in rows[-1][1]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 20 MiB tmpfs: a disk that really fills (root only; CI runs as root)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", str(mount)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        missing(f"a tmpfs mount (root and CAP_SYS_ADMIN): {out.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(directory: Path) -> None:
+    """Write a file until the file system refuses another byte."""
+    with open(directory / "filler", "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 2**16)
+                fh.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+
+@pytest.mark.integration
+def test_disk_full_answers_a700(node_factory: type[Node], small_tmpfs: Path, tmp_path: Path) -> None:
+    """On a full disk (spool and SQLite alike) a C-STORE is refused with 0xA700, not 0x0110,
+    and once space is back the node stores again."""
+    # The data directory is the mount itself: the node's log goes beside it, off the tmpfs.
+    node = node_factory(data_dir=small_tmpfs,
+                        env_extra={"DICOMAI_STORAGE__MIN_FREE_MB": "0"}).start()
+    _, files = make_study([shared_file("dx_image.dcm")] * 3, tmp_path / "s")
+    _fill(small_tmpfs)
+    statuses = [_send_file(node.port, f) for f in files[:2]]
+    assert statuses == [0xA700, 0xA700]
+    assert not list((node.data_dir / "spool").rglob("*.dcm"))
+    (small_tmpfs / "filler").unlink()
+    assert _send_file(node.port, files[2]) == 0
+    assert node.stop() == 0
+
+
+@pytest.mark.integration
+def test_database_full_after_spool_write_answers_a700(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit refused for lack of space after the spool write answers 0xA700 (the spool file
+    stays for the orphan sweep at start); any other database error stays 0x0110."""
+    def full(*_: object) -> None:
+        raise OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
+
+    def broken(*_: object) -> None:
+        raise OperationalError("INSERT", {}, sqlite3.OperationalError("no such table: instances"))
+
+    settings = Settings(node=NodeConfig(data_dir=tmp_path / "data", port=free_port()),
+                        storage=StorageConfig(min_free_mb=0))
+    _, files = make_study([shared_file("dx_image.dcm")] * 2, tmp_path / "s")
+    engine = open_database(f"sqlite:///{tmp_path / 'audit.sqlite3'}")
+    with serving(settings, engine):
+        monkeypatch.setattr(ingest, "record_instance", full)
+        assert _send_file(settings.node.port, files[0]) == 0xA700
+        monkeypatch.setattr(ingest, "record_instance", broken)
+        assert _send_file(settings.node.port, files[1]) == 0x0110
+    assert len(list((tmp_path / "data" / "spool").rglob("*.dcm"))) == 2

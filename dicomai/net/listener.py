@@ -7,9 +7,11 @@ Handler contracts (pynetdicom runs each association in its own thread):
   records the association (accepted or rejected) and sends A-ASSOCIATE-RJ when refused.
 * ``EVT_C_STORE``: returns 0x0000 only after the object is fsynced in the spool and its
   row is committed in the audit database. Otherwise it returns a precise failure status:
-  0xA700 (disk nearly full), 0xA900 (required UID missing or not matching the request),
-  0xC210 (cannot be parsed or truncated, object quarantined), 0x0110 (internal failure).
-  It never raises: an exception becomes a status and an audit row.
+  0xA700 (disk nearly full, or the spool or the audit database out of space), 0xA900
+  (required UID missing or not matching the request), 0xC210 (cannot be parsed or
+  truncated, object quarantined), 0x0110 (internal failure). The status is decided before
+  the audit row of a refusal is written, and stands when that write fails too (a full disk
+  fails both). It never raises: an exception becomes a status and, if it can, an audit row.
 * ``EVT_CONN_CLOSE`` (or the guarded socket's close, whichever comes first): closes the
   association row with its end state and logs one summary line. Every association the
   listener accepted ends there, also one pynetdicom ends without an event.
@@ -19,6 +21,7 @@ Every statement against the audit database is in :mod:`dicomai.store.ingest`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 import time
@@ -37,6 +40,7 @@ from dicomai.config import Settings
 from dicomai.errors import IngestError
 from dicomai.net import guard, protocol
 from dicomai.net.dimse import (
+    STATUS_OUT_OF_RESOURCES,
     STATUS_PROCESSING_FAILURE,
     STATUS_SUCCESS,
     TRANSFER_SYNTAXES,
@@ -75,6 +79,7 @@ class _AssocStats:
     failures: int = 0
     echoes: int = 0
     end_state: str = "closed"  # until released, aborted or rejected: the connection just closed
+    refusal: str | None = None  # set: every C-STORE is refused with 0xA700 and this reason
     ended: bool = False  # released, aborted or rejected: no longer counts against the limit
 
 
@@ -205,7 +210,14 @@ class Receiver:
         try:
             with self.sessions.begin() as s:
                 stats.row_id = store.association_requested(s, peer, None, utcnow())
-        except Exception:  # noqa: BLE001 -- what cannot be audited is not accepted
+        except Exception as exc:  # noqa: BLE001 -- what cannot be audited is not accepted
+            if store.is_out_of_space(exc):
+                # Nothing gets in through this association, so it need not be refused: the
+                # sender learns from 0xA700 (not an association rejection) to retry later.
+                stats.refusal = "out of resources: audit database or disk full"
+                log.error("association.unaudited", peer=peer.host, calling_ae=peer.calling_ae,
+                          reason=stats.refusal, error=repr(exc))
+                return
             with self._stats_lock:
                 self._stats.pop(id(assoc), None)
             log.exception("association.refused", peer=peer.host, calling_ae=peer.calling_ae,
@@ -265,8 +277,11 @@ class Receiver:
         try:
             with self.sessions.begin() as s:
                 write(s, *args)
-        except Exception:  # noqa: BLE001 -- the peer has its answer; the log keeps the rest
-            log.exception("audit.unavailable", record=record)
+        except Exception as exc:  # noqa: BLE001 -- the peer has its answer; the log keeps the rest
+            if store.is_out_of_space(exc):
+                log.error("audit.unavailable", record=record, error=repr(exc))
+            else:
+                log.exception("audit.unavailable", record=record)
 
     def _get(self, assoc: Any) -> _AssocStats | None:
         with self._stats_lock:
@@ -286,11 +301,7 @@ class Receiver:
             status = self._store(event, assoc_id, stats)
         except Exception as exc:  # the last net: never let a handler crash the association
             log.exception("instance.failed", association_id=assoc_id, error=repr(exc))
-            try:
-                with self.sessions.begin() as s:
-                    store.instance_failed(s, assoc_id, repr(exc))
-            except Exception:  # noqa: BLE001 -- the database itself may be what failed
-                log.exception("audit.unavailable")
+            self._audit("instance.failed", store.instance_failed, assoc_id, repr(exc))
             status = STATUS_PROCESSING_FAILURE
         if status != STATUS_SUCCESS and stats is not None:
             stats.failures += 1
@@ -298,15 +309,14 @@ class Receiver:
 
     def _store(self, event: Any, assoc_id: int | None, stats: _AssocStats | None) -> int:
         request_uid = str(event.request.AffectedSOPInstanceUID or "")
+        if stats is not None and stats.refusal is not None:
+            return self._refuse(IngestError(STATUS_OUT_OF_RESOURCES, stats.refusal), assoc_id,
+                                request_uid[:64] or None)
         data: bytes = event.encoded_dataset(include_meta=False)
         try:
             self.spool.check_space(len(data))
         except IngestError as exc:
-            log.error("instance.refused", association_id=assoc_id, status=f"0x{exc.status:04X}",
-                      reason=exc.reason)
-            with self.sessions.begin() as s:
-                store.instance_refused(s, assoc_id, request_uid[:64] or None, exc.reason)
-            return exc.status
+            return self._refuse(exc, assoc_id, request_uid[:64] or None)
         meta: FileMetaDataset = event.file_meta
         if stats is not None:
             meta.SourceApplicationEntityTitle = stats.calling_ae
@@ -325,12 +335,18 @@ class Receiver:
             path = self.spool.write_instance(info.study_instance_uid, info.sop_instance_uid, sha,
                                              [encoded])
         except IngestError as exc:
-            with self.sessions.begin() as s:
-                store.instance_refused(s, assoc_id, info.sop_instance_uid, exc.reason)
-            return exc.status
+            return self._refuse(exc, assoc_id, info.sop_instance_uid)
         received = store.Received(info=info, sha256=sha, size=len(encoded),
                                   spool_path=str(path.relative_to(self.spool.root)))
-        outcome = self._record(received, assoc_id)
+        try:
+            outcome = self._record(received, assoc_id)
+        except Exception as exc:
+            if not store.is_out_of_space(exc):
+                raise
+            # The spool file stays: the orphan sweep at start registers it (store.integrity).
+            refusal = IngestError(STATUS_OUT_OF_RESOURCES,
+                                  f"out of resources: audit database full ({type(exc).__name__})")
+            return self._refuse(refusal, assoc_id, info.sop_instance_uid)
         if stats is not None:
             if outcome is store.Outcome.DUPLICATE:
                 stats.duplicates += 1
@@ -338,6 +354,13 @@ class Receiver:
                 stats.instances += 1
                 stats.bytes += received.size
         return STATUS_SUCCESS
+
+    def _refuse(self, exc: IngestError, assoc_id: int | None, sop_uid: str | None) -> int:
+        """Answer ``exc.status`` for an instance not kept; audit it if the database can."""
+        log.error("instance.refused", association_id=assoc_id, status=f"0x{exc.status:04X}",
+                  reason=exc.reason)
+        self._audit("instance.refused", store.instance_refused, assoc_id, sop_uid, exc.reason)
+        return exc.status
 
     def _record(self, received: store.Received, assoc_id: int | None) -> store.Outcome:
         """Commit one received instance with its study and series rows."""
@@ -370,11 +393,10 @@ class Receiver:
             path_str = str(path.relative_to(self.spool.root))
         except Exception as write_exc:  # noqa: BLE001 -- still answer with the original status
             log.error("quarantine.write_failed", error=repr(write_exc))
-        with self.sessions.begin() as s:
-            store.quarantined(s, association_id=assoc_id, status=exc.status, reason=exc.reason,
-                              path=path_str, sop_class_uid=sop_class,
-                              sop_instance_uid=request_uid[:64] or None, size=len(encoded),
-                              sha256=sha, now=utcnow())
+        self._audit("instance.quarantined", functools.partial(
+            store.quarantined, association_id=assoc_id, status=exc.status, reason=exc.reason,
+            path=path_str, sop_class_uid=sop_class, sop_instance_uid=request_uid[:64] or None,
+            size=len(encoded), sha256=sha, now=utcnow()))
         log.error("instance.quarantined", association_id=assoc_id, status=f"0x{exc.status:04X}",
                   reason=exc.reason, path=path_str)
         return exc.status

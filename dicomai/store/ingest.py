@@ -9,10 +9,12 @@ called here in the same transaction.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 from dataclasses import dataclass
 from enum import StrEnum
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from dicomai.store.events import record_event
@@ -39,11 +41,15 @@ __all__ = [
     "association_requested",
     "instance_failed",
     "instance_refused",
+    "is_out_of_space",
     "quarantined",
     "record_instance",
 ]
 
 _STAGE = "ingest"
+#: PostgreSQL's class 53, insufficient resources (disk full, out of memory, too many
+#: connections): the C-STORE answer is 0xA700 "out of resources", worth a retry later.
+_PG_OUT_OF_RESOURCES = "53"
 
 
 @dataclass(frozen=True)
@@ -254,3 +260,20 @@ def instance_failed(session: Session, association_id: int | None, error: str) ->
     """Record an unexpected failure while receiving an instance."""
     record_event(session, _STAGE, "instance.failed", level="error", association_id=association_id,
                  error=error)
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """Whether a failed write was the database (or the disk under it) out of resources."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(seen, DBAPIError):
+            sqlstate = getattr(seen.orig, "sqlstate", None) or ""
+            if sqlstate.startswith(_PG_OUT_OF_RESOURCES):
+                return True
+            # SQLite: SQLITE_FULL, "database or disk is full".
+            if "disk is full" in str(seen.orig):
+                return True
+        seen = seen.__cause__ or seen.__context__
+    return False
