@@ -11,6 +11,8 @@ reports READY/STOPPING and feeds the watchdog from the scheduler thread.
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import os
 import signal
 import socket
@@ -31,6 +33,7 @@ from dicomai.analysis.image import Analyser, operating_points
 from dicomai.analysis.study import StudyAnalyser
 from dicomai.config import Output, Settings, masked
 from dicomai.deliver.outbox import OutboxWorker, Sender
+from dicomai.errors import InUseError
 from dicomai.model.classifier import Classifier
 from dicomai.model.package import ModelPackage, load_package
 from dicomai.net.listener import Receiver
@@ -42,7 +45,8 @@ from dicomai.store.models import utcnow
 from dicomai.store.spool import Spool
 from dicomai.studies import StudyHook, StudyMonitor, StudyWork
 
-__all__ = ["Triage", "build_stage", "default_model_dir", "limit_malloc_arenas", "run_node", "sd_notify"]
+__all__ = ["Triage", "build_stage", "default_model_dir", "limit_malloc_arenas", "lock_data_dir", "run_node",
+           "sd_notify"]
 
 log = structlog.get_logger("dicomai.node")
 
@@ -127,11 +131,31 @@ def build_stage(settings: Settings, sessions: sessionmaker[Session],
     return stage
 
 
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold ``data_dir/.lock`` for this process's lifetime; InUseError if another node holds it.
+
+    Two nodes on one data directory would claim the same studies and spool files. The lock
+    is the kernel's (flock), so it is released however the holder ends, ``kill -9`` included.
+    """
+    fd = os.open(data_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise InUseError(f"data directory {data_dir}",
+                         f" by another dicomai serve{f' (pid {holder})' if holder else ''}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     """Run the node in the foreground until SIGTERM/SIGINT; returns the exit code."""
     limit_malloc_arenas()
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_data_dir(data_dir)
     engine = open_database(settings.database_url, echo=settings.database.echo)
     sessions = make_sessionmaker(engine)
     spool = Spool(data_dir, fsync=settings.storage.fsync,
@@ -163,8 +187,16 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
 
     receiver = Receiver(settings, spool, sessions)
     ae = receiver.build_ae()
-    server = ae.start_server((settings.node.host, settings.node.port), block=False,
-                             evt_handlers=receiver.handlers())
+    try:
+        server = ae.start_server((settings.node.host, settings.node.port), block=False,
+                                 evt_handlers=receiver.handlers())
+    except OSError as exc:
+        scheduler.shutdown(wait=False)
+        outbox.stop(timeout=settings.node.shutdown_grace_s)
+        if exc.errno == errno.EADDRINUSE:
+            raise InUseError(f"port {settings.node.port} on {settings.node.host}",
+                             " (another process listens there; set node.port or stop it)") from None
+        raise
     assert server is not None  # block=False always returns the server
     log.info("node.listening", ae_title=settings.node.ae_title, host=settings.node.host,
              port=settings.node.port, data_dir=str(data_dir), version=__version__)
@@ -200,4 +232,5 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
         record_event(s, "node", "node.stopped")
     engine.dispose()
     log.info("node.stopped")
+    os.close(lock)
     return 0

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import re
 import subprocess
 import sys
+import tomllib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.helpers import Node, make_study, shared_file, storescu
+from tests.helpers import REPO, Node, make_study, shared_file, storescu
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -61,6 +67,11 @@ def test_studies_list_and_show(node: Node, tmp_path: Path) -> None:
     assert study_uid in table and "processed" in table
     shown = node.cli("studies", "show", study_uid).stdout
     assert "instance.stored" in shown and "study.processed" in shown
+    # probabilities to 3 decimals, in the table and in JSON alike
+    assert re.search(r"^probability +(\d\.\d{3}|-)$", shown, re.MULTILINE), shown
+    data = node.study(study_uid)
+    for p in [data, *data["predictions"]]:
+        assert p["probability"] is None or round(p["probability"], 3) == p["probability"]
     missing = node.cli("studies", "show", "1.2.3.999", check=False)
     assert missing.returncode == 1
 
@@ -142,3 +153,152 @@ def test_train_without_the_extra_exits_2() -> None:
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "dicomai: the training commands need the train extra: pip install 'dicomai[train]'"]
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The process environment without DICOMAI_* settings or a configuration file, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMAI_")}
+    return {**env, **extra}
+
+
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for action in parser._actions:  # noqa: SLF001
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for sub in dict.fromkeys(action.choices.values()):
+                yield from _parsers(sub)
+
+
+def test_every_help_shows_the_defaults() -> None:
+    """Every option with a default says it in --help; serve names its settings' defaults."""
+    import dicomai.cli
+
+    for parser in _parsers(dicomai.cli.build_parser()):
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:  # noqa: SLF001
+            if action.default not in (None, False, argparse.SUPPRESS, []) and action.help:
+                assert f"(default: {action.default})" in text, (parser.prog, action.dest)
+    serve = " ".join(_run("serve", "--help").stdout.split())
+    assert "(node.port, default: 11112)" in serve and "(node.host, default: 0.0.0.0)" in serve
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--grade", "bogus"], "choose from positive, doubtful, negative, not_analysed, failed"),
+    (["--state", "bogus"], "choose from receiving, processing, processed, failed"),
+    (["--since", "yesterday"], "yesterday is neither an ISO date/time"),
+    (["--limit", "ten"], "invalid int value: ten"),
+])
+def test_bad_flag_value_is_one_usage_line(args: list[str], says: str) -> None:
+    """A bad flag value exits 2 with one line giving the allowed values, before any database."""
+    out = _run("studies", "list", *args, env=_clean_env())
+    assert out.returncode == 2
+    (line,) = out.stderr.splitlines()
+    assert line.startswith("dicomai studies list: argument") and says in line.replace("'", ""), line
+
+
+def test_config_show_round_trips_as_toml(tmp_path: Path) -> None:
+    """`config show` prints TOML with every key under its own table, no null and no derived key;
+    fed back with --config it gives the same text; unset keys say what is used instead."""
+    env = _clean_env(
+        DICOMAI_DATABASE__URL="postgresql+psycopg://u:secret@db/x",
+        DICOMAI_ACCESS__ALLOWED_CALLERS='[{"ae_title": "PACS", "hosts": ["10.0.0.0/24"]}]',
+        DICOMAI_DESTINATIONS='[{"name": "pacs", "ae_title": "PACS", "host": "h", "port": 104}]')
+    first = _run("config", "show", "--data-dir", str(tmp_path), env=env)
+    assert first.returncode == 0, first.stderr
+    text = first.stdout
+    data = tomllib.loads(text)
+    assert "null" not in text and "effective_url" not in text and "secret" not in text
+    assert data["access"]["allowed_callers"] == [{"ae_title": "PACS", "hosts": ["10.0.0.0/24"]}]
+    assert data["destinations"][0]["name"] == "pacs" and data["node"]["data_dir"] == str(tmp_path)
+    assert "path" not in data["model"] and "# path unset: the model shipped with dicomai" in text
+    manifest = json.loads((REPO / "dicomai" / "models" / "default" / "model.json").read_text())
+    assert f"body_parts = []  # empty: the model's own list, {', '.join(manifest['body_parts'])}" in text
+    shown = tmp_path / "shown.toml"
+    shown.write_text(text)
+    again = _run("--config", str(shown), "config", "show", env=_clean_env())
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == text
+
+
+@pytest.mark.parametrize(("env", "args", "says"), [
+    ({}, ["--config", "/tmp"], "configuration error: /tmp: is a directory, not a configuration file"),
+    ({}, ["--config", "/nonexistent/dicomai.toml"],
+     "configuration error: /nonexistent/dicomai.toml: configuration file not found"),
+    ({"DICOMAI_CONFIG": "/nonexistent/x.toml"}, [],
+     "configuration error: /nonexistent/x.toml: configuration file not found"),
+    ({"DICOMAI_NODE__PORT": "x"}, [], "configuration error: node.port (from environment variable "
+     "DICOMAI_NODE__PORT): Input should be a valid integer"),
+])
+def test_configuration_error_is_one_line_on_stderr(env: dict[str, str], args: list[str], says: str) -> None:
+    """A configuration error is printed once, on stderr (stdout stays clean), with exit code 2."""
+    out = _run(*args, "studies", "list", "--json", env=_clean_env(**env))
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr.splitlines() == [f"dicomai: {says}"] or out.stderr.startswith(f"dicomai: {says}")
+    assert len(out.stderr.splitlines()) == 1
+
+
+def test_unreadable_config_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A configuration file the user may not read (the systemd recipe's 0640 as another user)
+    gives one line naming it and exit 2, not a traceback."""
+    import dicomai.cli
+
+    cfg = tmp_path / "dicomai.toml"
+    cfg.write_text("[node]\n")
+    cfg.chmod(0)
+    if os.geteuid() == 0:  # root reads any file: refuse it the way the kernel would
+        real_open = Path.open
+
+        def refuse(self: Path, *args: Any, **kwargs: Any) -> Any:
+            if self == cfg:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_open(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", refuse)
+    for name in [k for k in os.environ if k.startswith("DICOMAI_")]:
+        monkeypatch.delenv(name)
+    assert dicomai.cli.main(["--config", str(cfg), "config", "show"]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.startswith(f"dicomai: configuration error: {cfg}: cannot read the configuration file")
+    assert len(out.err.splitlines()) == 1
+
+
+def test_postgres_url_without_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A PostgreSQL database.url without psycopg installed names the extra, exit 2, one line."""
+    import dicomai.cli
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg -> ModuleNotFoundError
+    for name in [k for k in os.environ if k.startswith("DICOMAI_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("DICOMAI_DATABASE__URL", "postgresql+psycopg://u@127.0.0.1:1/x")
+    assert dicomai.cli.main(["--data-dir", str(tmp_path), "db", "current"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["dicomai: a postgresql+psycopg:// database.url needs the postgres extra: "
+                                "pip install 'dicomai[postgres]'"]
+
+
+def test_tools_variables_do_not_break_commands() -> None:
+    """DICOMAI_MOBILENET_V2_TFLITE (documented for training) and the tests' variables are not
+    settings: every command still runs."""
+    env = _clean_env(DICOMAI_MOBILENET_V2_TFLITE="/srv/w.tflite", DICOMAI_TEST_DATA="/srv/data")
+    out = _run("config", "show", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+
+
+def test_table_cells() -> None:
+    """Tables show '-' for no value and floats to 3 decimals."""
+    from dicomai.cli import cell
+
+    cells = [cell(None), cell(""), cell(0.6572948098182678), cell(3), cell("x")]
+    assert cells == ["-", "-", "0.657", "3", "x"]
+
+
+def test_model_info_is_readable() -> None:
+    """`model info` prints nested figures as indented lines, not Python dicts or 16 digits."""
+    out = _run("model", "info")
+    assert out.returncode == 0, out.stderr
+    assert "{'" not in out.stdout and "[{" not in out.stdout
+    assert not re.search(r"\d\.\d{5,}", out.stdout), out.stdout
+    assert "\nmetrics:\n  test:\n    images" in out.stdout

@@ -7,31 +7,35 @@ functions. Optional command groups (training) are plug-ins found through the
 
 Exit codes: 0 success, 1 failure (a peer refused, an object is missing), 2 usage or
 configuration error or a missing extra, 3 audit database missing or at the wrong schema revision.
+A failure is one line on stderr, never a traceback for an operator's mistake; stdout carries
+only the command's output (``--json`` pipes into ``jq``).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol, cast
 
-import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai import __version__
-from dicomai.config import Settings, load_settings
+from dicomai.config import Settings, find_config, load_settings
 from dicomai.errors import DicomaiError
 from dicomai.logging import configure_logging
 
 __all__ = [
     "Command",
     "ExitCode",
+    "Parser",
     "Subparsers",
+    "cell",
     "common_parser",
     "iso",
     "json_flag",
@@ -44,6 +48,13 @@ __all__ = [
 PLUGIN_GROUP = "dicomai.commands"
 # What a plug-in's commands are called in the line that names its missing extra.
 _PLUGIN_TITLES = {"train": "training"}
+# Database drivers SQLAlchemy imports for a URL, and what the operator should do without them.
+_DRIVER_HINTS = {
+    "psycopg": "a postgresql+psycopg:// database.url needs the postgres extra: "
+               "pip install 'dicomai[postgres]'",
+    "psycopg2": "database.url: use postgresql+psycopg://... (the driver of the postgres extra, "
+                "pip install 'dicomai[postgres]'); postgresql:// asks for psycopg2",
+}
 
 Subparsers = argparse._SubParsersAction  # noqa: SLF001  (argparse has no public name for it)
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -63,12 +74,33 @@ class ExitCode(IntEnum):
     DATABASE = 3
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one (not ``None`` or ``False``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (exit 2) and whose help shows defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitCode.USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def common_parser() -> argparse.ArgumentParser:
     """The options every command accepts, before or after its name."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = Parser(add_help=False)
     # SUPPRESS: a value given before the sub-command is not reset by the sub-parser.
     p.add_argument("--config", type=Path, metavar="FILE", default=argparse.SUPPRESS,
-                   help="TOML configuration file")
+                   help="TOML configuration file (default: $DICOMAI_CONFIG, else "
+                   "/etc/dicomai/dicomai.toml if it exists, else the embedded defaults)")
     p.add_argument("--data-dir", type=Path, metavar="DIR", default=argparse.SUPPRESS,
                    help="data directory (node.data_dir)")
     return p
@@ -79,15 +111,25 @@ def json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def cell(value: Any) -> str:
+    """A table cell: ``-`` for no value, probabilities and other floats to 3 decimals."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
 def print_table(rows: Sequence[dict[str, Any]], columns: list[str]) -> None:
     """Print ``rows`` as left-aligned columns, or ``(none)``."""
     if not rows:
         print("(none)")
         return
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+    text = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for t in text:
+        print("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip())
 
 
 def iso(value: dt.datetime | None) -> str | None:
@@ -139,36 +181,22 @@ def _register_plugins(subparsers: Subparsers[argparse.ArgumentParser],
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree: the node's groups, then the plug-ins'."""
     # Imported here: each group's module imports what its commands need only when they run.
-    from dicomai.cli import (
-        calibrate,
-        check,
-        classify,
-        config,
-        db,
-        drift,
-        feedback,
-        model,
-        node,
-        outbox,
-        studies,
-    )
+    from dicomai.cli import check, classify, config, db, model, node, outbox, studies
 
     common = common_parser()
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="dicomai", parents=[common],
         description="DICOM AI node for bone-fracture triage on radiographs. Every setting can "
         "also be given as DICOMAI_<SECTION>__<KEY> (e.g. DICOMAI_NODE__PORT=104).",
     )
     parser.add_argument("--version", action="version", version=f"dicomai {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = cast("Subparsers[argparse.ArgumentParser]",
+               parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     node.register(sub, common)
     db.register(sub, common)
     studies.register(sub, common)
     outbox.register(sub, common)
     model.register(sub, common)
-    feedback.register(sub, common)  # this and drift add `model performance`, `model drift`
-    drift.register(sub, common)
-    calibrate.register(sub, common)
     classify.register(sub, common)
     check.register(sub, common)
     _register_plugins(sub, common)
@@ -177,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    """The settings from the file a command finds, the environment and the flags."""
+    path, _named_by = find_config(getattr(args, "config", None), os.environ)
     overrides: dict[str, Any] = {}
     node: dict[str, Any] = {}
     if getattr(args, "data_dir", None) is not None:
@@ -187,7 +217,7 @@ def _settings(args: argparse.Namespace) -> Settings:
                 node[key] = getattr(args, key)
     if node:
         overrides["node"] = node
-    return load_settings(getattr(args, "config", None), overrides)
+    return load_settings(path, overrides, os.environ)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,12 +227,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         settings = _settings(args)
+        # The node logs to stdout (the journal); every other command keeps stdout for its output.
         configure_logging(settings.logging, stream=sys.stdout if args.command == "serve" else sys.stderr)
         return func(args, settings)
     except DicomaiError as exc:
-        structlog.get_logger("dicomai").error("command.failed", error=str(exc))
         print(f"dicomai: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        hint = _DRIVER_HINTS.get((exc.name or "").partition(".")[0])
+        if hint is None:
+            raise  # a bug or a broken install, not an operator's choice
+        print(f"dicomai: {hint}", file=sys.stderr)
+        return ExitCode.USAGE
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # output piped into head & co.

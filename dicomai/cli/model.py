@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from dicomai.cli import ExitCode, Subparsers, json_flag
 from dicomai.config import Settings
 
-__all__ = ["cmd_model_info", "cmd_model_verify", "model_dir", "register"]
+__all__ = ["cmd_model_info", "cmd_model_verify", "describe", "model_dir", "register"]
 
 
 def register(subparsers: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
@@ -53,20 +54,48 @@ def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
           f"x{m.input.width}, {m.preprocessing.resize}")
     print(f"outputs           {m.outputs.probabilities}; Grad-CAM: {m.outputs.gradcam or 'none'}")
     print(f"labels            {', '.join(m.labels)} (positive: {m.positive_class})")
-    print(f"operating points  doubtful >= {m.operating_points.high_sensitivity}, "
-          f"positive >= {m.operating_points.high_specificity}")
+    print(f"operating points  doubtful >= {m.operating_points.high_sensitivity:.3f}, "
+          f"positive >= {m.operating_points.high_specificity:.3f}")
     print(f"body parts        {', '.join(m.body_parts) or '(any)'}")
-    explained = m.training.get("gradcam_member")
-    for key, value in {**m.training, **m.metrics}.items():
-        if key == "gradcam_member":
-            continue  # shown on the members line
-        if key == "members":  # an ensemble (`train ensemble`): one short line per member
-            value = "; ".join(f"{x.get('backbone')} (val AUROC {x.get('best_val_auroc', float('nan')):.3f}, "
-                              f"epoch {x.get('best_epoch')} of {x.get('epochs')})"
-                              + (", Grad-CAM from this member" if i == explained else "")
-                              for i, x in enumerate(value))
-        print(f"{key:17} {value}")
+    training = dict(m.training)
+    explained = training.pop("gradcam_member", None)
+    members = training.pop("members", None)
+    if members:  # an ensemble (`train ensemble`): one short line per member
+        training["members"] = "; ".join(
+            f"{x.get('backbone')} (val AUROC {x.get('best_val_auroc', float('nan')):.3f}, "
+            f"epoch {x.get('best_epoch')} of {x.get('epochs')})"
+            + (", Grad-CAM from this member" if i == explained else "")
+            for i, x in enumerate(members))
+    for title, section in (("training", training), ("metrics", m.metrics)):
+        if section:
+            print(f"\n{title}:")
+            for key, value in section.items():
+                print("\n".join(describe(key, value, 1)))
     return ExitCode.OK
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value and abs(value) < 1e-3:
+            return f"{value:.3g}"
+        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3f}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_scalar(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_scalar(v)}" for k, v in value.items())
+    return str(value)
+
+
+def describe(key: str, value: Any, depth: int = 0) -> list[str]:
+    """``key: value`` as indented lines for a person: tables nested, numbers to 3 decimals."""
+    pad = "  " * depth
+    if isinstance(value, dict) and value:
+        return [f"{pad}{key}:", *(line for k, v in value.items() for line in describe(k, v, depth + 1))]
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        return [f"{pad}{key}:", *(f"{pad}  - {_scalar(v)}" for v in value)]
+    return [f"{pad + key:{max(28, len(pad + key) + 1)}}{_scalar(value)}"]
 
 
 def cmd_model_verify(args: argparse.Namespace, settings: Settings) -> int:

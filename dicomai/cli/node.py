@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from dicomai.cli import ExitCode, Subparsers
-from dicomai.config import Settings
-from dicomai.errors import DicomaiError
+from dicomai.config import NodeConfig, Settings
+from dicomai.errors import UsageError
 
 __all__ = ["cmd_echo", "cmd_serve", "register"]
 
@@ -14,17 +14,22 @@ __all__ = ["cmd_echo", "cmd_serve", "register"]
 def register(subparsers: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     """Add ``serve`` and ``echo``."""
     serve = subparsers.add_parser("serve", parents=[common], help="run the DICOM node in the foreground")
-    serve.add_argument("--host", help="listen address (node.host)")
-    serve.add_argument("--port", type=int, help="listen port (node.port)")
-    serve.add_argument("--ae-title", help="own AE title (node.ae_title)")
+    serve.add_argument("--host", help=f"listen address (node.host, default: {_default('host')})")
+    serve.add_argument("--port", type=int, help=f"listen port (node.port, default: {_default('port')})")
+    serve.add_argument("--ae-title", help=f"own AE title (node.ae_title, default: {_default('ae_title')})")
     serve.set_defaults(func=cmd_serve)
 
     echo = subparsers.add_parser("echo", parents=[common], help="C-ECHO a configured or given peer")
     echo.add_argument("destination", nargs="?", help="name of a [[destinations]] entry")
-    echo.add_argument("--host")
-    echo.add_argument("--port", type=int)
-    echo.add_argument("--ae-title", help="the peer's AE title")
+    echo.add_argument("--host", help="the peer's address (instead of a destination)")
+    echo.add_argument("--port", type=int, help="the peer's port")
+    echo.add_argument("--ae-title", help="the peer's AE title (default: ANY-SCP)")
     echo.set_defaults(func=cmd_echo)
+
+
+def _default(key: str) -> object:
+    """The embedded default of ``node.<key>``, for the help text."""
+    return NodeConfig.model_fields[key].default
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -44,7 +49,7 @@ def cmd_echo(args: argparse.Namespace, settings: Settings) -> int:
         host, port, aet = d.host, d.port, d.ae_title
     else:
         if not (args.host and args.port):
-            raise DicomaiError("echo: give a destination name or --host and --port")
+            raise UsageError("echo: give a destination name or --host and --port")
         host, port, aet = args.host, args.port, args.ae_title or "ANY-SCP"
     ae = AE(ae_title=settings.node.ae_title)
     ae.add_requested_context(Verification)

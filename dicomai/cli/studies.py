@@ -9,9 +9,10 @@ import re
 import sys
 from typing import Any
 
-from dicomai.cli import ExitCode, Subparsers, iso, json_flag, print_table, sessions
+from dicomai.cli import ExitCode, Subparsers, cell, iso, json_flag, print_table, sessions
 from dicomai.config import Settings
-from dicomai.errors import DicomaiError
+from dicomai.model.grading import Grade
+from dicomai.store.models import StudyState
 from dicomai.store.queries import StudyListing, StudyRecord, list_studies, study_record
 
 __all__ = ["cmd_studies_list", "cmd_studies_show", "register"]
@@ -22,10 +23,12 @@ def register(subparsers: Subparsers[argparse.ArgumentParser], common: argparse.A
     studies = subparsers.add_parser("studies", parents=[common], help="query received studies")
     ssub = studies.add_subparsers(dest="studies_command", required=True, metavar="ACTION")
     ls = ssub.add_parser("list", parents=[common], help="list studies, newest first")
-    ls.add_argument("--since", help="ISO date/time, or a duration such as 24h, 7d, 30m")
-    ls.add_argument("--state", help="receiving, stable, processing, processed or failed")
-    ls.add_argument("--grade", help="positive, doubtful, negative, not_analysed or failed")
-    ls.add_argument("--limit", type=int, default=100)
+    ls.add_argument("--since", type=parse_since, metavar="WHEN",
+                    help="last arrival at or after WHEN: an ISO date/time (UTC unless it says), "
+                    "or a duration before now such as 24h, 7d, 30m")
+    ls.add_argument("--state", choices=[s.value for s in StudyState])
+    ls.add_argument("--grade", choices=[g.value for g in Grade])
+    ls.add_argument("--limit", type=int, default=100, help="at most this many studies")
     json_flag(ls)
     ls.set_defaults(func=cmd_studies_list)
     show = ssub.add_parser("show", parents=[common], help="one study: instances and events")
@@ -43,7 +46,9 @@ def parse_since(value: str) -> dt.datetime:
     try:
         when = dt.datetime.fromisoformat(value)
     except ValueError:
-        raise DicomaiError(f"--since: {value!r} is neither an ISO date/time nor like 24h") from None
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither an ISO date/time (2024-05-01, 2024-05-01T08:00) "
+            "nor a duration (24h, 7d, 30m, 10s)") from None
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
@@ -52,21 +57,25 @@ def _study_row(row: StudyListing) -> dict[str, Any]:
     return {"study_instance_uid": st.study_instance_uid, "state": st.state, "instances": row.instances,
             "received_at": iso(st.first_received_at), "last_received_at": iso(st.last_received_at),
             "processed_at": iso(st.processed_at), "reopen_count": st.reopen_count,
-            "study_date": st.study_date, "grade": st.grade,
-            "probability": None if st.probability is None else round(st.probability, 4)}
+            "study_date": st.study_date, "accession_number": st.accession_number, "grade": st.grade,
+            "probability": _rounded(st.probability)}
+
+
+def _rounded(probability: float | None) -> float | None:
+    """A probability as the node reports it: 3 decimals (the model is not finer than that)."""
+    return None if probability is None else round(probability, 3)
 
 
 def cmd_studies_list(args: argparse.Namespace, settings: Settings) -> int:
     """Print studies, newest first, filtered by arrival, state and grade."""
-    since = parse_since(args.since) if args.since else None
     with sessions(settings)() as s:
-        rows = [_study_row(row) for row in list_studies(s, since=since, state=args.state,
+        rows = [_study_row(row) for row in list_studies(s, since=args.since, state=args.state,
                                                          grade=args.grade, limit=args.limit)]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print_table(rows, ["study_instance_uid", "state", "grade", "probability", "instances",
-                           "received_at"])
+        print_table(rows, ["study_instance_uid", "accession_number", "state", "grade", "probability",
+                           "instances", "received_at"])
     return ExitCode.OK
 
 
@@ -79,10 +88,10 @@ def _study_json(record: StudyRecord) -> dict[str, Any]:
         "received_at": iso(study.first_received_at),
         "last_received_at": iso(study.last_received_at),
         "processed_at": iso(study.processed_at), "reopen_count": study.reopen_count,
-        "grade": study.grade, "probability": study.probability,
+        "grade": study.grade, "probability": _rounded(study.probability),
         "predictions": [
             {"level": p.level, "sop_instance_uid": p.sop_instance_uid, "run": p.run,
-             "grade": p.grade, "probability": p.probability, "reason": p.reason,
+             "grade": p.grade, "probability": _rounded(p.probability), "reason": p.reason,
              "model": f"{p.model_name} {p.model_version}" if p.model_name else None,
              "gradcam": bool(p.gradcam and p.gradcam.get("available")),
              "decode_ms": p.decode_ms, "normalize_ms": p.normalize_ms, "infer_ms": p.infer_ms,
@@ -130,7 +139,7 @@ def cmd_studies_show(args: argparse.Namespace, settings: Settings) -> int:
         return ExitCode.OK
     for key in ("study_instance_uid", "state", "grade", "probability", "accession_number",
                 "study_date", "received_at", "processed_at", "reopen_count"):
-        print(f"{key:20} {data[key]}")
+        print(f"{key:20} {cell(data[key])}")
     print("\ninstances:")
     print_table(data["instances"], ["sop_instance_uid", "version", "modality", "state",
                                     "transfer_syntax_uid", "size_bytes"])
