@@ -8,7 +8,7 @@ that it is an AI result to be confirmed by a radiologist.
 from __future__ import annotations
 
 import numpy as np
-from highdicom import UID
+from highdicom import UID, ContributingEquipment
 from highdicom.sc import SCImage
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
@@ -19,6 +19,7 @@ from dicomai.imaging.overlay import caption_band, overlay
 from dicomai.imaging.pixels import resize
 from dicomai.model.grading import Grade
 from dicomai.model.package import Manifest
+from dicomai.results.identity import apply_identity, identity_of, values_of
 
 __all__ = ["SC_SERIES_DESCRIPTION", "SC_SERIES_NUMBER", "SC_SOP_CLASS", "secondary_capture"]
 
@@ -60,22 +61,24 @@ def secondary_capture(source: Dataset, display: NDArray[np.float32], cam: NDArra
         "AI RESULT - NOT A DIAGNOSIS - TO BE CONFIRMED BY A RADIOLOGIST",
     ]
     pixels = np.ascontiguousarray(caption_band(rgb, lines))
-    orientation = [str(v) for v in (source.get("PatientOrientation") or [])]
+    orientation = values_of(source, "PatientOrientation")
     known = len(orientation) == 2 and all(orientation)
+    identity = identity_of(source)
     sc = SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+        ref_dataset=identity, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=SC_SERIES_NUMBER,
         sop_instance_uid=sop_instance_uid or UID(), instance_number=instance_number,
         manufacturer=OWN_MANUFACTURER,
         patient_orientation=(orientation[0], orientation[1]) if known else ("L", "F"),
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1", contributing_equipment=_acquisition(source),
     )
+    apply_identity(identity, sc)
     if not known:
         # The source does not say; Patient Orientation is Type 2C and stays empty rather
         # than carry the placeholder highdicom's constructor requires.
         sc.PatientOrientation = []
     # Type 2C for paired body parts (hand, hip, ...): the source's value, or empty when unknown.
-    sc.Laterality = str(source.get("Laterality") or source.get("ImageLaterality") or "")
+    sc.Laterality = (values_of(source, "Laterality") or values_of(source, "ImageLaterality") or [""])[0]
     sc.SeriesDescription = SC_SERIES_DESCRIPTION
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ConversionType = "WSD"
@@ -86,7 +89,15 @@ def secondary_capture(source: Dataset, display: NDArray[np.float32], cam: NDArra
         f"Grad-CAM heat map of {manifest.name} {manifest.version} on the displayed radiograph; "
         f"AI result, to be confirmed by a radiologist")[:1024]
     ref = Dataset()
-    ref.ReferencedSOPClassUID = source.SOPClassUID
-    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    ref.ReferencedSOPClassUID = identity.SOPClassUID
+    ref.ReferencedSOPInstanceUID = identity.SOPInstanceUID
     sc.SourceImageSequence = [ref]
     return sc
+
+
+def _acquisition(source: Dataset) -> list[ContributingEquipment] | None:
+    """The source's acquisition equipment, when its General Equipment module can be read."""
+    try:
+        return [ContributingEquipment.for_image_acquisition(source)]
+    except Exception:  # noqa: BLE001 -- optional: a source without a usable manufacturer
+        return None

@@ -18,6 +18,7 @@ from dicomai import __version__
 from dicomai.analysis.scope import OWN_MANUFACTURER
 from dicomai.model.grading import Grade
 from dicomai.model.package import Manifest
+from dicomai.results.identity import apply_identity, identity_of
 
 __all__ = ["FRACTURE", "ImageFinding", "SR_SERIES_NUMBER", "reference_header", "structured_report"]
 
@@ -113,8 +114,10 @@ def structured_report(findings: list[ImageFinding], study_grade: Grade, study_pr
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
     )
-    # highdicom copies the patient and study from the first evidence item.
-    evidence = [identity] + [f.source for f in findings if f.source.SOPInstanceUID != identity.SOPInstanceUID]
+    # highdicom copies the patient and study from the first evidence item: a clean copy of
+    # them, so that a source lacking or breaking a Type 2 attribute still gets its SR.
+    patient = identity_of(identity)
+    evidence = [patient] + [f.source for f in findings if f.source.SOPInstanceUID != patient.SOPInstanceUID]
     evidence += [f.secondary_capture for f in findings if f.secondary_capture is not None]
     sr = hsr.Comprehensive3DSR(
         evidence=evidence, content=report[0], series_instance_uid=series_uid,
@@ -122,6 +125,7 @@ def structured_report(findings: list[ImageFinding], study_grade: Grade, study_pr
         manufacturer=OWN_MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
         previous_versions=[previous] if previous is not None else None,
     )
+    apply_identity(patient, sr)
     sr.SeriesDescription = f"AI fracture: {study_grade.upper().replace('_', ' ')}"[:64]
     sr.add_new(0x00181020, "LO", [f"dicomai {__version__}", f"{manifest.name} {manifest.version}"[:64]])
     return sr
