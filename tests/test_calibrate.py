@@ -147,6 +147,12 @@ def test_too_small_a_sample_is_refused(tmp_path: Path, model: Path,
     assert main(["--data-dir", str(data), "calibrate", str(table), "--target-sensitivity", "0.9"]) == 1
     err = capsys.readouterr().err
     assert "calibration refused, nothing written: too few cases to show sensitivity 0.90" in err
+    assert "(60 usable cases of 60)" in err
+    # the manifest lists only HAND: the FOOT images are not in the model's scope and do not count
+    manifest = json.loads((model / "model.json").read_text())
+    (model / "model.json").write_text(json.dumps({**manifest, "body_parts": ["HAND"]}))
+    assert main(["--data-dir", str(data), "calibrate", str(table), "--target-sensitivity", "0.9"]) == 1
+    assert "(30 usable cases of 60)" in capsys.readouterr().err
     assert not (data / PROFILE_NAME).exists()
     with make_sessionmaker(open_database(url, create=False))() as s:
         assert not s.scalars(select(Event).where(Event.event == "site.calibrated")).all()
@@ -163,3 +169,35 @@ def test_profile_of_another_model_is_ignored(tmp_path: Path, model: Path) -> Non
                                                               "high_specificity": 0.02}}))
     settings = load_settings(None, {"node": {"data_dir": data}})
     assert operating_points(settings, load_package(model)).high_sensitivity == 0.3
+
+
+def test_calibrate_from_feedback_uses_the_recorded_probabilities(
+        tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Studies with a radiologist's read are a labelled sample: their recorded probabilities count."""
+    import datetime as dt
+
+    from dicomai.store import Series, Study
+    from dicomai.store.feedback import record_feedback
+    from dicomai.store.models import FeedbackRead
+
+    data = tmp_path / "data"
+    maker = make_sessionmaker(open_database(f"sqlite:///{data / 'audit.sqlite3'}"))
+    now, rng = dt.datetime.now(dt.UTC), random.Random(2)
+    with maker.begin() as s:
+        for n in range(500):
+            fractured = n % 2 == 0
+            p = min(1.0, max(0.0, rng.gauss(0.75 if fractured else 0.25, 0.15)))
+            study = Study(study_instance_uid=f"1.2.{n}", state="processed", first_received_at=now,
+                          last_received_at=now, state_changed_at=now, grade="negative", probability=p)
+            s.add(study)
+            s.flush()
+            s.add(Series(study_id=study.id, series_instance_uid=f"1.2.{n}.1", body_part="WRIST"))
+            s.flush()
+            read = FeedbackRead.FRACTURE if fractured else FeedbackRead.NO_FRACTURE
+            record_feedback(s, f"1.2.{n}", read, "dr-a")
+    assert main(["--data-dir", str(data), "calibrate", "--from-feedback", "--target-sensitivity", "0.9",
+                 "--target-specificity", "0.9", "--json"]) == 0
+    profile = json.loads(capsys.readouterr().out)
+    assert profile["cases"] == 500 and profile["positives"] == 250
+    assert profile["figures"]["overall"]["at_high_sensitivity"]["sensitivity"]["value"] >= 0.9
+    assert set(profile["body_parts"]) == {"WRIST"}  # 250 fractured wrists: enough for their own points

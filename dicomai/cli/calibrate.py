@@ -114,9 +114,14 @@ def _score_files(cases: list[Case], settings: Settings) -> None:
     package = load_package(model_dir(settings, None))
     classifier = Classifier(package, settings.model.threads, settings.model.providers)
     analyser = Analyser(settings.scope, package, classifier, operating_points(settings, package))
+    # A PNG/JPEG has no header for the scope rules; its listed body part must still be in scope.
+    in_scope = {p.upper() for p in settings.scope.body_parts or package.manifest.body_parts}
     for n, case in enumerate(files, start=1):
         path = Path(case.source)
         if path.suffix.lower() in IMAGE_SUFFIXES:
+            if case.body_part and in_scope and case.body_part not in in_scope:
+                case.reason = f"body part not analysed: {case.body_part}"
+                continue
             try:
                 with Image.open(path) as im:
                     display = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
