@@ -1,7 +1,8 @@
 """``dicomai serve``: wires the listener, the study monitor, the scheduler and the outbox together.
 
 Start-up order: open (or create) the audit database and refuse one that is behind,
-prepare the spool, re-queue unfinished studies, start the scheduler and the outbox sender
+prepare the spool, refuse a database that is not the spool's and register orphan spool
+files (:mod:`dicomai.store.integrity`), re-queue unfinished studies, start the scheduler and the outbox sender
 (which resumes whatever was pending), then listen. On SIGTERM/SIGINT the node stops
 accepting associations, lets in-flight ones finish (up to ``node.shutdown_grace_s``), then
 stops the scheduler and the sender. With systemd ``Type=notify`` it
@@ -36,11 +37,13 @@ from dicomai.deliver.outbox import OutboxWorker, Sender
 from dicomai.errors import InUseError
 from dicomai.model.classifier import Classifier
 from dicomai.model.package import ModelPackage, load_package
+from dicomai.net.dimse import parse_instance
 from dicomai.net.listener import Receiver
 from dicomai.ops.endpoint import start_endpoint
 from dicomai.results.publish import Publisher
 from dicomai.store import make_sessionmaker, open_database, record_event
 from dicomai.store import results as store_results
+from dicomai.store.integrity import check_store
 from dicomai.store.models import utcnow
 from dicomai.store.spool import Spool
 from dicomai.studies import StudyHook, StudyMonitor, StudyWork
@@ -161,6 +164,7 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     spool = Spool(data_dir, fsync=settings.storage.fsync,
                   min_free_bytes=settings.storage.min_free_mb * 2**20)
     removed = spool.prepare()
+    check_store(spool, sessions, engine.url.render_as_string(hide_password=True), parse_instance)
     outbox = OutboxWorker(Sender(settings, sessions), settings.outbox.poll_interval_s)
     if hook is None:
         hook = build_stage(settings, sessions, on_queued=outbox.kick)
