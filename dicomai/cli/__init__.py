@@ -181,7 +181,19 @@ def _register_plugins(subparsers: Subparsers[argparse.ArgumentParser],
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree: the node's groups, then the plug-ins'."""
     # Imported here: each group's module imports what its commands need only when they run.
-    from dicomai.cli import check, classify, config, db, model, node, outbox, studies
+    from dicomai.cli import (
+        calibrate,
+        check,
+        classify,
+        config,
+        db,
+        drift,
+        feedback,
+        model,
+        node,
+        outbox,
+        studies,
+    )
 
     common = common_parser()
     parser = Parser(
@@ -197,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     studies.register(sub, common)
     outbox.register(sub, common)
     model.register(sub, common)
+    feedback.register(sub, common)  # this and drift add `model performance`, `model drift`
+    drift.register(sub, common)
+    calibrate.register(sub, common)
     classify.register(sub, common)
     check.register(sub, common)
     _register_plugins(sub, common)
