@@ -1,16 +1,19 @@
-"""C-STORE throughput of `dicomai serve` against dcmtk's `storescp`, same sender, same run.
+"""C-STORE throughput of `dicomai serve` against Orthanc and dcmtk's `storescp`, same sender, same run.
 
 For small (~37 KB DX) and large (~6 MB uncompressed CR) instances, dcmtk `storescu` sends
 the same files in one association to each receiver in turn; each receiver is a fresh
 process on a free loopback port writing to its own temporary folder. dicomai runs with its
 defaults (fsync of every file and its directory, SQLite audit row committed with
 synchronous=FULL before each acknowledgement); storescp writes files without fsync (it has no
-such option), so the comparison favours storescp on durability.
+such option), so the comparison favours storescp on durability. Orthanc (Debian package) runs
+with its defaults (durable storage area, SQLite index) and TCP_NODELAY=1 like the dcmtk tools;
+it is the PACS a hospital would put next to the node.
 
     python benchmarks/ingest.py [--small N] [--large N] [--repeat R]
 
-Prints one table: instances/s and MB/s per receiver (median of R runs) and the ratio
-dicomai / storescp (>= 1.0 means at least as fast).
+Prints one table: instances/s and MB/s per receiver (median of R runs), the time ratio
+dicomai / Orthanc (<= 1.0 means at least as fast as Orthanc), the rate ratio dicomai / null
+(the share of pynetdicom's own ceiling the node reaches) and storescp / dicomai.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data" / "dicom"
+SHARED = Path(os.environ.get("DICOMAI_TEST_DATA", REPO.parent / "shared" / "data")) / "dicom"
 
 
 def dcmtk(name: str) -> str:
@@ -127,6 +130,36 @@ def run_storescp(files: list[Path], work: Path) -> float:
                    "STORESCP", files, DCMTK_ENV, stored=out_dir)
 
 
+def run_orthanc(files: list[Path], work: Path) -> float:
+    """Orthanc with its default durable storage and SQLite index; checks it indexed every file."""
+    import json
+    import urllib.request
+
+    binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+    if not Path(binary).exists():
+        sys.exit("Orthanc not found (apt-get install orthanc)")
+    port, http = free_port(), free_port()
+    cfg = work / "orthanc.json"
+    cfg.write_text(json.dumps({
+        "Name": "bench", "StorageDirectory": str(work / "db"), "IndexDirectory": str(work / "db"),
+        "HttpPort": http, "DicomPort": port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "HttpBindAddress": "127.0.0.1", "Plugins": [],
+        "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False}))
+    proc = subprocess.Popen([binary, str(cfg)], env=DCMTK_ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc)
+        elapsed = send(port, "ORTHANC", files)
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/statistics", timeout=30) as rsp:
+            count = json.loads(rsp.read())["CountInstances"]
+        if count != len(files):
+            sys.exit(f"Orthanc indexed {count} of {len(files)} instances")
+        return elapsed
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 def run_null(files: list[Path], work: Path) -> float:
     """pynetdicom with a handler that keeps nothing: the network layer's ceiling."""
     port = free_port()
@@ -148,9 +181,11 @@ def main() -> None:
         for label, count in (("small", args.small), ("large", args.large)):
             files = make_files(sources[label], count, Path(tmp) / label)
             mb = sum(f.stat().st_size for f in files) / 1e6
-            times: dict[str, list[float]] = {"dicomai": [], "nofsync": [], "null": [], "storescp": []}
+            times: dict[str, list[float]] = {"dicomai": [], "nofsync": [], "orthanc": [], "null": [],
+                                             "storescp": []}
             receivers = (("dicomai", run_dicomai),
                          ("nofsync", lambda f, w: run_dicomai(f, w, fsync=False)),
+                         ("orthanc", run_orthanc),
                          ("null", run_null),
                          ("storescp", run_storescp))
             for r in range(args.repeat):
@@ -164,15 +199,16 @@ def main() -> None:
     print(f"C-STORE throughput, storescu -> receiver on loopback, median of {args.repeat} runs, "
           f"{os.cpu_count()} CPUs")
     print("dicomai: fsync on (default) | nofsync: storage.fsync=false (SQLite still synchronous=FULL)")
+    print("orthanc: Debian Orthanc, defaults (durable storage, SQLite index)")
     print("null: pynetdicom SCP that keeps nothing (network-layer ceiling) | storescp: dcmtk, no fsync")
-    cols = ["dicomai", "nofsync", "null", "storescp"]
+    cols = ["dicomai", "nofsync", "orthanc", "null", "storescp"]
     head = " | ".join(f"{c + ' inst/s':>16} {'MB/s':>6}" for c in cols)
-    print(f"{'size':6} {'n':>4} {'MB/inst':>7} | {head} | {'ratio':>5} {'ratio null':>10}")
+    print(f"{'size':6} {'n':>4} {'MB/inst':>7} | {head} | {'time dicomai/orthanc':>20} "
+          f"{'rate dicomai/null':>17} {'rate storescp/dicomai':>21}")
     for label, count, mb_each, med in rows:
         cells = " | ".join(f"{count / med[c]:16.1f} {count * mb_each / med[c]:6.1f}" for c in cols)
-        ratio = med["storescp"] / med["dicomai"]
-        ratio_null = med["storescp"] / med["null"]
-        print(f"{label:6} {count:4d} {mb_each:7.3f} | {cells} | {ratio:5.2f} {ratio_null:10.2f}")
+        print(f"{label:6} {count:4d} {mb_each:7.3f} | {cells} | {med['dicomai'] / med['orthanc']:20.2f} "
+              f"{med['null'] / med['dicomai']:17.2f} {med['dicomai'] / med['storescp']:21.2f}")
 
 if __name__ == "__main__":
     main()
