@@ -201,3 +201,35 @@ def test_calibrate_from_feedback_uses_the_recorded_probabilities(
     assert profile["cases"] == 500 and profile["positives"] == 250
     assert profile["figures"]["overall"]["at_high_sensitivity"]["sensitivity"]["value"] >= 0.9
     assert set(profile["body_parts"]) == {"WRIST"}  # 250 fractured wrists: enough for their own points
+
+
+def test_node_grades_each_body_part_by_its_own_points(tmp_path: Path, model: Path) -> None:
+    """A profile with points for HAND grades hand images by them (and records them), other
+    body parts by the site's points."""
+    from pydicom import dcmread
+
+    from dicomai.analysis.image import Analyser, points_in_force
+    from dicomai.model.classifier import Classifier
+    from tests.helpers import pydicom_data
+
+    package = load_package(model)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / PROFILE_NAME).write_text(json.dumps({
+        "model_name": package.manifest.name, "model_version": package.manifest.version,
+        "model_sha256": package.manifest.sha256, "created_at": "2026-01-01T00:00:00Z", "by": "x",
+        "cases": 500, "positives": 250, "targets": {"sensitivity": 0.9},
+        "operating_points": {"high_sensitivity": 0.98, "high_specificity": 0.99},
+        "body_parts": {"HAND": {"operating_points": {"high_sensitivity": 0.0, "high_specificity": 0.0},
+                                "cases": 300, "positives": 150}}}))
+    settings = load_settings(None, {"node": {"data_dir": data}, "scope": {"min_size_px": 1}})
+    analyser = Analyser(settings.scope, package, Classifier(package), operating_points(settings, package),
+                        points_for=points_in_force(settings, package))
+    hand, foot = dcmread(pydicom_data("RG3_UNCR.dcm")), dcmread(pydicom_data("RG3_UNCR.dcm"))
+    hand.BodyPartExamined, foot.BodyPartExamined = "HAND", "FOOT"
+    by_hand, by_foot = analyser.analyse([hand, foot], apply_scope=False)
+    assert by_hand.probability == by_foot.probability
+    assert by_hand.grade == "positive" and by_hand.points is not None
+    assert by_hand.points.high_specificity == 0.0
+    assert by_foot.points is not None and by_foot.points.high_specificity == 0.99
+    assert by_foot.grade == "negative" or by_foot.probability >= 0.98

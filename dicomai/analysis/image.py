@@ -10,6 +10,7 @@ reason; it never stops the other images.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from dicomai.imaging.pixels import FloatImage, NormalizeError, Window, decode, t
 from dicomai.model.classifier import Classifier, ModelInput, preprocess
 from dicomai.model.grading import Grade, grade_image
 from dicomai.model.package import ModelPackage, OperatingPoints
+from dicomai.model.profile import profile_for
 
-__all__ = ["Analyser", "GradcamGrid", "ImageAnalysis", "Timings", "operating_points", "short_reason"]
+__all__ = ["Analyser", "GradcamGrid", "ImageAnalysis", "Timings", "operating_points", "points_in_force",
+           "short_reason"]
 
 
 def operating_points(settings: Settings, package: ModelPackage,
@@ -35,16 +38,23 @@ def operating_points(settings: Settings, package: ModelPackage,
     the model it was calibrated with; ``body_part`` picks its per-body-part points where it
     has them. A threshold set in the configuration is the admin's explicit choice and wins.
     """
-    from dicomai.model.profile import profile_for
+    return points_in_force(settings, package)(body_part)
 
+
+def points_in_force(settings: Settings, package: ModelPackage) -> Callable[[str | None], OperatingPoints]:
+    """:func:`operating_points` for any body part, with the site profile read once (now)."""
     profile = profile_for(settings.data_dir, package)
-    base = profile.points(body_part) if profile is not None else package.manifest.operating_points
-    return OperatingPoints(
-        high_sensitivity=(settings.model.high_sensitivity
-                          if settings.model.high_sensitivity is not None else base.high_sensitivity),
-        high_specificity=(settings.model.high_specificity
-                          if settings.model.high_specificity is not None else base.high_specificity),
-    )
+
+    def points(body_part: str | None) -> OperatingPoints:
+        base = profile.points(body_part) if profile is not None else package.manifest.operating_points
+        return OperatingPoints(
+            high_sensitivity=(settings.model.high_sensitivity
+                              if settings.model.high_sensitivity is not None else base.high_sensitivity),
+            high_specificity=(settings.model.high_specificity
+                              if settings.model.high_specificity is not None else base.high_specificity),
+        )
+
+    return points
 
 
 def short_reason(what: str, exc: BaseException) -> str:
@@ -72,6 +82,7 @@ class ImageAnalysis:
     display: FloatImage | None = None  # the radiograph as displayed, analysed images only
     window: Window | None = None
     gradcam: GradcamGrid | None = None  # None when the model has no map or none was made
+    points: OperatingPoints | None = None  # the thresholds the grade was given by
     timings: Timings = field(default_factory=Timings)
 
     @property
@@ -89,11 +100,15 @@ class Analyser:
     """Scope rules, normalization and the model, applied to images one by one or in batches."""
 
     def __init__(self, scope: ScopeConfig, package: ModelPackage, classifier: Classifier,
-                 points: OperatingPoints) -> None:
+                 points: OperatingPoints,
+                 points_for: Callable[[str | None], OperatingPoints] | None = None) -> None:
+        """``points`` grade every image, unless ``points_for`` gives them per Body Part Examined
+        (a site profile calibrated per body part, :func:`points_in_force`)."""
         self.scope = scope
         self.package = package
         self.classifier = classifier
         self.points = points
+        self.points_for = points_for
 
     @staticmethod
     def read(path: Path) -> Dataset | str:
@@ -170,12 +185,16 @@ class Analyser:
         per_image = (time.perf_counter() - t0) * 1e3 / len(candidates)
         for c, out in zip(candidates, outputs, strict=True):
             r = c.analysis
+            points = self.points
+            if self.points_for is not None:
+                part = r.source.get("BodyPartExamined") if r.source is not None else None
+                points = self.points_for(str(part) if part else None)
             try:
-                grade = grade_image(out.probability, self.points)
+                grade = grade_image(out.probability, points)
             except ValueError as exc:  # a probability outside [0, 1]: the model misbehaved
                 r.reason = short_reason("inference failed", exc)
                 continue
-            r.probability, r.grade = out.probability, grade
+            r.probability, r.grade, r.points = out.probability, grade, points
             r.timings.infer_ms = per_image
             if out.gradcam is not None:
                 r.gradcam = GradcamGrid(out.gradcam, c.model_input.geometry)

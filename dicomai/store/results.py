@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from dicomai.imaging.gradcam import GradcamGrid
 from dicomai.imaging.pixels import Letterbox, Window
 from dicomai.model.grading import Grade
+from dicomai.model.package import OperatingPoints
 from dicomai.store.events import record_event
 from dicomai.store.models import (
     Instance,
@@ -111,6 +112,7 @@ class PredictionRecord:
     reason: str | None
     window: Window | None
     gradcam: GradcamGrid | None
+    points: OperatingPoints | None = None  # the thresholds of this image's grade, when not the model's
     decode_ms: float | None = None
     normalize_ms: float | None = None
     infer_ms: float | None = None
@@ -232,11 +234,14 @@ def record_predictions(session: Session, study_id: int, study_uid: str, run: int
         window = ({"center": r.window.center, "width": r.window.width, "source": str(r.window.source)}
                   if r.window is not None else None)
         analysed = r.grade in (Grade.POSITIVE, Grade.DOUBTFUL, Grade.NEGATIVE)
+        own = {} if r.points is None else {"high_sensitivity": r.points.high_sensitivity,
+                                           "high_specificity": r.points.high_specificity}
         row = Prediction(study_id=study_id, instance_id=r.instance_id, sop_instance_uid=r.sop_instance_uid,
                          level="image", probability=r.probability, grade=r.grade, reason=r.reason,
                          window=window,
                          gradcam=_encode_gradcam(r.gradcam) if analysed else None,
-                         decode_ms=r.decode_ms, normalize_ms=r.normalize_ms, infer_ms=r.infer_ms, **common)
+                         decode_ms=r.decode_ms, normalize_ms=r.normalize_ms, infer_ms=r.infer_ms,
+                         **{**common, **own})
         session.add(row)
         rows.append(row)
         event = f"image.{r.grade}" if r.grade in (Grade.FAILED, Grade.NOT_ANALYSED) else "image.classified"
