@@ -85,20 +85,39 @@ def _study(tmp_path: Path) -> tuple[list, object]:
     a = dcmread(pydicom_data("RG3_UNCR.dcm"))
     b = dcmread(shared_file("RG2_JPLL.dcm"))
     c = dcmread(pydicom_data("RG1_UNCR.dcm"))
-    for other in (b, c):  # one study
+    d = dcmread(shared_file("dx_image.dcm"))
+    for other in (b, c, d):  # one study
         other.StudyInstanceUID, other.PatientID = a.StudyInstanceUID, a.PatientID
         other.PatientName = a.PatientName
     shown = to_display(a).image
     sc = secondary_capture(a, shown, np.zeros_like(shown), Grade.POSITIVE, 0.93, pkg.manifest, UID())
-    findings = [ImageFinding(a, Grade.POSITIVE, 0.93, None, sc),
+    findings = [ImageFinding(a, Grade.POSITIVE, 0.93, None, sc, region=(600, 500, 900, 800)),
                 ImageFinding(b, Grade.DOUBTFUL, 0.41),
-                ImageFinding(c, Grade.NOT_ANALYSED, None, "body part not analysed: CHEST")]
+                ImageFinding(c, Grade.NOT_ANALYSED, None, "body part not analysed: CHEST"),
+                ImageFinding(d, Grade.FAILED, None, "cannot decode the image: ValueError: bad JPEG stream")]
     return findings, pkg
 
 
+def _pixelmed(path: Path) -> list[str]:
+    """PixelMed's SR validator's warnings and errors (its XPath needs the JDK's limits lifted)."""
+    jar = Path("/usr/share/java/pixelmed.jar")
+    if not jar.exists() or shutil.which("java") is None:
+        missing("PixelMed's validator (apt-get install libpixelmed-java)")
+    out = subprocess.run(["java", "-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathExprGrpLimit=0",
+                          "-Djdk.xml.xpathTotalOpLimit=0", "-cp", str(jar),
+                          "com.pixelmed.validate.DicomSRValidator", str(path)],
+                         capture_output=True, text=True, timeout=300)
+    lines = (out.stdout + out.stderr).splitlines()
+    assert "Found Root Template TID_1500 (MeasurementReport)" in lines, lines[:20]
+    return [line for line in lines if line.startswith(("Warning", "Error"))]
+
+
 def test_sr_content_validity_and_references(tmp_path: Path) -> None:
-    """The SR passes dciodvfy, reads back with highdicom, and says what the audit says."""
+    """The SR passes dciodvfy, dsrdump and PixelMed's TID 1500 check, and highdicom reads back
+    each image's finding, probability, region and source image, the study's result and the
+    not-analysed and failed images as such, with a short reason."""
     import highdicom.sr as hsr
+    from highdicom.sr.utils import find_content_items
     from pydicom.sr.codedict import codes
 
     from dicomai.results.sr import FRACTURE, structured_report
@@ -110,43 +129,53 @@ def test_sr_content_validity_and_references(tmp_path: Path) -> None:
     sr.save_as(path)
     assert _dciodvfy(path) == []
     back = dcmread(path)
-    assert back.SeriesDescription == "AI fracture: POSITIVE"
+    assert back.SeriesDescription == "AI fracture: POSITIVE" and back.InstanceNumber == 1
     assert (back.VerificationFlag, back.CompletionFlag) == ("UNVERIFIED", "COMPLETE")
     assert back.StudyInstanceUID == findings[0].source.StudyInstanceUID
     report = hsr.srread(path).content  # parsed back into a MeasurementReport
     assert isinstance(report, hsr.MeasurementReport)
-    groups = report.get_image_measurement_groups()
-    assert len(groups) == 4  # three images and the study
-    values = {}
-    for grp in groups:
-        (ev,) = grp.get_qualitative_evaluations(name=FRACTURE)
-        meas = grp.get_measurements(name=hsr.CodedConcept("122157", "DCM", "Probability"))
-        refs = [r.referenced_sop_instance_uid for r in grp.source_images] if grp.source_images else []
-        values[grp.tracking_identifier] = (ev.value, meas[0].value if meas else None, refs)
-    assert values["image 1"][:2] == (codes.SCT.Present, 0.93)
-    assert values["image 1"][2] == [findings[0].source.SOPInstanceUID,
-                                    findings[0].secondary_capture.SOPInstanceUID]
-    assert values["image 2"][:2] == (codes.SCT.Indeterminate, 0.41)
-    assert values["image 3"][0].value == "373068000" and values["image 3"][1] is None
-    assert values["study"][:2] == (codes.SCT.Present, 0.93)
-    dump = subprocess.run([dcmtk("dsrdump"), str(path)], capture_output=True, text=True)
-    assert dump.returncode == 0 and "not analysed: body part" in dump.stdout  # dsrdump shortens text
-
-    def texts(items: object) -> list[str]:
-        out: list[str] = []
-        for item in items:  # type: ignore[attr-defined]
-            if getattr(item, "ValueType", "") == "TEXT":
-                out.append(item.TextValue)
-            out += texts(getattr(item, "ContentSequence", []))
-        return out
-
-    assert "not analysed: body part not analysed: CHEST" in texts(back.ContentSequence)
+    groups = {g.tracking_identifier: g for g in report.get_image_measurement_groups()}
+    assert set(groups) == {"image 1", "image 2", "image 3", "image 4"}  # the study is no image group
+    probability = hsr.CodedConcept("122157", "DCM", "Probability")
+    for name, value, p in (("image 1", codes.SCT.Present, 0.93), ("image 2", codes.SCT.Indeterminate, 0.41)):
+        (ev,) = groups[name].get_qualitative_evaluations(name=FRACTURE)
+        assert ev.value == value and groups[name].get_measurements(name=probability)[0].value == p
+    (region,) = find_content_items(groups["image 1"][0], name=codes.DCM.SourceOfMeasurement,
+                                   value_type=hsr.ValueTypeValues.SCOORD)
+    assert region.value.tolist()[0] == [600, 500] and region.value.tolist()[2] == [900, 800]
+    assert (region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            == findings[0].source.SOPInstanceUID)
+    for n, name in enumerate(sorted(groups)):  # found by today's and older highdicom
+        refs = {r.referenced_sop_instance_uid for r in groups[name].source_images}
+        assert refs == {findings[n].source.SOPInstanceUID}
+        source = hsr.CodedConcept("260753009", "SCT", "Source")
+        assert len(find_content_items(groups[name][0], name=source)) == 1
+    for name in ("image 3", "image 4"):
+        assert groups[name].get_qualitative_evaluations(name=FRACTURE) == []
+    dump = subprocess.run([dcmtk("dsrdump"), "+Pc", str(path)], capture_output=True, text=True)
+    assert dump.returncode == 0, dump.stderr
+    assert 'CONTAINER:(C0034375,UMLS,"Qualitative Evaluations")' in dump.stdout
+    assert dump.stdout.count('(262008008,SCT,"Not performed")') == 2
+    assert '"body part not analysed: CHEST"' in dump.stdout
+    assert '"cannot decode the image"' in dump.stdout and "ValueError" not in dump.stdout
+    assert '(121200,DCM,"Illustration of ROI")' in dump.stdout
     assert "hot-spot-test" in dump.stdout and "sha256=" in dump.stdout
+    assert dump.stdout.count('(111001,DCM,"Algorithm Name")') == 4  # once per group
+    # PixelMed's 2022 tables lack TID 1501/1410's qualitative-evaluation rows and the
+    # "Not performed" reason rows (TID 1501 is extensible): those, and nothing else.
+    extensions = ('/CODE (125605004,SCT,"Fracture of bone"): Content Item not in template',
+                  '/CODE (111004,DCM,"Analysis Performed"): Content Item not in template',
+                  '/TEXT (121106,DCM,"Comment"): Content Item not in template')
+    assert [w for w in _pixelmed(path) if not w.endswith(extensions)] == []
 
 
 def test_sr_supersedes_previous(tmp_path: Path) -> None:
-    """A re-run's SR lists the SR it replaces in the Predecessor Documents Sequence."""
-    from dicomai.results.sr import structured_report
+    """A re-run's SR lists the SR it replaces, says it is a revision (next instance number,
+    "(revised)") and keeps the tracking and device observer UIDs, so findings can be followed."""
+    from highdicom.sr.utils import find_content_items
+    from pydicom.sr.codedict import codes
+
+    from dicomai.results.sr import SR_REVISED, structured_report
 
     findings, pkg = _study(tmp_path)
     first = structured_report(findings[:1], Grade.POSITIVE, 0.93, pkg.manifest, (0.3, 0.7), UID(),
@@ -155,6 +184,15 @@ def test_sr_supersedes_previous(tmp_path: Path) -> None:
                                identity=findings[0].source, previous=first)
     pred = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert pred.ReferencedSOPInstanceUID == first.SOPInstanceUID
+    assert (first.InstanceNumber, second.InstanceNumber) == (1, 2)
+    assert SR_REVISED not in first.SeriesDescription and SR_REVISED in second.SeriesDescription
+
+    def uids(sr: object, name: object) -> list[str]:
+        return [i.UID for i in find_content_items(sr, name=name,  # type: ignore[arg-type]
+                                                  recursive=True)]
+
+    for name in (codes.DCM.TrackingUniqueIdentifier, codes.DCM.DeviceObserverUID):
+        assert uids(second, name)[:1] == uids(first, name)[:1] != [], name
     path = tmp_path / "sr2.dcm"
     second.save_as(path)
     assert _dciodvfy(path) == []

@@ -39,6 +39,7 @@ from dicomai.config import Output, Settings
 from dicomai.imaging.pixels import FloatImage, decode, resize, to_display
 from dicomai.model.grading import Grade, grade_study
 from dicomai.model.package import Manifest, OperatingPoints
+from dicomai.results.region import hotspot_box
 from dicomai.results.sc import SC_SOP_CLASS, secondary_capture
 from dicomai.results.sr import ImageFinding, reference_header, structured_report
 from dicomai.store import results as store
@@ -200,7 +201,8 @@ class Publisher:
                 identity = a.source
             planned = plan.sc.get(iid)
             sc = reference_header(study_uid, plan.series_uid, SC_SOP_CLASS, planned[0]) if planned else None
-            findings.append(ImageFinding(source, a.grade, a.probability, a.reason, sc))
+            region = hotspot_box(a.gradcam.on_image()) if a.gradcam is not None and a.analysed else None
+            findings.append(ImageFinding(source, a.grade, a.probability, a.reason, sc, region))
         try:
             if identity is None:
                 raise ValueError("no image of this run could be read for the patient's identity")
