@@ -18,6 +18,7 @@ from dicomai.train.commands import (
     cmd_train_compare,
     cmd_train_ensemble,
     cmd_train_evaluate,
+    cmd_train_evaluate_robust,
     cmd_train_explain,
     cmd_train_fit,
     cmd_train_release,
@@ -45,7 +46,7 @@ def register(subparsers: Subparsers[argparse.ArgumentParser], common: argparse.A
                                   help="train, evaluate and release models (needs the train extra)")
     tsub = train.add_subparsers(dest="train_command", required=True, metavar="ACTION")
     for add in (_add_fit, _add_ensemble, _add_combine, _add_release, _add_stitch, _add_evaluate,
-                _add_explain, _add_compare):
+                _add_evaluate_robust, _add_explain, _add_compare):
         add(tsub, common)
 
 
@@ -162,6 +163,22 @@ def _add_evaluate(tsub: Subparsers[argparse.ArgumentParser], common: argparse.Ar
                        help="write the figures into the package instead of --out: evaluation/, model.json's "
                             "operating points and figures, MODEL_CARD.md (the graph is not touched)")
     teval.set_defaults(func=cmd_train_evaluate)
+
+
+def _add_evaluate_robust(tsub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    trob = tsub.add_parser("evaluate-robust", parents=[common],
+                           help="a package on the test split as it is and on a degraded copy (other "
+                                "acquisitions imitated): AUROC, both operating points, per region")
+    trob.add_argument("package", type=Path)
+    trob.add_argument("dataset", type=Path)
+    _dataset_flags(trob)
+    trob.add_argument("--seed", type=int, default=0, help="the degraded copy's seed (same seed, same copy)")
+    trob.add_argument("--share", type=float, default=0.5,
+                      help="probability of each degradation kind in an image's mix (at least one applies)")
+    trob.add_argument("--out", type=Path, default=Path("robustness"),
+                      help="folder for robust.json and the predictions")
+    json_flag(trob)
+    trob.set_defaults(func=cmd_train_evaluate_robust)
 
 
 def _add_explain(tsub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "cmd_train_compare",
     "cmd_train_ensemble",
     "cmd_train_evaluate",
+    "cmd_train_evaluate_robust",
     "cmd_train_explain",
     "cmd_train_fit",
     "cmd_train_release",
@@ -166,6 +167,23 @@ def cmd_train_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     else:
         result = evaluate_package(package, _samples(args), args.out)
     print(json.dumps(result, indent=2))
+    return ExitCode.OK
+
+
+@_needs_extra
+def cmd_train_evaluate_robust(args: argparse.Namespace, settings: Settings) -> int:
+    """A package on the test split, clean and degraded (``train evaluate-robust``)."""
+    from dicomai.model.package import load_package
+    from dicomai.train.robust import evaluate_robust, markdown_table
+
+    if not 0.0 <= args.share <= 1.0:
+        raise DicomaiError(f"--share {args.share}: a probability in [0, 1]")
+    try:
+        result = evaluate_robust(load_package(args.package), _samples(args), seed=args.seed, share=args.share,
+                                 out_dir=args.out)
+    except ValueError as exc:
+        raise DicomaiError(f"evaluate-robust: {exc}") from None
+    print(json.dumps(result, indent=2) if args.json else markdown_table(result))
     return ExitCode.OK
 
 
