@@ -43,6 +43,7 @@ __all__ = [
     "Settings",
     "StorageConfig",
     "StudiesConfig",
+    "WebConfig",
     "find_config",
     "load_settings",
     "mask_url",
@@ -278,6 +279,24 @@ class HttpConfig(_Section):
         return value
 
 
+def _ip_address(value: str) -> str:
+    ipaddress.ip_address(value)  # its ValueError names the bad value
+    return value
+
+
+class WebConfig(_Section):
+    """The web console for admins and radiologists (:mod:`dicomai.web`); off unless enabled."""
+
+    enabled: bool = False  # it serves patient data: an admin turns it on after adding a user
+    host: str = "127.0.0.1"  # loopback unless an admin binds it elsewhere on purpose
+    port: int = Field(9103, ge=1, le=65535)
+    session_idle_min: float = Field(60.0, gt=0)  # a session unused this long is over
+    session_max_h: float = Field(12.0, gt=0)  # and any session after this long
+    max_login_failures: int = Field(5, ge=1)  # per user name and address in 15 minutes
+
+    _address = field_validator("host")(_ip_address)
+
+
 class Settings(BaseModel):
     """Effective configuration of one dicomai process (built by :func:`load_settings`)."""
 
@@ -294,6 +313,7 @@ class Settings(BaseModel):
     results: ResultsConfig = Field(default_factory=ResultsConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
     destinations: list[Destination] = Field(default_factory=list)
 
     @model_validator(mode="after")

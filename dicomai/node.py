@@ -47,6 +47,7 @@ from dicomai.store.integrity import check_store
 from dicomai.store.models import utcnow
 from dicomai.store.spool import Spool
 from dicomai.studies import StudyHook, StudyMonitor, StudyWork
+from dicomai.web.server import start_console
 
 __all__ = ["Triage", "build_stage", "default_model_dir", "limit_malloc_arenas", "lock_data_dir", "run_node",
            "sd_notify"]
@@ -208,6 +209,8 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     # The operations endpoint (/healthz, /readyz, /metrics); None when off or its port is taken.
     ops = start_endpoint(settings, engine, sessions,
                          hook.publish.manifest if isinstance(hook, Triage) else None, scheduler)
+    # The web console (dicomai.web); None when off (the default) or its port is taken.
+    web = start_console(settings, sessions, hook.publish.manifest if isinstance(hook, Triage) else None)
     sd_notify("READY=1")
 
     stop = threading.Event()
@@ -233,6 +236,8 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     outbox.stop(timeout=settings.node.shutdown_grace_s)
     if ops is not None:
         ops.stop()
+    if web is not None:
+        web.stop()
     with sessions.begin() as s:
         record_event(s, "node", "node.stopped")
     engine.dispose()

@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         node,
         outbox,
         studies,
+        users,
     )
 
     common = common_parser()
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.register(sub, common)
     classify.register(sub, common)
     check.register(sub, common)
+    users.register(sub, common)
     _register_plugins(sub, common)
     config.register(sub, common)
     return parser

@@ -43,6 +43,9 @@ __all__ = [
     "Study",
     "StudyState",
     "UTCDateTime",
+    "User",
+    "UserRole",
+    "WebSession",
     "utcnow",
 ]
 
@@ -98,6 +101,13 @@ class FeedbackRead(StrEnum):
     FRACTURE = "fracture"  # a fracture confirmed
     NO_FRACTURE = "no_fracture"
     OTHER = "other"  # another finding, no fracture
+
+
+class UserRole(StrEnum):
+    """What a web console user may do."""
+
+    ADMIN = "admin"  # everything a viewer may, and act on the node (retry deliveries)
+    VIEWER = "viewer"  # read the dashboard, worklist, studies and outbox
 
 
 class Base(DeclarativeBase):
@@ -304,3 +314,33 @@ class Feedback(Base):
     read_by: Mapped[str] = mapped_column(String(64))
     note: Mapped[str | None] = mapped_column(Text)
     recorded_at: Mapped[dt.datetime] = mapped_column(index=True)
+
+
+# The worklist's search by accession number (migration 0005).
+Index("ix_studies_accession_number", Study.accession_number)
+
+
+class User(Base):
+    """A person who may log in to the web console; the password only as its argon2 hash."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(8))
+    password_hash: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[dt.datetime]
+
+
+class WebSession(Base):
+    """A logged-in browser: the cookie's token only as its SHA-256, so a copy of the database
+    does not log anyone in."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[dt.datetime]
+    last_seen_at: Mapped[dt.datetime]
+    expires_at: Mapped[dt.datetime] = mapped_column(index=True)

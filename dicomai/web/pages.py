@@ -1,0 +1,174 @@
+"""The console's pages: dashboard, worklist, study, pictures, outbox (and its retry).
+
+Handlers are plain functions of the request; Starlette runs the synchronous ones in its
+thread pool, so a slow query or picture never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from dicomai.model.grading import Grade
+from dicomai.store.console import dashboard, image_source, study_images, worklist
+from dicomai.store.events import record_event
+from dicomai.store.models import OutboxState, StudyState, utcnow
+from dicomai.store.outbox import retry_outbox
+from dicomai.store.queries import list_outbox, study_record
+from dicomai.web.auth import client_ip, page_csrf
+from dicomai.web.pictures import picture_png
+from dicomai.web.state import Console, account_of
+
+__all__ = ["dashboard_page", "dashboard_stats", "outbox_page", "outbox_retry", "picture", "study_page",
+           "worklist_page"]
+
+log = structlog.get_logger("dicomai.web")
+
+Endpoint = Callable[[Request], Response]
+PAGE_SIZE = 50
+
+
+def _render(console: Console, request: Request, name: str, status: int = 200, **context: Any) -> Response:
+    context.update(account=account_of(request), csrf=page_csrf(console, request), model=console.model,
+                   path=request.url.path)
+    return console.templates.TemplateResponse(request, name, context, status_code=status)
+
+
+def _stats(console: Console) -> dict[str, Any]:
+    now = dt.datetime.now().astimezone()  # "today" is the day of the people at the node
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    week = today - dt.timedelta(days=today.weekday())
+    with console.sessions() as s:
+        totals = dashboard(s, today, week)
+    return {"totals": totals, "grades": [g.value for g in Grade], "now": now}
+
+
+def dashboard_page(console: Console) -> Endpoint:
+    def endpoint(request: Request) -> Response:
+        return _render(console, request, "dashboard.html", **_stats(console))
+
+    return endpoint
+
+
+def dashboard_stats(console: Console) -> Endpoint:
+    """The dashboard's figures alone: what its page fetches to refresh itself."""
+
+    def endpoint(request: Request) -> Response:
+        return _render(console, request, "_stats.html", **_stats(console))
+
+    return endpoint
+
+
+def _choice(value: str | None, allowed: list[str]) -> str | None:
+    return value if value in allowed else None
+
+
+def worklist_page(console: Console) -> Endpoint:
+    def endpoint(request: Request) -> Response:
+        qp = request.query_params
+        grade = _choice(qp.get("grade"), [g.value for g in Grade])
+        state = _choice(qp.get("state"), [s.value for s in StudyState])
+        search = (qp.get("q") or "").strip()[:64] or None
+        before_raw = qp.get("before") or ""
+        before = int(before_raw) if before_raw.isdigit() else None
+        with console.sessions() as s:
+            page = worklist(s, grade=grade, state=state, search=search, before=before, size=PAGE_SIZE)
+        return _render(console, request, "worklist.html", page=page, grade=grade, state=state,
+                       search=search or "", before=before, grades=[g.value for g in Grade],
+                       states=[st.value for st in StudyState])
+
+    return endpoint
+
+
+def study_page(console: Console) -> Endpoint:
+    def endpoint(request: Request) -> Response:
+        uid = request.path_params["uid"]
+        with console.sessions() as s:
+            record = study_record(s, uid)
+            if record is None:
+                raise HTTPException(404, f"no study {uid}")
+            images = study_images(s, record.study.id)
+        kinds = {r.id: r.kind for r in record.results}
+        return _render(console, request, "study.html", record=record, study=record.study, images=images,
+                       kinds=kinds)
+
+    return endpoint
+
+
+def picture(console: Console) -> Endpoint:
+    """An image of a study with its heat map, as PNG (made on request, the last few kept)."""
+    results = console.settings.results
+
+    def endpoint(request: Request) -> Response:
+        uid, instance_id = request.path_params["uid"], int(request.path_params["instance_id"])
+        with console.sessions() as s:
+            source = image_source(s, uid, instance_id)
+        if source is None:
+            raise HTTPException(404, "no such image in this study")
+        key = (instance_id, source.prediction_id)
+        data = console.pictures.get(key)
+        if data is None:
+            data_dir = console.settings.data_dir
+            try:
+                data = picture_png(data_dir / source.spool_path,
+                                   data_dir / source.gradcam_path if source.gradcam_path else None,
+                                   results.opacity, results.floor)
+            except FileNotFoundError:
+                raise HTTPException(404, "the image is no longer kept on the node") from None
+            except Exception:
+                log.exception("web.picture_failed", study_uid=uid, instance_id=instance_id)
+                raise
+            console.pictures.put(key, data)
+        return Response(data, media_type="image/png")
+
+    return endpoint
+
+
+def outbox_page(console: Console) -> Endpoint:
+    def endpoint(request: Request) -> Response:
+        with console.sessions() as s:
+            dead = list_outbox(s, state=OutboxState.DEAD, limit=200)
+            pending = list_outbox(s, state=OutboxState.PENDING, limit=200)
+        retried = request.query_params.get("retried")
+        return _render(console, request, "outbox.html", dead=dead, pending=pending,
+                       retried=retried if (retried or "").isdigit() else None)
+
+    return endpoint
+
+
+def outbox_retry(console: Console) -> Callable[[Request, FormData], Awaitable[Response]]:
+    """Queue one outbox row again (admins only; a viewer's attempt is refused and audited)."""
+
+    async def handler(request: Request, form: FormData) -> Response:
+        account = account_of(request)
+        item_id = int(request.path_params["item_id"])
+        details = {"user": account.name, "ip": client_ip(request), "item": item_id}
+
+        def act() -> Response:
+            if not account.is_admin:
+                with console.sessions.begin() as s:
+                    record_event(s, "web", "web.denied", level="warning",
+                                 details={**details, "action": "outbox.retry"})
+                log.warning("web.denied", user=account.name, action="outbox.retry", item=item_id)
+                raise HTTPException(403, "only an admin may retry a delivery")
+            now = utcnow()
+            result = retry_outbox(console.sessions, [item_id], now,
+                                  now + dt.timedelta(hours=console.settings.outbox.max_age_h))
+            if result.missing:
+                raise HTTPException(404, f"no outbox row {item_id}")
+            with console.sessions.begin() as s:
+                record_event(s, "web", "web.outbox_retry", details=details)
+            log.info("web.outbox_retry", user=account.name, item=item_id)
+            return RedirectResponse(f"/outbox?retried={item_id}", status_code=303)
+
+        return await run_in_threadpool(act)
+
+    return handler

@@ -1,0 +1,81 @@
+"""What every request handler of the console shares: settings, database, secret, templates."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.requests import Request
+from starlette.templating import Jinja2Templates
+
+from dicomai.config import Settings
+from dicomai.store.users import Account
+from dicomai.web.security import Throttle
+
+__all__ = ["Console", "PictureCache", "account_of", "local_time", "templates"]
+
+
+def local_time(value: dt.datetime | None) -> str:
+    """A timestamp as people on the node's machine read it: local time, to the second."""
+    return "" if value is None else value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _person_name(value: str | None) -> str:
+    """A DICOM person name (``Family^Given^Middle``) as words."""
+    return " ".join(p for p in (value or "").split("^") if p)
+
+
+def templates() -> Jinja2Templates:
+    """The console's templates (autoescaped), with its filters."""
+    env = Environment(loader=PackageLoader("dicomai.web", "templates"),
+                      autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
+    env.filters["local"] = local_time
+    env.filters["person"] = _person_name
+    env.filters["prob"] = lambda p: "" if p is None else f"{p:.3f}"
+    return Jinja2Templates(env=env)
+
+
+class PictureCache:
+    """The last few pictures made, by (image, prediction): a page reload draws nothing again."""
+
+    def __init__(self, size: int = 32) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[int, int | None], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int | None]) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
+
+    def put(self, key: tuple[int, int | None], data: bytes) -> None:
+        with self._lock:
+            self._items[key] = data
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+@dataclass
+class Console:
+    """The console's shared state; one per served application."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    secret: bytes
+    model: str | None  # "name version" of the loaded model; None when none is loaded
+    throttle: Throttle
+    templates: Jinja2Templates = field(default_factory=templates)
+    pictures: PictureCache = field(default_factory=PictureCache)
+
+
+def account_of(request: Request) -> Account:
+    """The logged-in user of a request (the access middleware let it through)."""
+    account: Account = request.state.account
+    return account

@@ -1,0 +1,366 @@
+"""The web console: its pure parts, ``dicomai users``, and the console in a real browser.
+
+The browser tests drive Debian's Chromium through Playwright against one node (module
+scope) that received a study from dcmtk's storescu and has a destination on a closed port,
+so its deliveries die. Screenshots are kept in the module's temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dicomai.web.passwords import hash_password, verify_password
+from dicomai.web.pictures import overlay_picture
+from dicomai.web.security import Throttle, csrf_ok, csrf_token, load_secret
+from tests.helpers import Node, free_port, make_study, missing, pydicom_data, storescu
+from tests.test_delivery import _wait
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ADMIN = ("alice", "alice-password-1")
+VIEWER = ("bob", "bob-password-22")
+THROTTLED = ("carol", "carol-password-3")
+
+
+# -- pure parts ----------------------------------------------------------------------------------
+
+def test_overlay_picture_shrinks_and_draws_the_hotspot_red() -> None:
+    """A 2000 x 1000 image comes out 1024 wide; the map's peak is red, cold regions stay grey."""
+    image = np.full((1000, 2000), 0.5, dtype=np.float32)
+    cam = np.zeros((50, 100), dtype=np.float32)
+    cam[20:30, 40:60] = 1.0
+    rgb = overlay_picture(image, cam)
+    assert rgb.shape == (512, 1024, 3)
+    r, g, b = (rgb[..., c].astype(int) for c in range(3))
+    assert ((r - g > 80) & (r - b > 80)).sum() > 100  # the hotspot
+    assert tuple(rgb[0, 0]) == (128, 128, 128)  # below the floor: untouched grey
+    assert overlay_picture(image, None).shape == (512, 1024, 3)
+    with pytest.raises(ValueError, match="2-D"):
+        overlay_picture(image, np.zeros((2, 2, 2), dtype=np.float32))
+
+
+def test_throttle_blocks_after_the_limit_until_the_window_passes() -> None:
+    """Three failures within the window block that key only, until the oldest is window-old."""
+    t = Throttle(limit=3, window_s=100)
+    key = ("alice", "10.0.0.1")
+    for now in (0, 10, 20):
+        assert t.wait_s(key, now) == 0
+        t.fail(key, now)
+    assert t.wait_s(key, 30) == pytest.approx(70)
+    assert t.wait_s(("alice", "10.0.0.2"), 30) == 0
+    assert t.wait_s(key, 100) == 0  # the failure at 0 is forgotten
+    t.clear(key)
+    assert t.wait_s(key, 30) == 0
+
+
+def test_csrf_tokens_are_bound_to_the_cookie_and_the_secret() -> None:
+    """A token checks for its cookie value only, and not without one."""
+    token = csrf_token(b"s" * 32, "cookie-1")
+    assert csrf_ok(b"s" * 32, "cookie-1", token)
+    assert not csrf_ok(b"s" * 32, "cookie-2", token)
+    assert not csrf_ok(b"t" * 32, "cookie-1", token)
+    assert not csrf_ok(b"s" * 32, None, token)
+    assert not csrf_ok(b"s" * 32, "cookie-1", None)
+
+
+def test_secret_is_made_once_with_mode_0600(tmp_path: Path) -> None:
+    """The console's secret file is created 0600 and read back unchanged the next time."""
+    path = tmp_path / "web-secret.key"
+    first = load_secret(path)
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert load_secret(path) == first and len(first) == 64
+
+
+def test_passwords_are_argon2_and_short_ones_refused() -> None:
+    """Hashes are argon2id; the right password verifies, a wrong one or no user does not."""
+    h = hash_password("long enough pw")
+    assert h.startswith("$argon2id$")
+    assert verify_password(h, "long enough pw")
+    assert not verify_password(h, "long enough pX")
+    assert not verify_password(None, "long enough pw")
+    with pytest.raises(ValueError, match="at least"):
+        hash_password("short")
+
+
+def _users(node: Node, *args: str, password: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicomai", "users", *args], env=node.env(),
+                          input=None if password is None else password + "\n",
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_users_commands_add_list_remove(tmp_path: Path) -> None:
+    """`users add` reads stdin, refuses a taken name (1) and a short password (2); list shows no
+    hash; remove ends; each change is in the audit log."""
+    node = Node(data_dir=tmp_path / "data")
+    node.cli("db", "upgrade")
+    assert _users(node, "add", "ann", "--role", "admin", password="ann-password-1").returncode == 0
+    assert _users(node, "add", "ann", "--role", "viewer", password="ann-password-2").returncode == 1
+    short = _users(node, "add", "ben", "--role", "viewer", password="short")
+    assert short.returncode == 2 and "at least" in short.stderr
+    listed = json.loads(_users(node, "list", "--json").stdout)
+    assert [(u["name"], u["role"]) for u in listed] == [("ann", "admin")]
+    assert "argon2" not in json.dumps(listed)
+    assert _users(node, "remove", "ann").returncode == 0
+    assert _users(node, "remove", "ann").returncode == 1
+    assert json.loads(_users(node, "list", "--json").stdout) == []
+    events = [e for e, _ in _events(node, "user.%")]
+    assert events == ["user.added", "user.removed"]
+
+
+# -- in a browser ----------------------------------------------------------------------------------
+
+def _events(node: Node, like: str) -> list[tuple[str, dict[str, Any]]]:
+    with sqlite3.connect(node.data_dir / "audit.sqlite3") as db:
+        rows = db.execute("SELECT event, details FROM events WHERE event LIKE ? ORDER BY id",
+                          (like,)).fetchall()
+    return [(event, json.loads(details) if details else {}) for event, details in rows]
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, str, str]]:
+    """A node with the console on, three users, one processed study and dead deliveries.
+
+    Yields the node, the console's base URL and the study's UID.
+    """
+    tmp = tmp_path_factory.mktemp("web")
+    web_port = free_port()
+    config = tmp / "dicomai.toml"
+    # The destination's port is closed and deliveries expire after ~4 s: they die quickly.
+    config.write_text(f"""
+[web]
+enabled = true
+port = {web_port}
+max_login_failures = 3
+
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = {free_port()}
+outputs = ["sc", "sr"]
+
+[outbox]
+poll_interval_s = 0.5
+initial_backoff_s = 0.5
+max_backoff_s = 1.0
+max_age_h = 0.001
+
+[scope]
+body_parts = ["EXTREMITY"]  # the test image's; the shipped model's own list may leave it out
+""")
+    node = Node(data_dir=tmp / "data", config=config)
+    node.cli("db", "upgrade")
+    for (name, password), role in ((ADMIN, "admin"), (VIEWER, "viewer"), (THROTTLED, "viewer")):
+        assert _users(node, "add", name, "--role", role, "--config", str(config),
+                      password=password).returncode == 0
+    node.start()
+    try:
+        study_uid, files = make_study([pydicom_data("RG3_UNCR.dcm")], tmp / "study")
+        assert storescu(node.port, files).returncode == 0
+        node.wait_state(study_uid, "processed", timeout=180)
+        yield node, f"http://127.0.0.1:{web_port}", study_uid
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium, headless, driven by Playwright (which cannot fetch its own build here)."""
+    if not CHROMIUM.exists():
+        missing("chromium (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("playwright (pip install -e '.[dev]')")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any, tmp_path: Path) -> Iterator[Any]:
+    """A fresh browser context (no cookies) and page; a screenshot of the last page is kept."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    yield pg
+    pg.screenshot(path=str(tmp_path / "last.png"), full_page=True)
+    context.close()
+
+
+def _login(page: Any, base: str, user: tuple[str, str], next_path: str = "/") -> None:
+    page.goto(f"{base}/login?next={next_path}")
+    page.fill("input[name=name]", user[0])
+    page.fill("input[name=password]", user[1])
+    page.click("button[type=submit]")
+    page.wait_for_load_state()
+
+
+def _post_form(page: Any, action: str, csrf: str | None) -> None:
+    """Submit a form the page did not offer, as a script on the page would."""
+    with page.expect_navigation():
+        page.evaluate("""([action, csrf]) => {
+            const f = document.createElement("form");
+            f.method = "post"; f.action = action;
+            if (csrf !== null) {
+                const i = document.createElement("input");
+                i.type = "hidden"; i.name = "csrf"; i.value = csrf; f.appendChild(i);
+            }
+            document.body.appendChild(f); f.submit();
+        }""", [action, csrf])
+
+
+@pytest.mark.integration
+def test_logged_out_access_redirects_to_login(console: tuple[Node, str, str], page: Any) -> None:
+    """Every page and picture without a session leads to the login page; a POST is refused."""
+    node, base, study_uid = console
+    for path in ("/", "/studies", f"/studies/{study_uid}", "/outbox", f"/studies/{study_uid}/images/1.png"):
+        response = page.goto(base + path)
+        assert page.url.startswith(f"{base}/login?next="), path
+        assert response.status == 200 and page.locator("h1").inner_text() == "Log in"
+        assert "Test" not in page.content()  # no patient data on the way
+    refused = page.request.post(f"{base}/outbox/1/retry", form={"csrf": "x"}, max_redirects=0)
+    assert refused.status == 403
+
+
+@pytest.mark.integration
+def test_worklist_and_study_page_show_the_heat_map(console: tuple[Node, str, str], page: Any,
+                                                   tmp_path: Path) -> None:
+    """After a wrong password, the admin logs in; the study sent by storescu is on the worklist
+    (also found by accession number) and its page shows the overlay, loaded, with a red hotspot."""
+    node, base, study_uid = console
+    _login(page, base, (ADMIN[0], "wrong password"))
+    assert "Wrong user name or password" in page.locator(".error").inner_text()
+    _login(page, base, ADMIN, "/studies")
+    assert page.url == f"{base}/studies"
+    row = page.locator("table.worklist tbody tr", has_text="Test Patient")
+    assert row.count() == 1
+    assert "PID-SECRET-42" in row.inner_text() and "FUJI95706" in row.inner_text()
+    page.screenshot(path=str(tmp_path / "worklist.png"), full_page=True)
+
+    page.fill("input[name=q]", "FUJI95706")
+    page.click("form.filters button")
+    page.wait_for_load_state()
+    assert page.locator("table.worklist tbody tr").count() == 1
+    page.select_option("select[name=grade]", "failed")
+    page.fill("input[name=q]", "")
+    page.click("form.filters button")
+    page.wait_for_load_state()
+    assert "no study matches" in page.locator("table.worklist").inner_text()
+
+    page.goto(f"{base}/studies/{study_uid}")
+    img = page.locator(".images img").first
+    img.scroll_into_view_if_needed()
+    page.wait_for_function("() => { const i = document.querySelector('.images img');"
+                           " return i.complete && i.naturalWidth > 0; }", timeout=60_000)
+    size = page.evaluate("() => { const i = document.querySelector('.images img');"
+                         " return [i.naturalWidth, i.naturalHeight]; }")
+    assert max(size) == 1024  # the 1760 px radiograph at the viewer's size
+    # Read the pixels the browser decoded: the heat map's peak is saturated red.
+    red = page.evaluate("""() => {
+        const i = document.querySelector('.images img');
+        const c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;
+        const x = c.getContext('2d'); x.drawImage(i, 0, 0);
+        const d = x.getImageData(0, 0, c.width, c.height).data;
+        let n = 0;
+        for (let k = 0; k < d.length; k += 4) if (d[k] - d[k + 1] > 80 && d[k] - d[k + 2] > 80) n++;
+        return n;
+    }""")
+    assert red > 200, f"{red} red pixels"
+    assert "probability" in page.locator("figcaption").first.inner_text()
+    assert "pacs" in page.locator("table").first.inner_text()  # its deliveries
+    page.screenshot(path=str(tmp_path / "study.png"), full_page=True)
+
+    # Patient name and ID are shown to the logged-in user, never written to the node's log.
+    log = node.log()
+    assert "PID-SECRET-42" not in log and "Test^Patient" not in log
+    logins = [(e, d["ip"]) for e, d in _events(node, "web.login%") if d.get("user") == ADMIN[0]]
+    assert ("web.login_failed", "127.0.0.1") in logins and ("web.login", "127.0.0.1") in logins
+
+
+@pytest.mark.integration
+def test_outbox_retry_is_for_admins_only(console: tuple[Node, str, str], page: Any, browser: Any,
+                                         tmp_path: Path) -> None:
+    """A viewer sees dead rows without a retry button and a forged retry is refused (403, audited);
+    the admin's retry queues the row again and is audited with the admin's name."""
+    node, base, _ = console
+    dead = _wait(lambda: json.loads(node.cli("outbox", "list", "--state", "dead", "--json").stdout),
+                 60, "a dead delivery")
+    item = dead[0]["id"]
+
+    _login(page, base, VIEWER, "/outbox")
+    assert page.locator(f"#outbox-{item}").count() == 1
+    assert page.locator("button", has_text="Retry").count() == 0
+    csrf = page.locator("form.logout input[name=csrf]").get_attribute("value")
+    _post_form(page, f"/outbox/{item}/retry", csrf)
+    assert "only an admin" in page.content()
+    assert [d["item"] for e, d in _events(node, "web.denied")] == [item]
+    assert not [d for e, d in _events(node, "outbox.retry_requested") if d["item"] == item]
+
+    admin = browser.new_context().new_page()
+    _login(admin, base, ADMIN, "/outbox")
+    admin.locator(f"#outbox-{item} button", has_text="Retry").click()
+    admin.wait_for_load_state()
+    assert f"Row {item} queued again." in admin.locator(".notice").inner_text()
+    admin.screenshot(path=str(tmp_path / "outbox.png"), full_page=True)
+    assert [d["item"] for e, d in _events(node, "outbox.retry_requested")] == [item]
+    assert [(d["user"], d["item"]) for e, d in _events(node, "web.outbox_retry")] == [(ADMIN[0], item)]
+    admin.context.close()
+
+
+@pytest.mark.integration
+def test_post_without_the_csrf_token_is_refused(console: tuple[Node, str, str], page: Any) -> None:
+    """A logged-in admin's form without the token, or with another session's, gets 403 and
+    changes nothing; a login form without its token too."""
+    node, base, _ = console
+    before = len(_events(node, "outbox.retry_requested"))
+    _login(page, base, ADMIN, "/outbox")
+    statuses: list[int] = []
+    page.on("response", lambda r: r.url.endswith("/retry") and statuses.append(r.status))
+    _post_form(page, "/outbox/1/retry", None)
+    _post_form(page, "/outbox/1/retry", csrf_token(b"0" * 64, "another session"))
+    assert statuses == [403, 403]
+    assert "security token" in page.content()
+    assert len(_events(node, "outbox.retry_requested")) == before
+    # Still logged in: a refused form does not end the session.
+    page.goto(f"{base}/outbox")
+    assert page.url == f"{base}/outbox"
+
+    fresh = page.context.browser.new_context().new_page()
+    fresh.goto(f"{base}/login")
+    refused = fresh.request.post(f"{base}/login", form={"name": ADMIN[0], "password": ADMIN[1]})
+    assert refused.status == 403
+    fresh.context.close()
+
+
+@pytest.mark.integration
+def test_logins_are_throttled_per_user_and_address(console: tuple[Node, str, str], page: Any) -> None:
+    """After max_login_failures wrong passwords even the right one is refused (429, audited);
+    logging out ends the session."""
+    node, base, _ = console
+    for _ in range(3):
+        _login(page, base, (THROTTLED[0], "not the password"))
+    _login(page, base, THROTTLED)
+    assert "Too many failed logins" in page.locator(".error").inner_text()
+    assert [d["user"] for e, d in _events(node, "web.login_throttled")] == [THROTTLED[0]]
+
+    _login(page, base, VIEWER)  # another user from the same address is not held up
+    assert page.url == f"{base}/"
+    assert page.locator(".who").inner_text() == "bob (viewer)"
+    page.click("form.logout button")
+    page.wait_for_load_state()
+    assert page.url == f"{base}/login"
+    page.goto(f"{base}/")
+    assert page.url.startswith(f"{base}/login")
+    assert os.path.exists(node.data_dir / "web-secret.key")
