@@ -39,6 +39,7 @@ __all__ = [
     "OutboxConfig",
     "Output",
     "ResultsConfig",
+    "RetentionConfig",
     "ScopeConfig",
     "Settings",
     "StorageConfig",
@@ -297,6 +298,29 @@ class WebConfig(_Section):
     _address = field_validator("host")(_ip_address)
 
 
+class RetentionConfig(_Section):
+    """How long files are kept once their study is finished, and the disk-pressure purge.
+
+    A study's files may go once it is processed (or failed) and none of its results waits in
+    the outbox; the days count from the later of the two. The rows stay, saying when and why
+    the file went. 0 days keeps that kind of file forever.
+    """
+
+    instances_days: float = Field(30.0, ge=0)  # received instances (spool/)
+    results_days: float = Field(30.0, ge=0)  # SC and SR objects the node made (results/)
+    maps_days: float = Field(30.0, ge=0)  # Grad-CAM maps (results/*.gradcam.npz)
+    quarantine_days: float = Field(30.0, ge=0)  # rejected objects, from their arrival
+    high_watermark_pct: float = Field(90.0, ge=0, le=100)  # 0 turns the disk-pressure purge off
+    low_watermark_pct: float = Field(80.0, ge=0, le=100)
+    interval_min: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> RetentionConfig:
+        if self.high_watermark_pct and self.low_watermark_pct >= self.high_watermark_pct:
+            raise ValueError("low_watermark_pct must be below high_watermark_pct")
+        return self
+
+
 class Settings(BaseModel):
     """Effective configuration of one dicomai process (built by :func:`load_settings`)."""
 
@@ -313,6 +337,7 @@ class Settings(BaseModel):
     results: ResultsConfig = Field(default_factory=ResultsConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
     web: WebConfig = Field(default_factory=WebConfig)
     destinations: list[Destination] = Field(default_factory=list)
 

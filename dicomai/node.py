@@ -40,6 +40,7 @@ from dicomai.model.package import ModelPackage, load_package
 from dicomai.net.dimse import parse_instance
 from dicomai.net.listener import Receiver
 from dicomai.ops.endpoint import start_endpoint
+from dicomai.ops.retention import RetentionJob
 from dicomai.results.publish import Publisher
 from dicomai.store import make_sessionmaker, open_database, record_event
 from dicomai.store import results as store_results
@@ -184,6 +185,9 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     scheduler = BackgroundScheduler(timezone="UTC")
     scheduler.add_job(monitor.poll, "interval", seconds=settings.studies.poll_interval_s,
                       id="studies.poll", max_instances=1, coalesce=True)
+    # Retention: once at start (a node restarted on a full disk frees it first), then every interval.
+    scheduler.add_job(RetentionJob(settings, sessions), "interval", minutes=settings.retention.interval_min,
+                      id="retention.purge", max_instances=1, coalesce=True, next_run_time=utcnow())
     watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
     if watchdog_usec:
         scheduler.add_job(sd_notify, "interval", seconds=max(watchdog_usec / 2e6, 1.0),

@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         model,
         node,
         outbox,
+        purge,
         studies,
         users,
     )
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.register(sub, common)
     studies.register(sub, common)
     outbox.register(sub, common)
+    purge.register(sub, common)
     model.register(sub, common)
     feedback.register(sub, common)  # this and drift add `model performance`, `model drift`
     drift.register(sub, common)

@@ -94,6 +94,7 @@ def _study_json(record: StudyRecord) -> dict[str, Any]:
              "grade": p.grade, "probability": _rounded(p.probability), "reason": p.reason,
              "model": f"{p.model_name} {p.model_version}" if p.model_name else None,
              "gradcam": bool(p.gradcam and p.gradcam.get("available")),
+             "gradcam_purged_at": iso(p.gradcam_purged_at), "gradcam_purge_reason": p.gradcam_purge_reason,
              "decode_ms": p.decode_ms, "normalize_ms": p.normalize_ms, "infer_ms": p.infer_ms,
              "gradcam_ms": p.gradcam_ms, "at": iso(p.created_at)}
             for p in record.predictions
@@ -101,6 +102,7 @@ def _study_json(record: StudyRecord) -> dict[str, Any]:
         "results": [
             {"kind": o.kind, "run": o.run, "sop_instance_uid": o.sop_instance_uid,
              "series_instance_uid": o.series_instance_uid, "grade": o.grade, "path": o.path,
+             "purged_at": iso(o.purged_at), "purge_reason": o.purge_reason,
              "shadow": o.shadow, "replaces": next((r.sop_instance_uid for r in objects
                                                    if r.id == o.replaces_id), None),
              "source_sop_instance_uid": next((i.sop_instance_uid for i, _ in record.instances
@@ -115,7 +117,8 @@ def _study_json(record: StudyRecord) -> dict[str, Any]:
              "series_instance_uid": se.series_instance_uid, "modality": se.modality,
              "sop_class_uid": i.sop_class_uid, "transfer_syntax_uid": i.transfer_syntax_uid,
              "size_bytes": i.size_bytes, "sha256": i.sha256, "state": i.state,
-             "spool_path": i.spool_path, "received_at": iso(i.received_at)}
+             "spool_path": i.spool_path, "received_at": iso(i.received_at),
+             "purged_at": iso(i.purged_at), "purge_reason": i.purge_reason}
             for i, se in record.instances
         ],
         "events": [
@@ -142,13 +145,14 @@ def cmd_studies_show(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{key:20} {cell(data[key])}")
     print("\ninstances:")
     print_table(data["instances"], ["sop_instance_uid", "version", "modality", "state",
-                                    "transfer_syntax_uid", "size_bytes"])
+                                    "transfer_syntax_uid", "size_bytes", "purged_at"])
     print("\nresults:")
     print_table(data["predictions"], ["level", "sop_instance_uid", "run", "grade", "probability",
                                       "reason", "model"])
     print("\nresult objects:")
     print_table([{**r, "deliveries": " ".join(f"{d['destination']}:{d['state']}" for d in r["deliveries"])}
-                 for r in data["results"]], ["kind", "run", "sop_instance_uid", "grade", "deliveries"])
+                 for r in data["results"]], ["kind", "run", "sop_instance_uid", "grade", "deliveries",
+                                             "purged_at"])
     print("\nevents:")
     print_table(data["events"], ["at", "stage", "event", "level", "sop_instance_uid", "error"])
     return ExitCode.OK

@@ -98,8 +98,11 @@ class Sender:
         """Expire old rows, then send what is due; returns how many objects were attempted."""
         with self.sessions.begin() as s:
             expired = store.expire(s, self.clock())
+            purged = store.drop_purged(s)
         for e in expired:
             log.error("outbox.expired", item=e.item_id, destination=e.destination, attempts=e.attempts)
+        for e in purged:
+            log.error("outbox.dead", item=e.item_id, destination=e.destination, error="result file purged")
         with self.sessions() as s:
             due = store.due(s, self.clock(), self.settings.outbox.batch_size)
             s.rollback()

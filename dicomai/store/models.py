@@ -189,6 +189,9 @@ class Instance(Base):
     spool_path: Mapped[str] = mapped_column(String(512))
     state: Mapped[str] = mapped_column(String(16), index=True)
     received_at: Mapped[dt.datetime] = mapped_column(index=True)
+    # Set when retention deletes the spool file (the row stays for the audit), with why.
+    purged_at: Mapped[dt.datetime | None] = mapped_column(index=True)
+    purge_reason: Mapped[str | None] = mapped_column(String(128))
 
     study: Mapped[Study] = relationship(back_populates="instances")
 
@@ -206,6 +209,8 @@ class Quarantined(Base):
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
+    purged_at: Mapped[dt.datetime | None] = mapped_column(index=True)  # the file and its sidecar
+    purge_reason: Mapped[str | None] = mapped_column(String(128))
 
 
 class Prediction(Base):
@@ -230,6 +235,8 @@ class Prediction(Base):
     window: Mapped[dict[str, Any] | None]
     gradcam: Mapped[dict[str, Any] | None]
     gradcam_path: Mapped[str | None] = mapped_column(String(512))
+    gradcam_purged_at: Mapped[dt.datetime | None] = mapped_column(index=True)  # the map's file
+    gradcam_purge_reason: Mapped[str | None] = mapped_column(String(128))
     decode_ms: Mapped[float | None]
     normalize_ms: Mapped[float | None]
     infer_ms: Mapped[float | None]
@@ -261,6 +268,9 @@ class ResultObject(Base):
     sha256: Mapped[str | None] = mapped_column(String(64))
     shadow: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[dt.datetime]
+    # Set when retention deletes the file; ``path`` keeps naming it for the audit.
+    purged_at: Mapped[dt.datetime | None] = mapped_column(index=True)
+    purge_reason: Mapped[str | None] = mapped_column(String(128))
 
 
 class OutboxItem(Base):

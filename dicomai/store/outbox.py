@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomai.store.events import record_event
 from dicomai.store.models import OutboxItem, OutboxState, ResultObject, Study
 
-__all__ = ["Due", "Expired", "RetryResult", "due", "expire", "has_due", "retry_outbox", "settle"]
+__all__ = ["Due", "Expired", "RetryResult", "drop_purged", "due", "expire", "has_due", "retry_outbox",
+           "settle"]
 
 _STAGE = "outbox"
 
@@ -66,12 +67,31 @@ def expire(session: Session, now: dt.datetime) -> list[Expired]:
     return [Expired(item.id, item.destination, item.attempts) for item, _, _ in rows]
 
 
+def drop_purged(session: Session) -> list[Expired]:
+    """Pending rows whose result file retention purged become ``dead``; returns them.
+
+    Retention leaves a study's results alone while one waits in the outbox, but an admin may
+    queue a row again (``outbox retry``) after its file went.
+    """
+    q = _joined(OutboxItem, ResultObject.sop_instance_uid, Study.study_instance_uid)
+    rows = session.execute(q.where(OutboxItem.state == OutboxState.PENDING,
+                                   ResultObject.purged_at.is_not(None))).all()
+    for item, sop_uid, study_uid in rows:
+        item.state = OutboxState.DEAD
+        item.last_error = "result file purged"
+        record_event(session, _STAGE, "outbox.dead", level="error", study_instance_uid=study_uid,
+                     sop_instance_uid=sop_uid, error=item.last_error,
+                     details={"destination": item.destination, "attempts": item.attempts, "item": item.id})
+    return [Expired(item.id, item.destination, item.attempts) for item, _, _ in rows]
+
+
 def due(session: Session, now: dt.datetime, batch_size: int) -> dict[str, list[Due]]:
     """Pending rows due now, oldest first, at most ``batch_size`` per destination."""
     rows = session.execute(
         _joined(OutboxItem.id, OutboxItem.destination, ResultObject.path, ResultObject.sop_class_uid,
                 ResultObject.sop_instance_uid, ResultObject.kind, Study.study_instance_uid)
-        .where(OutboxItem.state == OutboxState.PENDING, OutboxItem.next_attempt_at <= now)
+        .where(OutboxItem.state == OutboxState.PENDING, OutboxItem.next_attempt_at <= now,
+               ResultObject.purged_at.is_(None))  # see drop_purged
         .order_by(OutboxItem.id)).all()
     out: dict[str, list[Due]] = {}
     for item_id, dest, path, sop_class, sop_uid, kind, study_uid in rows:
