@@ -44,6 +44,25 @@ def test_training_split_leaves_a_region_out() -> None:
         training_split([s for s in samples if s.region == "hand"], FitConfig(exclude_region="hand"))
 
 
+def test_degraded_batches_keep_shape_and_masks() -> None:
+    """--degrade: the chosen share of a batch changes, shapes and box masks stay, the store is untouched."""
+    from dicomai.train.fit import _degraded
+
+    rng = np.random.default_rng(0)
+    images = (rng.random((6, 64, 64)) * 255).astype(np.uint8)
+    masks = np.zeros((6, 64, 64), np.uint8)
+    masks[:, 20:40, 20:40] = 1
+    stored = images.copy()
+    idx = np.array([5, 1, 3])
+    out, out_masks = _degraded(images, masks, idx, 1.0, np.random.default_rng(1))
+    assert out.shape == (3, 64, 64) and out.dtype == np.uint8 and out_masks is not None
+    assert all(not np.array_equal(out[k], images[j]) for k, j in enumerate(idx))
+    assert out_masks.shape == (3, 64, 64) and all(m.any() for m in out_masks)
+    assert np.array_equal(images, stored)
+    same, _ = _degraded(images, None, idx, 0.0, np.random.default_rng(1))
+    assert np.array_equal(same, images[idx])
+
+
 def test_soft_targets_mix_label_and_teacher() -> None:
     samples = [Sample("a", Path("a.png"), 1, "train", ""), Sample("b", Path("b.png"), 0, "train", "")]
     soft = targets(samples, FitConfig(teacher_weight=0.25), {"a": 0.6, "b": 0.2})
