@@ -133,9 +133,17 @@ def dataset_bytes(path: Path) -> bytes:
     return raw[132 + 12 + group_length:]
 
 
+#: Body Part Examined as the images show it, for real files whose tag is a catch-all the
+#: model's validated scope does not take (RG3: "EXTREMITY"; its study description says
+#: "Non-ossifying fibroma of distal tibia").
+TIBIA = "TIBIA"
+
+
 def make_study(sources: list[Path], out_dir: Path, copies: int = 1,
-               study_uid: str | None = None, dcmtk_encoding: bool = True) -> tuple[str, list[Path]]:
-    """Copies of real files re-identified into one new study (pixel data untouched)."""
+               study_uid: str | None = None, dcmtk_encoding: bool = True,
+               body_part: str | None = None) -> tuple[str, list[Path]]:
+    """Copies of real files re-identified into one new study (pixel data untouched);
+    ``body_part`` sets Body Part Examined on every copy."""
     study_uid = study_uid or generate_uid()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -150,6 +158,8 @@ def make_study(sources: list[Path], out_dir: Path, copies: int = 1,
             ds.PatientName = "Test^Patient"
             ds.PatientID = "PID-SECRET-42"
             ds.InstanceNumber = n + 1
+            if body_part is not None:
+                ds.BodyPartExamined = body_part
             if 0xFFFCFFFC in ds:  # storescu does not send Data Set Trailing Padding
                 del ds[0xFFFCFFFC]
             path = out_dir / f"{ds.SOPInstanceUID}.dcm"

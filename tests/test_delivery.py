@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 
 from dicomai.deliver.outbox import Outcome, backoff_s, status_outcome
 from dicomai.results.sc import SC_SERIES_DESCRIPTION
-from tests.helpers import Node, Orthanc, dcmtk, make_study, pydicom_data, shared_file, storescu
+from tests.helpers import TIBIA, Node, Orthanc, dcmtk, make_study, pydicom_data, shared_file, storescu
 from tests.test_results import _dciodvfy
 
 _FRACTURE = "125605004"
@@ -49,7 +49,10 @@ max_backoff_s = 1.0
 
 
 def _two_views(tmp_path: Path) -> tuple[str, list[Path]]:
-    return make_study([pydicom_data("RG3_UNCR.dcm"), shared_file("RG2_JPLL.dcm")], tmp_path / "study")
+    """A study of two views the model analyses: RG3 (a tibia) and RG2 (a hip)."""
+    uid, tibia = make_study([pydicom_data("RG3_UNCR.dcm")], tmp_path / "study", body_part=TIBIA)
+    _, hip = make_study([shared_file("RG2_JPLL.dcm")], tmp_path / "study", study_uid=uid)
+    return uid, tibia + hip
 
 
 def _outbox(node: Node, *args: str) -> list[dict[str, Any]]:
@@ -101,6 +104,16 @@ def _sr_groups(sr: Dataset) -> list[dict[str, Any]]:
         groups.append({"refs": refs, "finding": finding[0] if finding else None,
                        "probability": prob[0] if prob else None, "id": ident[0] if ident else None})
     return groups
+
+
+def _study_result(sr: Dataset) -> tuple[str, str]:
+    """The report-level qualitative evaluation: the study's finding value and its comment."""
+    (container,) = [item for item in sr.ContentSequence if item.ValueType == "CONTAINER"
+                    and item.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"]
+    finding = [c.ConceptCodeSequence[0].CodeValue for c in container.ContentSequence
+               if c.ValueType == "CODE" and c.ConceptNameCodeSequence[0].CodeValue == _FRACTURE]
+    comment = [c.TextValue for c in container.ContentSequence if c.ValueType == "TEXT"]
+    return finding[0], comment[0]
 
 
 def test_status_outcomes_and_backoff() -> None:
@@ -162,12 +175,15 @@ def test_results_reach_orthanc(node_factory: type[Node], tmp_path: Path, db_url:
         per_image = [g for g in groups if g["id"] != "study"]
         assert len(per_image) == 2
         for g in per_image:
-            source = g["refs"][0]
-            assert g["refs"] == [source, sc_of[source]]
+            source = g["refs"][0]  # the source image first; the SC as the illustration
+            assert set(g["refs"]) == {source, sc_of[source]}
             assert g["finding"] == _GRADE_CODE[images[source]["grade"]]
-            assert g["probability"] == pytest.approx(images[source]["probability"], abs=5e-5)
-        (study_group,) = [g for g in groups if g["id"] == "study"]
-        assert study_group["probability"] == pytest.approx(study_row["probability"], abs=5e-5)
+            # `studies show` rounds to 3 decimals, the SR to 4
+            assert g["probability"] == pytest.approx(images[source]["probability"], abs=5e-4)
+        finding, comment = _study_result(sr)
+        assert finding == _GRADE_CODE[study_row["grade"]]
+        assert comment.startswith("highest image probability ")
+        assert float(comment.split()[-1]) == pytest.approx(study_row["probability"], abs=0.006)
         assert sr.VerificationFlag == "UNVERIFIED"
 
         # Delivered once each, on the first attempt; the files the node kept are valid DICOM.
@@ -240,7 +256,8 @@ def test_node_killed_while_sending(node_factory: type[Node], tmp_path: Path) -> 
     orthanc.start()
     try:
         node.start()
-        study_uid, files = make_study([pydicom_data("RG3_UNCR.dcm")], tmp_path / "study", copies=10)
+        study_uid, files = make_study([pydicom_data("RG3_UNCR.dcm")], tmp_path / "study", copies=10,
+                                      body_part=TIBIA)
         assert storescu(node.port, files).returncode == 0
         states = _wait(lambda: (lambda s: s if s.get("sent", 0) >= 1 and s.get("pending", 0) >= 2 else None)(
             _states(node)), 90, "delivery under way", interval=0.01)
@@ -319,6 +336,7 @@ def test_shadow_mode_and_reopened_study(node_factory: type[Node], tmp_path: Path
     assert results[2]["replaces"] == first_sr.SOPInstanceUID
     refs = {g["refs"][0] for g in _sr_groups(second_sr) if g["id"] != "study"}
     assert refs == {dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
-    assert len(_sr_groups(first_sr)) == 2  # one image, plus the study group
+    assert len(_sr_groups(first_sr)) == 1  # one image; the study's result is at report level
+    assert _study_result(first_sr)[0] in _GRADE_CODE.values()
     for r in results:
         assert _dciodvfy(node.data_dir / r["path"]) == []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Node, make_study, pydicom_data, storescu
+from tests.helpers import TIBIA, Node, make_study, pydicom_data, storescu
 
 
 @pytest.mark.integration
@@ -19,7 +19,7 @@ def test_single_association_study_is_processed_after_release(node_factory: type[
     node = node_factory(data_dir=tmp_path / "data", env_extra={
         "DICOMAI_STUDIES__QUIET_PERIOD_S": "60", "DICOMAI_STUDIES__SETTLE_S": "0.3",
         "DICOMAI_MODEL__THREADS": "1"}).start()
-    uid, files = make_study([pydicom_data("RG3_UNCR.dcm")], tmp_path / "s", copies=3)
+    uid, files = make_study([pydicom_data("RG3_UNCR.dcm")], tmp_path / "s", copies=3, body_part=TIBIA)
     sent = time.monotonic()
     assert storescu(node.port, files[:2]).returncode == 0
     first = node.wait_state(uid, "processed", timeout=30)
