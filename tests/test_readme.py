@@ -113,3 +113,24 @@ def test_install_and_serve_in_a_fresh_clone(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_readme_alert_rules_are_valid_prometheus_rules(tmp_path: Path) -> None:
+    """The alert rules the README gives admins load in Prometheus (promtool) and name only
+    metrics the node exports."""
+    import shutil
+
+    from tests.helpers import missing
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        missing("promtool (apt-get install prometheus)")
+    text = (REPO / "README.md").read_text()
+    (block,) = re.findall(r"```yaml\n(groups:.*?)```", text, re.DOTALL)
+    rules = tmp_path / "rules.yml"
+    rules.write_text(block)
+    out = subprocess.run([str(promtool), "check", "rules", str(rules)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    metrics = (REPO / "dicomai" / "ops" / "metrics.py").read_text()
+    for name in set(re.findall(r"\b(dicomai_[a-z_]+)", block)):
+        assert f'"{name.removesuffix("_total")}"' in metrics, name
