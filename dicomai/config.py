@@ -230,6 +230,7 @@ class Output(StrEnum):
 
     SC = "sc"  # Secondary Capture with the Grad-CAM overlay, one per analysed image
     SR = "sr"  # Structured Report (TID 1500), one per study and run
+    GSPS = "gsps"  # Grayscale Softcopy Presentation State outlining the finding, per analysed image
 
 
 class Destination(_Section):
@@ -250,7 +251,7 @@ class ResultsConfig(_Section):
     shadow: bool = False  # make, keep and audit the objects, send nothing
     # Kinds made and kept in data_dir/results even when no destination wants them, so a new
     # node shows its results (`studies show` lists them) before any PACS is configured.
-    keep: list[Output] = Field(default_factory=lambda: [Output.SC, Output.SR])
+    keep: list[Output] = Field(default_factory=lambda: [Output.SC, Output.SR, Output.GSPS])
     max_side: int = Field(2048, ge=256, le=8192)  # SC images larger than this are downscaled
     opacity: float = Field(0.45, ge=0, le=1)  # heat map weight where the map is at its maximum
     floor: float = Field(0.25, ge=0, lt=1)  # map values below this are not drawn

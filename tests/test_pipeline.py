@@ -195,7 +195,7 @@ def test_interrupted_run_makes_planned_captures_later(tmp_path: Path,
         monitor.poll()
     with sessions() as s:
         rows = {r.kind: r for r in s.scalars(select(ResultObject))}
-        assert set(rows) == {"sr", "sc"} and rows["sc"].path is None
+        assert set(rows) == {"sr", "sc", "gsps"} and rows["sc"].path is None
         assert s.scalar(select(Study.state)) == StudyState.PROCESSING
         planned_uid = rows["sc"].sop_instance_uid
     sr = dcmread(tmp_path / "data" / str(rows["sr"].path))
@@ -293,15 +293,15 @@ def test_sr_keeps_an_image_whose_spool_file_is_gone(tmp_path: Path) -> None:
 
 
 def test_default_configuration_keeps_results_without_a_destination(tmp_path: Path) -> None:
-    """With no destination and shadow mode off, the SC and SR are still made and kept in the
-    data directory (nothing queued); ``results.keep = []`` makes none."""
+    """With no destination and shadow mode off, the SC, SR and GSPS are still made and kept in
+    the data directory (nothing queued); ``results.keep = []`` makes none."""
     _, sessions, monitor, study_uid, _ = _one_image_study(tmp_path / "default", config="")
     monitor.poll()
     with sessions() as s:
         kinds = sorted(s.scalars(select(ResultObject.kind).where(ResultObject.path.is_not(None))))
         queued = s.scalar(select(func.count()).select_from(OutboxItem))
-    assert kinds == ["sc", "sr"] and queued == 0
-    assert len(list((tmp_path / "default" / "data" / "results" / study_uid).glob("*.dcm"))) == 2
+    assert kinds == ["gsps", "sc", "sr"] and queued == 0
+    assert len(list((tmp_path / "default" / "data" / "results" / study_uid).glob("*.dcm"))) == 3
     _, sessions, monitor, _, _ = _one_image_study(tmp_path / "none", config="[results]\nkeep = []\n")
     monitor.poll()
     with sessions() as s:

@@ -6,8 +6,10 @@ For each run on a study, :class:`Publisher`
 2. grades the study over every image classified so far, this run's included;
 3. makes the study's Structured Report, covering *every* image classified so far (when an
    earlier SR exists the new one names it in its Predecessor Documents Sequence), and
-   records it in one transaction with the predictions, the study's grade and the planned
-   SCs, then wakes the sender: the triage flag reaches the PACS first;
+   records it in one transaction with the predictions, the study's grade, the planned SCs
+   and a Grayscale Softcopy Presentation State per analysed image (the finding outlined on
+   the original, no pixels: cheap enough to go with the flag), then wakes the sender: the
+   triage flag reaches the PACS first;
 4. draws the full-size Grad-CAM maps, keeps them (reduced), makes a Secondary Capture per
    image analysed in this run (all SCs of a study share one series), records and queues them.
 
@@ -39,9 +41,10 @@ from dicomai.config import Output, Settings
 from dicomai.imaging.pixels import FloatImage, decode, resize, to_display
 from dicomai.model.grading import Grade, grade_study
 from dicomai.model.package import Manifest, OperatingPoints
+from dicomai.results.gsps import GSPS_SERIES_DESCRIPTION, laterality_of, presentation_state
 from dicomai.results.region import hotspot_box
 from dicomai.results.sc import SC_SOP_CLASS, secondary_capture
-from dicomai.results.sr import ImageFinding, reference_header, structured_report
+from dicomai.results.sr import ImageFinding, reference_header, stable_uid, structured_report
 from dicomai.store import results as store
 from dicomai.store.events import record_event
 from dicomai.store.models import utcnow
@@ -52,6 +55,7 @@ __all__ = ["Publisher"]
 
 log = structlog.get_logger("dicomai.results")
 _REPORTED = (Grade.POSITIVE, Grade.DOUBTFUL, Grade.NEGATIVE, Grade.FAILED)
+Box = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -140,12 +144,14 @@ class Publisher:
         items += [(i.analysis.grade, i.analysis.probability) for i in analysis.images]
         grade, probability = grade_study(items)
         plan = self._plan(analysis, outputs)
-        report, failures = self._report(analysis, outputs, plan, grade, probability)
+        regions = self._regions(analysis)
+        report, failures = self._report(analysis, outputs, plan, grade, probability, regions)
+        states, state_failures = self._presentations(analysis, outputs, regions)
         with self.sessions.begin() as s:
             ids = store.record_predictions(
                 s, work.study_id, work.study_instance_uid, work.reopen_count, self.stamp,
                 [self._prediction(i) for i in analysis.images], grade, probability, len(items), utcnow())
-            queued = self._record(s, work, report, failures)
+            queued = self._record(s, work, report + states, failures + state_failures)
             grades = {i.instance.instance_id: i.analysis.grade for i in analysis.images}
             store.add_planned_scs(s, work.study_id, work.reopen_count, plan.series_uid,
                                   {iid: (uid, grades[iid]) for iid, (uid, _) in plan.sc.items()},
@@ -156,7 +162,7 @@ class Publisher:
         log.info("study.classified", study_uid=work.study_instance_uid, images=len(analysis.images),
                  positive=analysis.count(Grade.POSITIVE), doubtful=analysis.count(Grade.DOUBTFUL),
                  failed=analysis.count(Grade.FAILED), not_analysed=analysis.count(Grade.NOT_ANALYSED),
-                 grade=grade, objects=len(report) + made, flagged_s=round(flagged_s, 3),
+                 grade=grade, objects=len(report) + len(states) + made, flagged_s=round(flagged_s, 3),
                  seconds=round(time.perf_counter() - started + analysis.seconds, 3))
 
     @staticmethod
@@ -178,10 +184,17 @@ class Publisher:
                     sc[image.instance.instance_id] = (UID(), outputs.sc_count + len(sc) + 1)
         return _Plan(series_uid, sc)
 
+    @staticmethod
+    def _regions(analysis: StudyAnalysis) -> dict[int, Box | None]:
+        """Each analysed image's hotspot on the source (None: no map, or an empty one)."""
+        return {i.instance.instance_id: hotspot_box(i.analysis.gradcam.on_image())
+                for i in analysis.images if i.analysis.gradcam is not None and i.analysis.analysed}
+
     # -- the SR --------------------------------------------------------------------------------
 
     def _report(self, analysis: StudyAnalysis, outputs: store.StudyOutputs, plan: _Plan, grade: Grade,
-                probability: float | None) -> tuple[list[store.NewObject], list[tuple[str, str | None, str]]]:
+                probability: float | None, regions: dict[int, Box | None],
+                ) -> tuple[list[store.NewObject], list[tuple[str, str | None, str]]]:
         """The study's SR, written; nothing when no SR is wanted or nothing new is in scope."""
         if not self.wants(Output.SR) or not any(i.analysis.grade in _REPORTED for i in analysis.images):
             return [], []
@@ -201,8 +214,7 @@ class Publisher:
                 identity = a.source
             planned = plan.sc.get(iid)
             sc = reference_header(study_uid, plan.series_uid, SC_SOP_CLASS, planned[0]) if planned else None
-            region = hotspot_box(a.gradcam.on_image()) if a.gradcam is not None and a.analysed else None
-            findings.append(ImageFinding(source, a.grade, a.probability, a.reason, sc, region))
+            findings.append(ImageFinding(source, a.grade, a.probability, a.reason, sc, regions.get(iid)))
         try:
             if identity is None:
                 raise ValueError("no image of this run could be read for the patient's identity")
@@ -216,6 +228,38 @@ class Publisher:
         except Exception as exc:  # audited; the predictions are still recorded
             log.exception("result.sr_failed", study_uid=study_uid)
             return [], [("sr", None, repr(exc))]
+
+    # -- presentation states -------------------------------------------------------------------
+
+    def _presentations(self, analysis: StudyAnalysis, outputs: store.StudyOutputs,
+                       regions: dict[int, Box | None],
+                       ) -> tuple[list[store.NewObject], list[tuple[str, str | None, str]]]:
+        """A GSPS per analysed grayscale image of this run, written; none when none is wanted.
+
+        A study's presentation states share a series per laterality (Laterality is a series
+        attribute), its UID derived from the study's, so later runs add to the same series.
+        Colour radiographs get none: a grayscale presentation state cannot reference them.
+        """
+        made: list[store.NewObject] = []
+        failures: list[tuple[str, str | None, str]] = []
+        if not self.wants(Output.GSPS):
+            return made, failures
+        study_uid = analysis.work.study_instance_uid
+        for image in analysis.images:
+            a, iid = image.analysis, image.instance.instance_id
+            if (not a.analysed or a.source is None or a.probability is None
+                    or int(a.source.get("SamplesPerPixel", 1)) != 1):
+                continue
+            try:
+                series_uid = stable_uid(study_uid, GSPS_SERIES_DESCRIPTION, laterality_of(a.source))
+                gsps = presentation_state(a.source, a.grade, a.probability, self.manifest, regions.get(iid),
+                                          a.window, series_uid,
+                                          instance_number=outputs.gsps_count + len(made) + 1)
+                made.append(self._write(Output.GSPS, gsps, study_uid, grade=a.grade, source_instance_id=iid))
+            except Exception as exc:  # one bad header must not cost the other images theirs
+                log.exception("result.gsps_failed", study_uid=study_uid)
+                failures.append(("gsps", image.instance.sop_instance_uid, repr(exc)))
+        return made, failures
 
     @staticmethod
     def _header(study_uid: str, ref: store.ImageRef) -> Dataset:
