@@ -231,6 +231,7 @@ class Output(StrEnum):
     SC = "sc"  # Secondary Capture with the Grad-CAM overlay, one per analysed image
     SR = "sr"  # Structured Report (TID 1500), one per study and run
     GSPS = "gsps"  # Grayscale Softcopy Presentation State outlining the finding, per analysed image
+    KOS = "kos"  # Key Object Selection flagging a positive study's positive images
 
 
 class Destination(_Section):

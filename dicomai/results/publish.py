@@ -9,7 +9,8 @@ For each run on a study, :class:`Publisher`
    records it in one transaction with the predictions, the study's grade, the planned SCs
    and a Grayscale Softcopy Presentation State per analysed image (the finding outlined on
    the original, no pixels: cheap enough to go with the flag), then wakes the sender: the
-   triage flag reaches the PACS first;
+   triage flag reaches the PACS first; when this run found a positive image of a positive
+   study, a Key Object Selection of the study's positive images goes with them;
 4. draws the full-size Grad-CAM maps, keeps them (reduced), makes a Secondary Capture per
    image analysed in this run (all SCs of a study share one series), records and queues them.
 
@@ -42,6 +43,7 @@ from dicomai.imaging.pixels import FloatImage, decode, resize, to_display
 from dicomai.model.grading import Grade, grade_study
 from dicomai.model.package import Manifest, OperatingPoints
 from dicomai.results.gsps import GSPS_SERIES_DESCRIPTION, laterality_of, presentation_state
+from dicomai.results.kos import KOS_DESCRIPTION, key_objects
 from dicomai.results.region import hotspot_box
 from dicomai.results.sc import SC_SOP_CLASS, secondary_capture
 from dicomai.results.sr import ImageFinding, reference_header, stable_uid, structured_report
@@ -147,11 +149,13 @@ class Publisher:
         regions = self._regions(analysis)
         report, failures = self._report(analysis, outputs, plan, grade, probability, regions)
         states, state_failures = self._presentations(analysis, outputs, regions)
+        keys, key_failures = self._key_objects(analysis, outputs, grade)
+        flag, flag_failures = report + states + keys, failures + state_failures + key_failures
         with self.sessions.begin() as s:
             ids = store.record_predictions(
                 s, work.study_id, work.study_instance_uid, work.reopen_count, self.stamp,
                 [self._prediction(i) for i in analysis.images], grade, probability, len(items), utcnow())
-            queued = self._record(s, work, report + states, failures + state_failures)
+            queued = self._record(s, work, flag, flag_failures)
             grades = {i.instance.instance_id: i.analysis.grade for i in analysis.images}
             store.add_planned_scs(s, work.study_id, work.reopen_count, plan.series_uid,
                                   {iid: (uid, grades[iid]) for iid, (uid, _) in plan.sc.items()},
@@ -162,7 +166,7 @@ class Publisher:
         log.info("study.classified", study_uid=work.study_instance_uid, images=len(analysis.images),
                  positive=analysis.count(Grade.POSITIVE), doubtful=analysis.count(Grade.DOUBTFUL),
                  failed=analysis.count(Grade.FAILED), not_analysed=analysis.count(Grade.NOT_ANALYSED),
-                 grade=grade, objects=len(report) + len(states) + made, flagged_s=round(flagged_s, 3),
+                 grade=grade, objects=len(flag) + made, flagged_s=round(flagged_s, 3),
                  seconds=round(time.perf_counter() - started + analysis.seconds, 3))
 
     @staticmethod
@@ -260,6 +264,24 @@ class Publisher:
                 log.exception("result.gsps_failed", study_uid=study_uid)
                 failures.append(("gsps", image.instance.sop_instance_uid, repr(exc)))
         return made, failures
+
+    def _key_objects(self, analysis: StudyAnalysis, outputs: store.StudyOutputs, grade: Grade,
+                     ) -> tuple[list[store.NewObject], list[tuple[str, str | None, str]]]:
+        """The KOS of the study's positive images, written, when the study is positive and this
+        run found a positive image (else the last KOS still lists them all); none unless wanted."""
+        new = [i.analysis.source for i in analysis.images
+               if i.analysis.grade == Grade.POSITIVE and i.analysis.source is not None]
+        if not self.wants(Output.KOS) or grade != Grade.POSITIVE or not new:
+            return [], []
+        study_uid = analysis.work.study_instance_uid
+        earlier = [self._header(study_uid, e.ref) for e in outputs.earlier if e.grade == Grade.POSITIVE]
+        try:
+            kos = key_objects(earlier + new, self.manifest, stable_uid(study_uid, KOS_DESCRIPTION), new[0],
+                              instance_number=outputs.kos_count + 1)
+            return [self._write(Output.KOS, kos, study_uid, grade=grade)], []
+        except Exception as exc:  # audited; the predictions and the other objects are still recorded
+            log.exception("result.kos_failed", study_uid=study_uid)
+            return [], [("kos", None, repr(exc))]
 
     @staticmethod
     def _header(study_uid: str, ref: store.ImageRef) -> Dataset:

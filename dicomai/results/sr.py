@@ -28,8 +28,8 @@ from dicomai.model.package import Manifest
 from dicomai.results.identity import apply_identity, identity_of
 from dicomai.results.region import box_outline
 
-__all__ = ["FRACTURE", "SR_REVISED", "SR_SERIES_NUMBER", "ImageFinding", "reference_header", "short_reason",
-           "stable_uid", "structured_report"]
+__all__ = ["FRACTURE", "SR_REVISED", "SR_SERIES_NUMBER", "ImageFinding", "device_observer",
+           "reference_header", "short_reason", "stable_uid", "structured_report"]
 
 #: SNOMED CT "Fracture of bone": the finding every group is about.
 FRACTURE = hsr.CodedConcept("125605004", "SCT", "Fracture of bone")
@@ -144,6 +144,17 @@ def _study_result(grade: Grade, probability: float | None) -> hsr.ContainerConte
     return container
 
 
+def device_observer(manifest: Manifest) -> hsr.ObserverContext:
+    """The node as the observer of its documents; its UID is the same for every document made
+    with the same model."""
+    return hsr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hsr.DeviceObserverIdentifyingAttributes(
+            uid=stable_uid(OWN_MANUFACTURER, manifest.name, manifest.version), name="dicomai",
+            manufacturer_name=OWN_MANUFACTURER,
+            model_name=f"{manifest.name} {manifest.version}"[:64]))
+
+
 def structured_report(findings: list[ImageFinding], study_grade: Grade, study_probability: float | None,
                       manifest: Manifest, thresholds: tuple[float, float], series_uid: str,
                       identity: Dataset, previous: Dataset | None = None) -> hsr.Comprehensive3DSR:
@@ -162,14 +173,8 @@ def structured_report(findings: list[ImageFinding], study_grade: Grade, study_pr
         parameters=[f"sha256={manifest.sha256}", f"high_sensitivity={thresholds[0]:.4f}",
                     f"high_specificity={thresholds[1]:.4f}"])
     groups = [_group(n, study_uid, f, algorithm) for n, f in enumerate(findings, start=1)]
-    observer = hsr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hsr.DeviceObserverIdentifyingAttributes(
-            uid=stable_uid(OWN_MANUFACTURER, manifest.name, manifest.version), name="dicomai",
-            manufacturer_name=OWN_MANUFACTURER,
-            model_name=f"{manifest.name} {manifest.version}"[:64]))
     report = hsr.MeasurementReport(
-        observation_context=hsr.ObservationContext(observer_device_context=observer),
+        observation_context=hsr.ObservationContext(observer_device_context=device_observer(manifest)),
         procedure_reported=codes.SCT.ImagingProcedure,
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,

@@ -78,6 +78,7 @@ class StudyOutputs:
     refs: dict[int, ImageRef] = field(default_factory=dict)  # this run's images, by instance id
     previous_sr: tuple[int, str] | None = None  # id and path of the SR to supersede
     gsps_count: int = 0  # presentation states made by earlier runs
+    kos_count: int = 0  # key object selections made by earlier runs
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class PredictionRecord:
 class NewObject:
     """A result object written to disk, to be recorded (or, when planned, completed)."""
 
-    kind: str  # "sc", "sr" or "gsps"
+    kind: str  # "sc", "sr", "gsps" or "kos"
     sop_instance_uid: str
     sop_class_uid: str
     series_instance_uid: str
@@ -187,15 +188,18 @@ def gather(session: Session, study_id: int, this_run: Sequence[int]) -> StudyOut
     previous = session.execute(select(ResultObject.id, ResultObject.path).where(
         ResultObject.study_id == study_id, ResultObject.kind == "sr", ResultObject.path.is_not(None),
     ).order_by(ResultObject.id.desc()).limit(1)).first()
-    gsps_count = session.scalar(select(func.count()).select_from(ResultObject).where(
-        ResultObject.study_id == study_id, ResultObject.kind == "gsps")) or 0
+    counts: dict[str, int] = {kind: n for kind, n in session.execute(
+        select(ResultObject.kind, func.count()).where(ResultObject.study_id == study_id,
+                                                      ResultObject.kind.in_(("gsps", "kos")))
+        .group_by(ResultObject.kind))}
     return StudyOutputs(
         sc_series_uid=scs[0][2] if scs else None, sc_count=len(scs),
         sc_of={src: ScRef(uid, series) for src, uid, series in scs if src is not None},
         earlier=[RecordedImage(refs[i], Grade(g), p, r) for i, g, p, r in rows
                  if i is not None and i not in exclude],
         refs={i: refs[i] for i in this_run if i in refs},
-        previous_sr=(previous[0], str(previous[1])) if previous else None, gsps_count=gsps_count)
+        previous_sr=(previous[0], str(previous[1])) if previous else None,
+        gsps_count=counts.get("gsps", 0), kos_count=counts.get("kos", 0))
 
 
 def planned_scs(session: Session, study_id: int) -> list[PlannedSc]:
