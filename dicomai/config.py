@@ -29,6 +29,7 @@ from dicomai.errors import ConfigError
 __all__ = [
     "AccessConfig",
     "AllowedCaller",
+    "ClientCertificates",
     "DatabaseConfig",
     "Destination",
     "HttpConfig",
@@ -44,6 +45,7 @@ __all__ = [
     "Settings",
     "StorageConfig",
     "StudiesConfig",
+    "TlsConfig",
     "WebConfig",
     "find_config",
     "load_settings",
@@ -105,13 +107,45 @@ class NodeConfig(_Section):
         return value
 
 
+def subject_key(value: str) -> frozenset[tuple[str, str]]:
+    """A certificate subject written ``"CN=modality1, O=Hospital"`` as a comparable set.
+
+    Attribute names are case-insensitive and the order of the attributes does not matter
+    (OpenSSL prints them in the certificate's order, RFC 4514 in the reverse one); values
+    are compared as written. Raises ValueError for a part that is not ``NAME=value``.
+    """
+    pairs = set()
+    for part in value.split(","):
+        name, sep, text = part.partition("=")
+        if not sep or not name.strip() or not text.strip():
+            raise ValueError(f"{value!r} is not a subject like \"CN=modality1, O=Hospital\"")
+        pairs.add((name.strip().upper(), text.strip()))
+    return frozenset(pairs)
+
+
 class AllowedCaller(_Section):
-    """One calling AE title that may associate, optionally pinned to host addresses."""
+    """One calling AE title that may associate, optionally pinned to host addresses and to
+    the subject of the client certificate it presents over DICOM TLS."""
 
     ae_title: str
     hosts: list[str] = Field(default_factory=list)
+    # Set: the caller must come over the TLS port with a certificate of exactly this subject.
+    cert_subject: str | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("cert_subject")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        if value is not None:
+            subject_key(value)  # raises ValueError naming the bad value
+        return value
+
+    def presents(self, cert_subject: str | None) -> bool:
+        """Whether a peer that presented a certificate of ``cert_subject`` may use this entry."""
+        if self.cert_subject is None:
+            return True
+        return cert_subject is not None and subject_key(cert_subject) == subject_key(self.cert_subject)
 
     @field_validator("hosts")
     @classmethod
@@ -137,8 +171,13 @@ class AccessConfig(_Section):
     require_called_ae_title: bool = True
     allowed_callers: list[AllowedCaller] = Field(default_factory=list)
 
-    def check(self, calling_ae: str, host: str, called_ae: str, own_ae: str) -> str | None:
-        """Return why an association must be rejected, or ``None`` to accept it."""
+    def check(self, calling_ae: str, host: str, called_ae: str, own_ae: str,
+              cert_subject: str | None = None) -> str | None:
+        """Return why an association must be rejected, or ``None`` to accept it.
+
+        ``cert_subject`` is the subject of the client certificate the peer presented over
+        DICOM TLS (None over plain TCP or without a certificate).
+        """
         if self.require_called_ae_title and called_ae.strip() != own_ae:
             return "called AE title not recognised"
         if not self.allowed_callers:
@@ -148,6 +187,8 @@ class AccessConfig(_Section):
             return "calling AE title not on the allow-list"
         if not any(c.permits(host) for c in entries):
             return "calling AE title not allowed from this host"
+        if not any(c.permits(host) and c.presents(cert_subject) for c in entries):
+            return "calling AE title not allowed with this client certificate"
         return None
 
 
@@ -242,8 +283,29 @@ class Destination(_Section):
     host: str
     port: int = Field(ge=1, le=65535)
     outputs: list[Output] = Field(default_factory=lambda: [Output.SC, Output.SR])
+    # DICOM TLS to this peer: its certificate is verified against ca_certificates (the system's
+    # CAs when unset) and must name server_name (the host when unset).
+    tls: bool = False
+    ca_certificates: Path | None = None
+    client_certificate: Path | None = None  # with client_key: what the node presents
+    client_key: Path | None = None
+    server_name: str | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @model_validator(mode="after")
+    def _client_pair(self) -> Destination:
+        if (self.client_certificate is None) != (self.client_key is None):
+            raise ValueError("client_certificate and client_key go together")
+        if not self.tls and (self.ca_certificates or self.client_certificate or self.server_name):
+            raise ValueError("ca_certificates, client_certificate, client_key and server_name "
+                             "need tls = true")
+        return self
+
+    @property
+    def tls_server_name(self) -> str:
+        """The name the peer's certificate must carry."""
+        return self.server_name or self.host
 
 
 class ResultsConfig(_Section):
@@ -323,6 +385,40 @@ class RetentionConfig(_Section):
         return self
 
 
+class ClientCertificates(StrEnum):
+    """Whether callers on the TLS port must present a certificate signed by a trusted CA."""
+
+    REQUIRED = "required"  # no certificate, no association (the handshake fails)
+    OPTIONAL = "optional"  # verified when presented; access.allowed_callers decide the rest
+    NONE = "none"  # not asked for: encryption only
+
+
+class TlsConfig(_Section):
+    """DICOM TLS on a port of its own (PS3.15 Annex B, BCP 195: TLS 1.2 or later)."""
+
+    enabled: bool = False
+    port: int = Field(2762, ge=1, le=65535)  # IANA's dicom-tls port
+    plain: bool = True  # node.port keeps serving plain DICOM; false: TLS only
+    certificate: Path | None = None  # PEM, the node's certificate (and its chain)
+    private_key: Path | None = None  # PEM, unencrypted, readable by the service user only
+    ca_certificates: Path | None = None  # PEM bundle of the CAs that sign callers' certificates
+    client_certificates: ClientCertificates = ClientCertificates.REQUIRED
+    # Start even when a private key (this one or a destination's client_key) is readable by
+    # group or others: for file systems without Unix modes only.
+    allow_loose_key_permissions: bool = False
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsConfig:
+        if not self.enabled:
+            return self
+        if self.certificate is None or self.private_key is None:
+            raise ValueError("enabled needs certificate and private_key")
+        if self.client_certificates is not ClientCertificates.NONE and self.ca_certificates is None:
+            raise ValueError(f"client_certificates = {self.client_certificates.value!r} needs "
+                             "ca_certificates (the CAs that sign the callers' certificates)")
+        return self
+
+
 class Settings(BaseModel):
     """Effective configuration of one dicomai process (built by :func:`load_settings`)."""
 
@@ -341,6 +437,7 @@ class Settings(BaseModel):
     http: HttpConfig = Field(default_factory=HttpConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     web: WebConfig = Field(default_factory=WebConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
     destinations: list[Destination] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -348,6 +445,12 @@ class Settings(BaseModel):
         names = [d.name for d in self.destinations]
         if len(names) != len(set(names)):
             raise ValueError("destination names must be unique")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_port(self) -> Settings:
+        if self.tls.enabled and self.tls.plain and self.tls.port == self.node.port:
+            raise ValueError("tls.port must differ from node.port while tls.plain is true")
         return self
 
     @property

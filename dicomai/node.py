@@ -17,6 +17,7 @@ import fcntl
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -27,6 +28,7 @@ from types import FrameType
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai import __version__
@@ -39,6 +41,7 @@ from dicomai.model.classifier import Classifier
 from dicomai.model.package import ModelPackage, load_package
 from dicomai.net.dimse import parse_instance
 from dicomai.net.listener import Receiver
+from dicomai.net.tls import check_key_permissions, client_context, read_certificates, server_context
 from dicomai.ops.endpoint import start_endpoint
 from dicomai.ops.retention import RetentionJob
 from dicomai.results.publish import Publisher
@@ -156,8 +159,29 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
+def _log_certificate(path: Path | None) -> None:
+    """Log the node's certificate and its days left; a warning within 30 days of expiry."""
+    if path is None:
+        return
+    try:
+        cert = read_certificates(path)[0]
+    except (OSError, ValueError) as exc:  # ssl loaded it: only this reader cannot
+        log.warning("tls.certificate", path=str(path), error=str(exc))
+        return
+    days = cert.days_left(utcnow())
+    level = log.warning if days < 30 else log.info
+    level("tls.certificate", subject=cert.subject, not_after=cert.not_after.isoformat(),
+          days_left=round(days, 1))
+
+
 def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     """Run the node in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    # Keys and certificates first: a node that cannot speak TLS as configured does not start.
+    check_key_permissions(settings)
+    tls_context = server_context(settings.tls) if settings.tls.enabled else None
+    for dest in settings.destinations:
+        if dest.tls:
+            client_context(dest)
     limit_malloc_arenas()
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -197,19 +221,33 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
 
     receiver = Receiver(settings, spool, sessions)
     ae = receiver.build_ae()
-    try:
-        server = ae.start_server((settings.node.host, settings.node.port), block=False,
-                                 evt_handlers=receiver.handlers())
-    except OSError as exc:
-        scheduler.shutdown(wait=False)
-        outbox.stop(timeout=settings.node.shutdown_grace_s)
-        if exc.errno == errno.EADDRINUSE:
-            raise InUseError(f"port {settings.node.port} on {settings.node.host}",
-                             " (another process listens there; set node.port or stop it)") from None
-        raise
-    assert server is not None  # block=False always returns the server
+    ports: list[tuple[int, str, ssl.SSLContext | None]] = []
+    if settings.tls.plain or not settings.tls.enabled:
+        ports.append((settings.node.port, "node.port", None))
+    if tls_context is not None:
+        ports.append((settings.tls.port, "tls.port", tls_context))
+    servers: list[ThreadedAssociationServer] = []
+    for port, key, context in ports:
+        try:
+            server = ae.start_server((settings.node.host, port), block=False,
+                                     evt_handlers=receiver.handlers(), ssl_context=context)
+        except OSError as exc:
+            for started in servers:
+                started.shutdown()
+            scheduler.shutdown(wait=False)
+            outbox.stop(timeout=settings.node.shutdown_grace_s)
+            if exc.errno == errno.EADDRINUSE:
+                raise InUseError(f"port {port} on {settings.node.host}",
+                                 f" (another process listens there; set {key} or stop it)") from None
+            raise
+        assert server is not None  # block=False always returns the server
+        servers.append(server)
     log.info("node.listening", ae_title=settings.node.ae_title, host=settings.node.host,
-             port=settings.node.port, data_dir=str(data_dir), version=__version__)
+             port=settings.node.port if settings.tls.plain or not settings.tls.enabled else None,
+             tls_port=settings.tls.port if settings.tls.enabled else None,
+             data_dir=str(data_dir), version=__version__)
+    if settings.tls.enabled:
+        _log_certificate(settings.tls.certificate)
     # The operations endpoint (/healthz, /readyz, /metrics); None when off or its port is taken.
     ops = start_endpoint(settings, engine, sessions,
                          hook.publish.manifest if isinstance(hook, Triage) else None, scheduler)
@@ -229,7 +267,8 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
         pass
     sd_notify("STOPPING=1")
     # Stop accepting new associations but let running ones finish their stores.
-    server.shutdown()
+    for server in servers:
+        server.shutdown()
     deadline = time.monotonic() + settings.node.shutdown_grace_s
     while receiver.active and time.monotonic() < deadline:
         time.sleep(0.1)

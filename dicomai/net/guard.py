@@ -24,12 +24,23 @@ disconnects: the association is aborted, its handlers run and its slot is freed.
 Whatever way an association ends, pynetdicom closes its socket last; the guard reports that
 once through ``on_finished``, so the listener can close the association's books even when
 pynetdicom fires no closing event.
+
+On the DICOM TLS port the accepted socket is an :class:`ssl.SSLSocket` that has not
+handshaken yet (:mod:`dicomai.net.tls`). The guard completes the handshake in the
+association's thread before pynetdicom reads, within ``node.acse_timeout_s``: a plain-TCP
+peer, or one without an acceptable certificate, is dropped there (``Drop.tls``) before it
+sends a PDU or takes an association slot. Every limit above then applies to the decrypted
+stream. pynetdicom looks for data TLS has already decrypted only when its socket *is* an
+SSLSocket; the guard is not, so the transport is told to ask the guard
+(:class:`_TlsTransport`), or a PDU that arrived in the same TLS record as the previous one
+would wait for the network timeout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -37,8 +48,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
+from pynetdicom.transport import AssociationSocket
 
-__all__ = ["Drop", "GuardedSocket", "Limits", "install", "message_received"]
+__all__ = ["Drop", "GuardedSocket", "Limits", "install", "message_received", "peer_certificate"]
 
 _P_DATA_TF = 0x04
 _A_ASSOCIATE_RQ = 0x01
@@ -71,13 +83,15 @@ class Drop:
     """Why the guard closed a connection and what it answered the peer.
 
     ``rejected`` is set when the answer was an A-ASSOCIATE-RJ; ``calling_ae`` and
-    ``called_ae`` then hold the request's titles as far as they are printable.
+    ``called_ae`` then hold the request's titles as far as they are printable. ``tls`` is
+    set when the peer failed the TLS handshake (no certificate, an untrusted one, not TLS).
     """
 
     reason: str
     rejected: bool = False
     calling_ae: str = ""
     called_ae: str = ""
+    tls: bool = False
 
 
 #: Called once when the guard closes a connection.
@@ -131,6 +145,9 @@ class GuardedSocket:
                 self._close("no data within node.network_timeout_s in the middle of a PDU",
                             abort=False)
             return b""
+        except ssl.SSLError as exc:  # a forged or corrupted record, an alert from the peer
+            self._close(f"TLS error: {_ssl_reason(exc)}", abort=False)
+            return b""
         violation = self._follow(data)
         if isinstance(violation, Drop):
             self._reject(violation)
@@ -139,6 +156,42 @@ class GuardedSocket:
             self._close(*violation)
             return b""
         return data
+
+    def handshake(self) -> bool:
+        """Complete the TLS handshake of an accepted SSLSocket before ``node.acse_timeout_s``.
+
+        On failure the connection is closed and reported through ``on_close``; False then.
+        """
+        assert isinstance(self._raw, ssl.SSLSocket)
+        assert self._deadline is not None
+        self._raw.settimeout(max(self._deadline - time.monotonic(), 0.001))
+        try:
+            self._raw.do_handshake()
+        except TimeoutError:
+            self._close("TLS handshake not completed within node.acse_timeout_s", abort=False)
+        except (ssl.SSLEOFError, ConnectionError):
+            # The peer hung up mid-handshake (a port probe, a client that gave up): like a
+            # plain connection closed before its request, nothing to reject.
+            self._close("connection closed during the TLS handshake", abort=False)
+        except ssl.SSLError as exc:
+            self._shut(None, Drop(f"TLS handshake failed: {_ssl_reason(exc)}", tls=True))
+        except OSError as exc:
+            self._close(f"TLS handshake failed: {exc.strerror or exc}", abort=False)
+        else:
+            return True
+        return False
+
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """The peer's verified certificate over TLS (None over plain TCP or without one)."""
+        if self._closed or not isinstance(self._raw, ssl.SSLSocket):
+            return None
+        return self._raw.getpeercert() or None
+
+    def pending(self) -> int:
+        """Bytes TLS has decrypted and not handed out yet (0 over plain TCP)."""
+        if self._closed or not isinstance(self._raw, ssl.SSLSocket):
+            return 0
+        return self._raw.pending()
 
     def message_received(self) -> None:
         """A whole DIMSE message was decoded: the next one starts from zero bytes."""
@@ -233,6 +286,22 @@ class GuardedSocket:
         self._on_close(drop)
 
 
+class _TlsTransport(AssociationSocket):
+    """pynetdicom's transport, looking for decrypted TLS data in the guard too (see above)."""
+
+    @property
+    def ready(self) -> bool:
+        guarded = self.socket
+        if isinstance(guarded, GuardedSocket) and guarded.pending():
+            return True
+        return bool(super().ready)
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    """OpenSSL's reason for a failure, readable: "wrong version number", "certificate unknown"."""
+    return str(exc.reason or exc.strerror or exc).lower().replace("_", " ")
+
+
 def _title(raw: bytes | bytearray) -> str | None:
     """An AE title field's text, or None when pynetdicom could not take it (blank, not
     printable ASCII, a backslash)."""
@@ -259,10 +328,22 @@ def _check_titles(head: bytes | bytearray) -> Drop | None:
 
 def install(event: Any, limits: Limits, on_close: OnClose,
             on_finished: OnFinished | None = None) -> None:
-    """EVT_CONN_OPEN: wrap the association's accepted socket before anything is read from it."""
+    """EVT_CONN_OPEN: wrap the association's accepted socket before anything is read from it;
+    on the TLS port, complete the handshake first."""
     transport = event.assoc.dul.socket
-    if transport is not None and isinstance(transport.socket, socket.socket):
-        transport.socket = GuardedSocket(transport.socket, limits, on_close, on_finished)
+    if transport is None or not isinstance(transport.socket, socket.socket):
+        return
+    guarded = GuardedSocket(transport.socket, limits, on_close, on_finished)
+    transport.socket = guarded
+    if isinstance(guarded._raw, ssl.SSLSocket):
+        transport.__class__ = _TlsTransport  # same object, same state: only `ready` differs
+        guarded.handshake()
+
+
+def peer_certificate(assoc: Any) -> dict[str, Any] | None:
+    """The verified client certificate of an association on the TLS port, if it sent one."""
+    guarded = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    return guarded.peer_certificate() if isinstance(guarded, GuardedSocket) else None
 
 
 def message_received(event: Any) -> None:

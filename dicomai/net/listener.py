@@ -2,9 +2,13 @@
 
 Handler contracts (pynetdicom runs each association in its own thread):
 
-* ``EVT_REQUESTED``: checks the called AE title, the calling AE/host allow-list, the
-  association limit and that at least one proposed presentation context is acceptable,
-  records the association (accepted or rejected) and sends A-ASSOCIATE-RJ when refused.
+* ``EVT_CONN_OPEN``: wraps the socket in the guard (:mod:`dicomai.net.guard`), which on the
+  TLS port completes the handshake first; a failed handshake is logged and audited as a
+  rejected association with the TLS reason, before any PDU is read.
+* ``EVT_REQUESTED``: checks the called AE title, the calling AE/host (and, over TLS,
+  certificate subject) allow-list, the association limit and that at least one proposed
+  presentation context is acceptable, records the association (accepted or rejected) and
+  sends A-ASSOCIATE-RJ when refused.
 * ``EVT_C_STORE``: returns 0x0000 only after the object is fsynced in the spool and its
   row is committed in the audit database. Otherwise it returns a precise failure status:
   0xA700 (disk nearly full, or the spool or the audit database out of space), 0xA900
@@ -38,7 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.config import Settings
 from dicomai.errors import IngestError
-from dicomai.net import guard, protocol
+from dicomai.net import guard, protocol, tls
 from dicomai.net.dimse import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_PROCESSING_FAILURE,
@@ -155,7 +159,15 @@ class Receiver:
 
     def _on_dropped(self, assoc: Any, drop: guard.Drop) -> None:
         # The guard closed the connection (timeout, oversized PDU or object, unusable AE
-        # title); pynetdicom now ends the association as if the peer had gone.
+        # title, failed TLS handshake); pynetdicom now ends the association as if the peer
+        # had gone.
+        if drop.tls:
+            peer = store.Peer(host=assoc.requestor.address, port=int(assoc.requestor.port),
+                              calling_ae="", called_ae="")
+            log.warning("tls.rejected", peer=peer.host, reason=drop.reason)
+            self._audit("association.rejected", store.association_requested, peer,
+                        drop.reason[:128], utcnow())
+            return
         if drop.rejected:
             peer = store.Peer(host=assoc.requestor.address, port=int(assoc.requestor.port),
                               calling_ae=drop.calling_ae, called_ae=drop.called_ae)
@@ -184,8 +196,9 @@ class Receiver:
         peer = store.Peer(host=assoc.requestor.address, port=int(assoc.requestor.port),
                           calling_ae=str(rq.calling_ae_title).strip(),
                           called_ae=str(rq.called_ae_title).strip())
+        subject = tls.subject_text(guard.peer_certificate(assoc))
         reason = self.settings.access.check(peer.calling_ae, peer.host, peer.called_ae,
-                                            self.settings.node.ae_title)
+                                            self.settings.node.ae_title, cert_subject=subject)
         if reason:
             called = reason.startswith("called")
             self._reject(assoc, peer, reason, _PERMANENT, _SERVICE_USER,
