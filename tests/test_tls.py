@@ -10,6 +10,7 @@ cannot go back in time). Peers are real: dcmtk's storescu/echoscu with ``+tls``,
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 import socket
 import ssl
@@ -24,7 +25,7 @@ from dicomai.config import AccessConfig, AllowedCaller, Destination, Settings, T
 from dicomai.errors import ConfigError
 from dicomai.net import tls
 from tests import pdu
-from tests.helpers import Node, dcmtk, free_port, make_study, missing, pydicom_data, storescu
+from tests.helpers import TIBIA, Node, Orthanc, dcmtk, free_port, make_study, missing, pydicom_data, storescu
 from tests.test_hardening import _rows
 
 MODALITY_SUBJECT = "CN=modality1, O=dicomai test"
@@ -277,6 +278,62 @@ def _serve(node: Node) -> list[str]:
     import sys
 
     return [sys.executable, "-m", "dicomai", "serve", "--config", str(node.config)]
+
+
+# -- destinations -----------------------------------------------------------------------
+def _orthanc_tls(tmp_path: Path, pki: Pki, node_port: int) -> Orthanc:
+    """Orthanc whose DICOM port speaks TLS only and requires a client certificate."""
+    return Orthanc(tmp_path / "orthanc", {}, extra={
+        "DicomTlsEnabled": True, "DicomTlsCertificate": str(pki.cert("orthanc")),
+        "DicomTlsPrivateKey": str(pki.key("orthanc")), "DicomTlsTrustedCertificates": str(pki.ca),
+        "DicomTlsRemoteCertificateRequired": True,
+        "DicomModalities": {"dicomai": {"AET": "DICOMAI", "Host": "127.0.0.1", "Port": node_port,
+                                        "UseDicomTls": True}},
+    })
+
+
+def _destination(pki: Pki, port: int, server_name: str = "127.0.0.1") -> str:
+    return f"""
+[[destinations]]
+name = "pacs"
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = {port}
+outputs = ["sr"]
+tls = true
+ca_certificates = "{pki.ca}"
+client_certificate = "{pki.cert('node')}"
+client_key = "{pki.key('node')}"
+server_name = "{server_name}"
+"""
+
+
+@pytest.mark.integration
+def test_results_reach_orthanc_over_tls(node_factory: type[Node], tmp_path: Path, pki: Pki) -> None:
+    """A study sent to the node comes back as an SR in Orthanc, whose DICOM port speaks TLS only
+    and requires the node's client certificate."""
+    node_port = free_port()
+    orthanc = _orthanc_tls(tmp_path, pki, node_port)
+    cfg = tmp_path / "n.toml"
+    cfg.write_text(_destination(pki, orthanc.dicom_port) + "\n[outbox]\npoll_interval_s = 0.5\n")
+    node = node_factory(data_dir=tmp_path / "data", config=cfg, port=node_port)
+    orthanc.start()
+    try:
+        node.start()
+        uid, files = make_study([pydicom_data("RG3_UNCR.dcm")], tmp_path / "study", body_part=TIBIA)
+        assert storescu(node.port, files).returncode == 0
+        deadline = time.monotonic() + 120
+        rows: list[dict[str, str]] = []
+        while time.monotonic() < deadline:
+            rows = json.loads(node.cli("outbox", "list", "--json").stdout)
+            if rows and all(r["state"] == "sent" for r in rows):
+                break
+            time.sleep(0.5)
+        assert rows and all(r["state"] == "sent" for r in rows), rows
+        modalities = {s["MainDicomTags"]["Modality"] for s in orthanc.study_series(uid)}
+        assert modalities == {"SR"}
+    finally:
+        orthanc.stop()
 
 
 @pytest.mark.integration

@@ -6,6 +6,7 @@ Pure DIMSE: it reports each object's outcome through a callback as soon as the p
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from dicomai.config import Destination, NodeConfig
 from dicomai.net.dimse import set_nodelay
+from dicomai.net.tls import client_context
 
-__all__ = ["Attempt", "Batch", "send_batch", "send_chunked"]
+__all__ = ["Attempt", "Batch", "send_batch", "send_chunked", "tls_args"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,11 @@ def send_chunked() -> None:
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
 
 
+def tls_args(dest: Destination) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args`` for ``dest``: None unless it has ``tls = true``."""
+    return (client_context(dest), dest.tls_server_name) if dest.tls else None
+
+
 def send_batch(node: NodeConfig, dest: Destination, files: Sequence[tuple[Path, str]],
                report: Callable[[int, Attempt], None], stop: threading.Event | None = None) -> Batch:
     """C-STORE ``files`` ((path, SOP Class UID), in order) over one association; ``report(i,
@@ -68,14 +75,15 @@ def send_batch(node: NodeConfig, dest: Destination, files: Sequence[tuple[Path, 
     handlers: list[Any] = [(evt.EVT_CONN_OPEN, set_nodelay),
                            (evt.EVT_CONN_OPEN, lambda _e: opened.append(True)),
                            (evt.EVT_ACSE_RECV, _on_acse)]
+    tls = tls_args(dest)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=node.max_pdu_size,
-                         evt_handlers=handlers)
+                         evt_handlers=handlers, tls_args=tls)
     if not assoc.is_established and opened and not answers:
         # Connected, but no answer seen: a peer that rejects and closes at once can race
         # pynetdicom's reading of the A-ASSOCIATE-RJ (seen with Orthanc). Ask once more
         # so that a permanent rejection is recognised on this attempt.
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=node.max_pdu_size,
-                             evt_handlers=handlers)
+                             evt_handlers=handlers, tls_args=tls)
     where = f"{dest.ae_title}@{dest.host}:{dest.port}"
     if not assoc.is_established:
         rj = answers[0] if answers else None
@@ -85,7 +93,11 @@ def send_batch(node: NodeConfig, dest: Destination, files: Sequence[tuple[Path, 
         elif rj is not None:  # accepted, but not one presentation context: pynetdicom aborts
             attempt = Attempt(None, f"{where} accepted no presentation context for these objects", True)
         else:
-            attempt = Attempt(None, f"cannot associate with {where} (connection refused or timed out)")
+            why = "connection refused or timed out"
+            if tls is not None:
+                why += f", or the TLS handshake failed (certificate not trusted or not naming " \
+                       f"{dest.tls_server_name})"
+            attempt = Attempt(None, f"cannot associate with {where} ({why})")
         for n in range(len(files)):
             report(n, attempt)
         return Batch(len(files), attempt.error)
