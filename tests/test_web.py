@@ -7,21 +7,42 @@ so its deliveries die. Screenshots are kept in the module's temporary directory.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from sqlalchemy import func, select
+from starlette.testclient import TestClient
 
+from dicomai.config import Destination, NodeConfig, ScopeConfig, Settings
+from dicomai.store.db import make_engine, make_sessionmaker, upgrade
+from dicomai.store.feedback import record_feedback
+from dicomai.store.models import (
+    Event,
+    Feedback,
+    FeedbackRead,
+    OutboxItem,
+    ResultObject,
+    Study,
+    UserRole,
+    utcnow,
+)
+from dicomai.store.users import add_user, start_session
+from dicomai.web.app import build_app
+from dicomai.web.auth import SESSION_COOKIE
 from dicomai.web.passwords import hash_password, verify_password
 from dicomai.web.pictures import overlay_picture
-from dicomai.web.security import Throttle, csrf_ok, csrf_token, load_secret
+from dicomai.web.security import Throttle, csrf_ok, csrf_token, load_secret, new_token, token_digest
+from dicomai.web.state import Console
 from tests.helpers import Node, free_port, make_study, missing, pydicom_data, storescu
 from tests.test_delivery import _wait
 
@@ -116,6 +137,122 @@ def test_users_commands_add_list_remove(tmp_path: Path) -> None:
     assert json.loads(_users(node, "list", "--json").stdout) == []
     events = [e for e, _ in _events(node, "user.%")]
     assert events == ["user.added", "user.removed"]
+
+
+# -- in process, over HTTP -----------------------------------------------------------------------
+
+SECRET = b"s" * 64
+
+
+@dataclass
+class InProcess:
+    """The console's application over a fresh database, with an admin and a viewer logged in."""
+
+    console: Console
+    tokens: dict[str, str]  # user name -> session token
+    data_dir: Path
+
+    def client(self, user: str | None = "bob") -> TestClient:
+        client = TestClient(build_app(self.console), follow_redirects=False)
+        if user is not None:
+            client.cookies.set(SESSION_COOKIE, self.tokens[user])
+        return client
+
+    def csrf(self, user: str = "bob") -> str:
+        return csrf_token(SECRET, self.tokens[user])
+
+    def study(self, n: int, grade: str | None, received: dt.datetime, *, state: str = "processed",
+              processed_after_s: float | None = None, result_after_s: float | None = None,
+              destination: str | None = None, probability: float | None = None) -> Study:
+        """Add a study (one image, received at ``received``) with what the node would have made."""
+        with self.console.sessions.begin() as s:
+            st = Study(study_instance_uid=f"1.2.826.0.1.3680043.10.543.{n}", patient_name=f"Doe^P{n}",
+                       patient_id=f"PID{n}", accession_number=f"ACC{n}", state=state,
+                       first_received_at=received, last_received_at=received, state_changed_at=received,
+                       processed_at=(received + dt.timedelta(seconds=processed_after_s)
+                                     if processed_after_s is not None else None),
+                       grade=grade, probability=probability)
+            s.add(st)
+            s.flush()
+            if result_after_s is not None or destination is not None:
+                at = received + dt.timedelta(seconds=result_after_s or 0)
+                result = ResultObject(study_id=st.id, kind="sr", run=1, sop_instance_uid=f"2.25.{n}",
+                                      sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+                                      series_instance_uid=f"2.25.9{n}", shadow=False, created_at=at)
+                s.add(result)
+                s.flush()
+                if destination is not None:
+                    s.add(OutboxItem(result_id=result.id, destination=destination, state="sent", attempts=1,
+                                     created_at=at, next_attempt_at=at, expires_at=at))
+            return st
+
+    def count(self, *tables: type[Any]) -> dict[str, int]:
+        with self.console.sessions() as s:
+            return {t.__tablename__: s.scalar(select(func.count()).select_from(t)) or 0 for t in tables}
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> InProcess:
+    """The console in process over SQLite, with users alice (admin) and bob."""
+    destinations = [Destination(name=name, ae_title=name.upper(), host="127.0.0.1", port=104)
+                    for name in ("pacs", "archive")]
+    # The test radiograph's body part; the shipped model's own list may leave it out.
+    settings = Settings(node=NodeConfig(data_dir=tmp_path / "data"), destinations=destinations,
+                        scope=ScopeConfig(body_parts=["EXTREMITY"]))
+    settings.data_dir.mkdir()
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    tokens: dict[str, str] = {}
+    now = utcnow()
+    with sessions.begin() as s:
+        for name, role in (("alice", UserRole.ADMIN), ("bob", UserRole.VIEWER)):
+            account = add_user(s, name, role, "not a hash", now)
+            assert account is not None
+            tokens[name] = new_token()
+            start_session(s, account.id, token_digest(tokens[name]), now, now + dt.timedelta(hours=1))
+    console = Console(settings, sessions, SECRET, "test model 1", Throttle(5))
+    return InProcess(console, tokens, settings.data_dir)
+
+
+def test_feedback_is_recorded_from_the_study_page_and_counts_on_the_dashboard(app: InProcess) -> None:
+    """A viewer's final read (CSRF-checked) is stored with the note and audited by name; the study
+    page shows it; the dashboard's PPV and NPV count it with the reads made by the CLI's store."""
+    day = utcnow() - dt.timedelta(hours=1)
+    uids = [app.study(n, grade, day).study_instance_uid
+            for n, grade in enumerate(["positive", "positive", "positive", "negative", "negative"])]
+    with app.console.sessions.begin() as s:  # what `dicomai feedback` stores
+        for uid, read in zip(uids[1:], ["fracture", "no_fracture", "no_fracture", "fracture"], strict=True):
+            record_feedback(s, uid, FeedbackRead(read), "cli-user")
+    client = app.client("bob")
+    page = client.get(f"/studies/{uids[0]}")
+    assert page.status_code == 200 and 'name="read" value="fracture"' in page.text
+    assert "No final read recorded yet." in page.text
+
+    form = {"read": "fracture", "note": "distal radius"}
+    assert client.post(f"/studies/{uids[0]}/feedback", data=form).status_code == 403
+    assert app.count(Feedback)["feedback"] == 4
+    assert client.post(f"/studies/{uids[0]}/feedback", data={**form, "read": "maybe",
+                                                             "csrf": app.csrf()}).status_code == 400
+    assert client.post("/studies/1.2.3/feedback", data={**form, "csrf": app.csrf()}).status_code == 404
+    done = client.post(f"/studies/{uids[0]}/feedback", data={**form, "csrf": app.csrf()})
+    assert done.status_code == 303
+    assert done.headers["location"] == f"/studies/{uids[0]}?read=recorded#feedback"
+
+    with app.console.sessions() as s:
+        row = s.scalars(select(Feedback).order_by(Feedback.id.desc())).first()
+        assert row is not None and (row.read, row.read_by, row.note) == ("fracture", "bob", "distal radius")
+        audit = s.scalars(select(Event).where(Event.event == "feedback.recorded",
+                                              Event.study_instance_uid == uids[0])).one()
+        assert audit.details is not None and audit.details["by"] == "bob"
+    shown = client.get(done.headers["location"]).text
+    assert "Your read is recorded." in shown and "fracture confirmed" in shown and "distal radius" in shown
+
+    # Positive: 2 fractures, 1 not -> PPV 2/3; negative: 1 without, 1 with -> NPV 1/2.
+    stats = client.get("/dashboard/stats").text
+    row_html = stats.split('id="performance-high_specificity"')[1].split("</tr>")[0]
+    assert "0.667" in row_html and "2/3" in row_html and "0.500" in row_html and "1/2" in row_html
+    assert "(5 studies;" in stats
 
 
 # -- in a browser ----------------------------------------------------------------------------------
@@ -279,7 +416,7 @@ def test_worklist_and_study_page_show_the_heat_map(console: tuple[Node, str, str
     }""")
     assert red > 200, f"{red} red pixels"
     assert "probability" in page.locator("figcaption").first.inner_text()
-    assert "pacs" in page.locator("table").first.inner_text()  # its deliveries
+    assert "pacs" in page.locator("table.deliveries").inner_text()
     page.screenshot(path=str(tmp_path / "study.png"), full_page=True)
 
     # Patient name and ID are shown to the logged-in user, never written to the node's log.
@@ -364,3 +501,27 @@ def test_logins_are_throttled_per_user_and_address(console: tuple[Node, str, str
     page.goto(f"{base}/")
     assert page.url.startswith(f"{base}/login")
     assert os.path.exists(node.data_dir / "web-secret.key")
+
+
+@pytest.mark.integration
+def test_radiologist_records_a_final_read_and_the_dashboard_counts_it(console: tuple[Node, str, str],
+                                                                     page: Any, tmp_path: Path) -> None:
+    """A viewer records a final read with a note on the study page; it is stored (as the CLI's
+    are) under the viewer's name, and the dashboard shows PPV and NPV over it."""
+    node, base, study_uid = console
+    _login(page, base, VIEWER, f"/studies/{study_uid}")
+    page.check("input[name=read][value=fracture]")
+    page.fill("textarea[name=note]", "undisplaced, distal")
+    page.click("form.feedback button[type=submit]")
+    page.wait_for_load_state()
+    assert page.url == f"{base}/studies/{study_uid}?read=recorded#feedback"
+    assert "Your read is recorded." in page.locator(".notice").inner_text()
+    row = page.locator("table.reads tbody tr").first.inner_text()
+    assert "fracture confirmed" in row and VIEWER[0] in row and "undisplaced, distal" in row
+    page.screenshot(path=str(tmp_path / "feedback.png"), full_page=True)
+    assert [d["by"] for e, d in _events(node, "feedback.recorded")] == [VIEWER[0]]
+    assert "undisplaced" not in node.log()  # the note may name the patient: kept in its table only
+
+    page.goto(f"{base}/")
+    assert "(1 studies;" in page.locator("table.performance caption").inner_text()
+    page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)

@@ -15,16 +15,20 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dicomai.errors import DicomaiError
+from dicomai.model.calibration import Confusion, confusion
 from dicomai.model.grading import Grade
 from dicomai.store.events import record_event
 from dicomai.store.models import Feedback, FeedbackRead, Series, Study, utcnow
 
 __all__ = [
+    "FLAGGED",
     "ReviewedStudy",
     "UnknownStudyError",
+    "performance",
     "record_calibration",
     "record_feedback",
     "reviewed_studies",
+    "study_reads",
     "study_scores",
 ]
 
@@ -93,6 +97,27 @@ def reviewed_studies(session: Session, since: dt.datetime | None = None) -> list
     return [ReviewedStudy(study.study_instance_uid, Grade(study.grade), study.probability,
                           body_part, FeedbackRead(read))
             for study, read, body_part in session.execute(q).all()]
+
+
+#: The grades a study is flagged with at each operating point: ``doubtful`` and ``positive``
+#: are at or above the high-sensitivity threshold, ``positive`` above the high-specificity one.
+FLAGGED: dict[str, tuple[Grade, ...]] = {
+    "high_sensitivity": (Grade.DOUBTFUL, Grade.POSITIVE),
+    "high_specificity": (Grade.POSITIVE,),
+}
+
+
+def performance(studies: Sequence[ReviewedStudy]) -> dict[str, Confusion]:
+    """The node's grades against the final reads, at each operating point (:data:`FLAGGED`)."""
+    truth = [r.fractured for r in studies]
+    return {point: confusion([r.grade in grades for r in studies], truth)
+            for point, grades in FLAGGED.items()}
+
+
+def study_reads(session: Session, study_id: int) -> list[Feedback]:
+    """The final reads recorded for a study, latest first (the first is the one in force)."""
+    return list(session.scalars(select(Feedback).where(Feedback.study_id == study_id)
+                                .order_by(Feedback.id.desc())))
 
 
 def study_scores(session: Session, study_instance_uids: Sequence[str]

@@ -58,6 +58,7 @@ def build_app(console: Console) -> Starlette:
         Route("/studies", pages.worklist_page(console), methods=["GET"]),
         Route("/studies/{uid}", pages.study_page(console), methods=["GET"]),
         Route("/studies/{uid}/images/{instance_id:int}.png", pages.picture(console), methods=["GET"]),
+        Route("/studies/{uid}/feedback", form(console, pages.feedback(console)), methods=["POST"]),
         Route("/outbox", pages.outbox_page(console), methods=["GET"]),
         Route("/outbox/{item_id:int}/retry", form(console, pages.outbox_retry(console)), methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(files("dicomai.web") / "static")), name="static"),

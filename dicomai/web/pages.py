@@ -1,4 +1,5 @@
-"""The console's pages: dashboard, worklist, study, pictures, outbox (and its retry).
+"""The console's pages: dashboard, worklist, study (and its final read), pictures, outbox
+(and its retry).
 
 Handlers are plain functions of the request; Starlette runs the synchronous ones in its
 thread pool, so a slow query or picture never blocks the event loop.
@@ -20,23 +21,35 @@ from starlette.responses import RedirectResponse, Response
 from dicomai.model.grading import Grade
 from dicomai.store.console import dashboard, image_source, study_images, worklist
 from dicomai.store.events import record_event
-from dicomai.store.models import OutboxState, StudyState, utcnow
+from dicomai.store.feedback import (
+    UnknownStudyError,
+    performance,
+    record_feedback,
+    reviewed_studies,
+    study_reads,
+)
+from dicomai.store.models import FeedbackRead, OutboxState, StudyState, utcnow
 from dicomai.store.outbox import retry_outbox
 from dicomai.store.queries import list_outbox, study_record
 from dicomai.web.auth import client_ip, page_csrf
 from dicomai.web.pictures import picture_png
 from dicomai.web.state import Console, account_of
 
-__all__ = ["dashboard_page", "dashboard_stats", "outbox_page", "outbox_retry", "picture", "study_page",
-           "worklist_page"]
+__all__ = ["READS", "dashboard_page", "dashboard_stats", "feedback", "outbox_page", "outbox_retry", "picture",
+           "render", "study_page", "worklist_page"]
 
 log = structlog.get_logger("dicomai.web")
 
 Endpoint = Callable[[Request], Response]
 PAGE_SIZE = 50
+NOTE_MAX = 2000  # characters of a final read's note
+
+#: The final reads a radiologist chooses from, as the study page words them.
+READS = {FeedbackRead.FRACTURE: "fracture confirmed", FeedbackRead.NO_FRACTURE: "no fracture",
+         FeedbackRead.OTHER: "another finding, no fracture"}
 
 
-def _render(console: Console, request: Request, name: str, status: int = 200, **context: Any) -> Response:
+def render(console: Console, request: Request, name: str, status: int = 200, **context: Any) -> Response:
     context.update(account=account_of(request), csrf=page_csrf(console, request), model=console.model,
                    path=request.url.path)
     return console.templates.TemplateResponse(request, name, context, status_code=status)
@@ -48,12 +61,14 @@ def _stats(console: Console) -> dict[str, Any]:
     week = today - dt.timedelta(days=today.weekday())
     with console.sessions() as s:
         totals = dashboard(s, today, week)
-    return {"totals": totals, "grades": [g.value for g in Grade], "now": now}
+        reviewed = reviewed_studies(s)
+    return {"totals": totals, "grades": [g.value for g in Grade], "now": now,
+            "reviewed": len(reviewed), "performance": performance(reviewed)}
 
 
 def dashboard_page(console: Console) -> Endpoint:
     def endpoint(request: Request) -> Response:
-        return _render(console, request, "dashboard.html", **_stats(console))
+        return render(console, request, "dashboard.html", **_stats(console))
 
     return endpoint
 
@@ -62,7 +77,7 @@ def dashboard_stats(console: Console) -> Endpoint:
     """The dashboard's figures alone: what its page fetches to refresh itself."""
 
     def endpoint(request: Request) -> Response:
-        return _render(console, request, "_stats.html", **_stats(console))
+        return render(console, request, "_stats.html", **_stats(console))
 
     return endpoint
 
@@ -81,9 +96,9 @@ def worklist_page(console: Console) -> Endpoint:
         before = int(before_raw) if before_raw.isdigit() else None
         with console.sessions() as s:
             page = worklist(s, grade=grade, state=state, search=search, before=before, size=PAGE_SIZE)
-        return _render(console, request, "worklist.html", page=page, grade=grade, state=state,
-                       search=search or "", before=before, grades=[g.value for g in Grade],
-                       states=[st.value for st in StudyState])
+        return render(console, request, "worklist.html", page=page, grade=grade, state=state,
+                      search=search or "", before=before, grades=[g.value for g in Grade],
+                      states=[st.value for st in StudyState])
 
     return endpoint
 
@@ -96,11 +111,42 @@ def study_page(console: Console) -> Endpoint:
             if record is None:
                 raise HTTPException(404, f"no study {uid}")
             images = study_images(s, record.study.id)
+            reads = study_reads(s, record.study.id)
         kinds = {r.id: r.kind for r in record.results}
-        return _render(console, request, "study.html", record=record, study=record.study, images=images,
-                       kinds=kinds)
+        return render(console, request, "study.html", record=record, study=record.study, images=images,
+                      kinds=kinds, reads=reads, choices=READS, note_max=NOTE_MAX,
+                      recorded=request.query_params.get("read") == "recorded")
 
     return endpoint
+
+
+def feedback(console: Console) -> Callable[[Request, FormData], Awaitable[Response]]:
+    """Record the logged-in radiologist's final read of a study (any role: viewers read images).
+
+    The read and its ``feedback.recorded`` audit event, with the user's name, commit together.
+    """
+
+    async def handler(request: Request, form: FormData) -> Response:
+        account = account_of(request)
+        uid = request.path_params["uid"]
+        try:
+            read = FeedbackRead(str(form.get("read") or ""))
+        except ValueError:
+            raise HTTPException(400, "choose the final read: fracture, no fracture or other") from None
+        note = str(form.get("note") or "").strip()[:NOTE_MAX] or None
+
+        def act() -> Response:
+            try:
+                with console.sessions.begin() as s:
+                    record_feedback(s, uid, read, account.name, note)
+            except UnknownStudyError:
+                raise HTTPException(404, f"no study {uid}") from None
+            log.info("web.feedback", user=account.name, study_uid=uid, read=str(read))
+            return RedirectResponse(f"/studies/{uid}?read=recorded#feedback", status_code=303)
+
+        return await run_in_threadpool(act)
+
+    return handler
 
 
 def picture(console: Console) -> Endpoint:
@@ -138,8 +184,8 @@ def outbox_page(console: Console) -> Endpoint:
             dead = list_outbox(s, state=OutboxState.DEAD, limit=200)
             pending = list_outbox(s, state=OutboxState.PENDING, limit=200)
         retried = request.query_params.get("retried")
-        return _render(console, request, "outbox.html", dead=dead, pending=pending,
-                       retried=retried if (retried or "").isdigit() else None)
+        return render(console, request, "outbox.html", dead=dead, pending=pending,
+                      retried=retried if (retried or "").isdigit() else None)
 
     return endpoint
 
