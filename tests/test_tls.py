@@ -336,6 +336,28 @@ def test_results_reach_orthanc_over_tls(node_factory: type[Node], tmp_path: Path
         orthanc.stop()
 
 
+# -- dicomai check ----------------------------------------------------------------------
+@pytest.mark.integration
+def test_check_fails_on_expired_certificate(tmp_path: Path, pki: Pki) -> None:
+    """`dicomai check` fails with a line naming the expired certificate, warns for one that
+    ends within 30 days (FAIL under 14) and checks the key's permissions."""
+    cfg = _tls_config(tmp_path / "n.toml", pki).read_text()
+    for name, result, words in (("expired", "FAIL", "expired on 2020-02-01"),
+                                ("soon", "FAIL", "days left"), ("node", "WARN", "days left")):
+        shutil.copy(pki.key(name), tmp_path / f"{name}.key")
+        (tmp_path / f"{name}.key").chmod(0o644 if name == "node" else 0o600)
+        (tmp_path / "c.toml").write_text(cfg.replace(str(pki.cert("node")), str(pki.cert(name)))
+                                         .replace(str(pki.key("node")), str(tmp_path / f"{name}.key")))
+        node = Node(data_dir=tmp_path / "data", config=tmp_path / "c.toml")
+        out = node.cli("check", check=False)
+        assert out.returncode == 1, out.stdout
+        (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("tls.certificate")]
+        assert result in line and words in line, line
+        if name == "node":
+            (key_line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("tls.private_key")]
+            assert "FAIL" in key_line and "0644" in key_line, key_line
+
+
 @pytest.mark.integration
 def test_echoscu_over_tls(node_factory: type[Node], tmp_path: Path, pki: Pki) -> None:
     """dcmtk echoscu +tls is answered on the TLS port while the plain port keeps working."""
@@ -347,3 +369,19 @@ def test_echoscu_over_tls(node_factory: type[Node], tmp_path: Path, pki: Pki) ->
                           capture_output=True).returncode == 0
     assert subprocess.run([*base, str(node.port)], capture_output=True).returncode == 0
 
+
+@pytest.mark.integration
+def test_check_echoes_tls_destination(tmp_path: Path, pki: Pki) -> None:
+    """`dicomai check` echoes a TLS destination over TLS; a server name its certificate does
+    not carry fails the echo with a line naming it (the host name check is on)."""
+    orthanc = _orthanc_tls(tmp_path, pki, free_port()).start()
+    try:
+        for name, ok in (("127.0.0.1", True), ("pacs.example.org", False)):
+            (tmp_path / "c.toml").write_text(_destination(pki, orthanc.dicom_port, server_name=name))
+            node = Node(data_dir=tmp_path / "data", config=tmp_path / "c.toml")
+            checks = {c["item"]: c for c in json.loads(node.cli("check", "--json", check=False).stdout)}
+            echo = checks["destination pacs"]
+            assert echo["ok"] is ok, echo
+            assert "over TLS" in echo["detail"] and name in echo["detail"], echo
+    finally:
+        orthanc.stop()

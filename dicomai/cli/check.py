@@ -9,15 +9,24 @@ from pathlib import Path
 
 from dicomai.cli import ExitCode, Subparsers, json_flag, print_table
 from dicomai.config import Settings
-from dicomai.ops.checks import Check, check_database, check_destination, check_disk, check_model
+from dicomai.ops.checks import (
+    Check,
+    check_certificate,
+    check_database,
+    check_destination,
+    check_disk,
+    check_key,
+    check_model,
+)
 
-__all__ = ["cmd_check", "register", "run_checks", "sqlite_path"]
+__all__ = ["cmd_check", "register", "run_checks", "sqlite_path", "tls_checks"]
 
 
 def register(subparsers: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     """Add ``check``."""
     p = subparsers.add_parser("check", parents=[common],
-                              help="preflight: database, model, disk and a C-ECHO to every destination")
+                              help="preflight: database, model, disk, certificates and a C-ECHO to every "
+                                   "destination")
     json_flag(p)
     p.set_defaults(func=cmd_check)
 
@@ -45,7 +54,29 @@ def run_checks(args: argparse.Namespace, settings: Settings) -> list[Check]:
             engine.dispose()
     checks.append(check_model(settings))
     checks.append(check_disk(settings))
+    checks.extend(tls_checks(settings))
     checks.extend(check_destination(settings, d) for d in settings.destinations)
+    return checks
+
+
+def tls_checks(settings: Settings) -> list[Check]:
+    """Expiry of every certificate and the permissions of every private key the node uses."""
+    loose = settings.tls.allow_loose_key_permissions
+    checks = []
+    if settings.tls.enabled:
+        tls = settings.tls
+        assert tls.certificate is not None and tls.private_key is not None
+        checks += [check_certificate("tls.certificate", tls.certificate),
+                   check_key("tls.private_key", tls.private_key, loose)]
+        if tls.ca_certificates is not None:
+            checks.append(check_certificate("tls.ca_certificates", tls.ca_certificates))
+    for d in settings.destinations:
+        key = f"destinations.{d.name}"
+        if d.ca_certificates is not None:
+            checks.append(check_certificate(f"{key}.ca_certificates", d.ca_certificates))
+        if d.client_certificate is not None and d.client_key is not None:
+            checks += [check_certificate(f"{key}.client_certificate", d.client_certificate),
+                       check_key(f"{key}.client_key", d.client_key, loose)]
     return checks
 
 
@@ -65,6 +96,6 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps([asdict(c) for c in checks], indent=2))
     else:
-        print_table([{"item": c.item, "result": "ok" if c.ok else "FAIL", "detail": c.detail}
-                     for c in checks], ["item", "result", "detail"])
+        print_table([{"item": c.item, "result": ("WARN" if c.warn else "ok") if c.ok else "FAIL",
+                      "detail": c.detail} for c in checks], ["item", "result", "detail"])
     return ExitCode.OK if all(c.ok for c in checks) else ExitCode.FAILURE

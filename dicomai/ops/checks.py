@@ -6,6 +6,7 @@ broken item at once (``dicomai check``) and the readiness endpoint names the fai
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,16 +16,26 @@ from sqlalchemy.engine import Engine
 
 from dicomai.config import Destination, Settings
 
-__all__ = ["Check", "check_database", "check_destination", "check_disk", "check_model", "free_bytes"]
+__all__ = ["CERT_FAIL_DAYS", "CERT_WARN_DAYS", "Check", "check_certificate", "check_database",
+           "check_destination", "check_disk", "check_key", "check_model", "free_bytes"]
+
+#: A certificate that ends within this many days fails the preflight: renew it now.
+CERT_FAIL_DAYS = 14
+#: Within this many days it is a warning (the check still passes).
+CERT_WARN_DAYS = 30
 
 
 @dataclass(frozen=True)
 class Check:
-    """The outcome of one check: what was checked, whether it passed, and why."""
+    """The outcome of one check: what was checked, whether it passed, and why.
+
+    ``warn`` marks a check that passed but needs attention soon (a certificate near its end).
+    """
 
     item: str
     ok: bool
     detail: str
+    warn: bool = False
 
 
 def check_database(engine: Engine) -> Check:
@@ -86,13 +97,26 @@ def check_destination(settings: Settings, dest: Destination) -> Check:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+    from dicomai.errors import ConfigError
+    from dicomai.net.sender import tls_args
+
     item, peer = f"destination {dest.name}", f"{dest.ae_title}@{dest.host}:{dest.port}"
+    if dest.tls:
+        peer += f" over TLS (server name {dest.tls_server_name})"
+    try:
+        tls = tls_args(dest)
+    except ConfigError as exc:
+        return Check(item, False, f"C-ECHO {peer}: {exc}")
     ae = AE(ae_title=settings.node.ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = settings.node.acse_timeout_s
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    ae.connection_timeout = settings.node.acse_timeout_s
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
     if not assoc.is_established:
         why = "rejected by the peer" if assoc.is_rejected else "failed (nothing listening or unreachable)"
+        if tls is not None and not assoc.is_rejected:
+            why = ("failed (nothing listening, or the TLS handshake failed: is the peer's "
+                   f"certificate signed by ca_certificates and naming {dest.tls_server_name}?)")
         return Check(item, False, f"C-ECHO {peer}: association {why}")
     try:
         status = assoc.send_c_echo()
@@ -102,3 +126,46 @@ def check_destination(settings: Settings, dest: Destination) -> Check:
     if code is None:
         return Check(item, False, f"C-ECHO {peer}: no response")
     return Check(item, code == 0, f"C-ECHO {peer}: status 0x{code:04X}")
+
+
+def check_certificate(item: str, path: Path, now: dt.datetime | None = None) -> Check:
+    """Every certificate in the PEM file ``path`` is valid now and for the weeks ahead.
+
+    FAIL when one has expired, is not valid yet, or ends within :data:`CERT_FAIL_DAYS`;
+    passed with a warning within :data:`CERT_WARN_DAYS`.
+    """
+    from dicomai.net.tls import read_certificates
+
+    now = now or dt.datetime.now(dt.UTC)
+    try:
+        certs = read_certificates(path)
+    except (OSError, ValueError) as exc:
+        return Check(item, False, f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
+    for cert in certs:
+        if cert.not_after <= now:
+            return Check(item, False, f"{path}: {cert.subject} expired on "
+                                      f"{cert.not_after:%Y-%m-%d %H:%M} UTC")
+        if cert.not_before > now:
+            return Check(item, False, f"{path}: {cert.subject} not valid before "
+                                      f"{cert.not_before:%Y-%m-%d %H:%M} UTC")
+    first = min(certs, key=lambda c: c.not_after)
+    days = first.days_left(now)
+    detail = f"{path}: {first.subject} until {first.not_after:%Y-%m-%d}, {days:.0f} days left"
+    if days < CERT_FAIL_DAYS:
+        return Check(item, False, f"{detail} (under {CERT_FAIL_DAYS}: renew it now)")
+    return Check(item, True, detail, warn=days < CERT_WARN_DAYS)
+
+
+def check_key(item: str, path: Path, allow_loose: bool) -> Check:
+    """The private key file exists and only its owner may read it."""
+    from dicomai.net.tls import loose_key_mode
+
+    try:
+        mode = loose_key_mode(path)
+    except OSError as exc:
+        return Check(item, False, f"cannot read {path}: {exc.strerror}")
+    if mode is None:
+        return Check(item, True, f"{path}: owner only")
+    detail = f"{path}: open to group or others (mode {mode:04o}); chmod 600 it"
+    return Check(item, allow_loose, detail + (" (allowed by tls.allow_loose_key_permissions)"
+                                               if allow_loose else ""), warn=allow_loose)
