@@ -275,6 +275,13 @@ class Output(StrEnum):
     KOS = "kos"  # Key Object Selection flagging a positive study's positive images
 
 
+class ScStyle(StrEnum):
+    """How the Secondary Capture shows the finding."""
+
+    OUTLINE = "outline"  # the hotspot box and the map's contour, the bone left visible
+    HEATMAP = "heatmap"  # the heat map blended over the radiograph
+
+
 class Destination(_Section):
     """A DICOM peer the node talks to: `dicomai echo NAME` and result delivery."""
 
@@ -318,6 +325,7 @@ class ResultsConfig(_Section):
     max_side: int = Field(2048, ge=256, le=8192)  # SC images larger than this are downscaled
     opacity: float = Field(0.45, ge=0, le=1)  # heat map weight where the map is at its maximum
     floor: float = Field(0.25, ge=0, lt=1)  # map values below this are not drawn
+    sc_style: ScStyle = ScStyle.OUTLINE
 
 
 class OutboxConfig(_Section):

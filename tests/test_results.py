@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,10 +13,11 @@ from highdicom import UID
 from PIL import Image
 from pydicom import dcmread
 
+from dicomai.config import ScStyle
 from dicomai.imaging.pixels import to_display
 from dicomai.model.grading import Grade
 from dicomai.model.package import load_package
-from dicomai.results.sc import SC_SERIES_DESCRIPTION, secondary_capture
+from dicomai.results.sc import BOX_COLOUR, SC_SERIES_DESCRIPTION, secondary_capture
 from tests.helpers import dcmtk, missing, pydicom_data, shared_file
 from tests.synthetic import hot_spot_model
 
@@ -28,15 +30,16 @@ def _dciodvfy(path: Path) -> list[str]:
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
-def _make(tmp_path: Path, source: Path, max_side: int = 2048) -> tuple[Path, np.ndarray]:
+def _make(tmp_path: Path, source: Path, max_side: int = 2048, **options: Any) -> tuple[Path, np.ndarray]:
     pkg = load_package(hot_spot_model(tmp_path / "m"))
     ds = dcmread(source)
     shown = to_display(ds).image
     cam = np.zeros_like(shown)
     h, w = shown.shape
     cam[h // 3: h // 2, w // 3: w // 2] = 1.0
-    sc = secondary_capture(ds, shown, cam, "positive", 0.93, pkg.manifest, UID(), max_side=max_side)
-    path = tmp_path / "sc.dcm"
+    sc = secondary_capture(ds, shown, cam, Grade.POSITIVE, 0.93, pkg.manifest, UID(), max_side=max_side,
+                           **options)
+    path = tmp_path / f"sc-{len(list(tmp_path.glob('sc-*.dcm')))}.dcm"
     sc.save_as(path)
     return path, cam
 
@@ -61,9 +64,10 @@ def test_sc_is_valid_dicom(tmp_path: Path, source: str) -> None:
 
 
 def test_sc_renders_with_caption_and_heat_map(tmp_path: Path) -> None:
-    """dcmj2pnm renders the SC; the caption band has text and the hot region is coloured."""
+    """dcmj2pnm renders the heat-map style SC; the caption band has text and the hot region
+    is coloured."""
     src = pydicom_data("RG3_UNCR.dcm")
-    path, cam = _make(tmp_path, src, max_side=1024)
+    path, cam = _make(tmp_path, src, max_side=1024, style=ScStyle.HEATMAP)
     png = tmp_path / "sc.png"
     subprocess.run([dcmtk("dcmj2pnm"), "+on", str(path), str(png)], check=True, capture_output=True)
     img = np.asarray(Image.open(png).convert("RGB")).astype(int)
@@ -76,6 +80,39 @@ def test_sc_renders_with_caption_and_heat_map(tmp_path: Path) -> None:
     assert hot[0] - hot[2] > 60  # red over the hot region
     cold = img[int(h * 0.9), int(1024 * 0.1)]
     assert abs(cold[0] - cold[1]) <= 2 and abs(cold[1] - cold[2]) <= 2  # grey elsewhere
+
+
+def test_sc_outline_keeps_the_bone_visible_and_is_stored_losslessly(tmp_path: Path) -> None:
+    """The default SC frames the hotspot instead of covering it: rendered by dcmtk, the pixels
+    inside the box are the radiograph's grey, the frame just outside it is yellow, the caption
+    is under the image (not in the top corners). Stored JPEG-LS lossless, it decodes to exactly
+    the uncompressed SC's pixels and passes dciodvfy."""
+    src = pydicom_data("RG3_UNCR.dcm")
+    path, _ = _make(tmp_path, src, max_side=1024, compress=True)
+    plain, _ = _make(tmp_path, src, max_side=1024)
+    assert _dciodvfy(path) == []
+    sc = dcmread(path)
+    assert sc.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"
+    assert np.array_equal(sc.pixel_array, dcmread(plain).pixel_array)
+    assert path.stat().st_size < plain.stat().st_size / 2
+    png = tmp_path / "sc.png"
+    subprocess.run([dcmtk("dcml2pnm"), "+on", str(path), str(png)], check=True, capture_output=True)
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    h = w = 1024
+    ys, xs = np.nonzero((img[:h] == BOX_COLOUR).all(axis=2))  # the yellow frame
+    expected = (w // 3, h // 3, w // 2, h // 2)  # the map's hot square, scaled
+    assert max(abs(a - b) for a, b in zip((xs.min(), ys.min(), xs.max(), ys.max()), expected,
+                                          strict=True)) <= 8
+    c0, r0, c1, r1 = xs.min() + 3, ys.min() + 3, xs.max() - 3, ys.max() - 3  # inside the frame
+    inside = img[r0 + 3:r1 - 2, c0 + 3:c1 - 2]
+    grey = (np.ptp(inside, axis=2) <= 2).mean()
+    assert grey > 0.97, grey  # bone visible: grey, not red
+    assert inside.std() > 3  # and not a flat fill
+    shown = np.round(to_display(dcmread(src)).image * 255)
+    y, x = (r0 + r1) // 2, (c0 + c1) // 2
+    assert abs(img[y, x, 0] - shown[y * 1760 // 1024, x * 1760 // 1024]) < 30
+    assert (np.ptp(img[:h], axis=2) > 2).mean() < 0.05  # the rest of the image stays grey
+    assert (img[h:].max(axis=2) < 40).mean() > 0.7 and img.shape[0] > h  # caption band below
 
 
 def _study(tmp_path: Path) -> tuple[list, object]:

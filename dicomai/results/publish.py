@@ -326,9 +326,12 @@ class Publisher:
         r = self.settings.results
         for i in inputs:
             try:
+                # Stored uncompressed: the sender proposes only uncompressed syntaxes and pynetdicom
+                # does not decode a JPEG-LS file for them, so a compressed SC could not be sent.
                 sc = secondary_capture(i.source, i.display, i.cam, i.grade, i.probability, self.manifest,
                                        series_uid, instance_number=i.instance_number, max_side=r.max_side,
-                                       opacity=r.opacity, floor=r.floor, sop_instance_uid=i.sop_instance_uid)
+                                       opacity=r.opacity, floor=r.floor, sop_instance_uid=i.sop_instance_uid,
+                                       style=r.sc_style)
                 made.append(self._write(Output.SC, sc, study_uid, grade=i.grade,
                                         source_instance_id=i.instance_id))
             except Exception as exc:  # one bad header must not cost the other images their SC

@@ -1,8 +1,12 @@
 """The Secondary Capture of one analysed radiograph, built with highdicom's typed constructor.
 
-An RGB image in the same study and a result series: the radiograph as displayed, the Grad-CAM
-heat map blended on it and a caption band saying what it is (grade, probability, model) and
-that it is an AI result to be confirmed by a radiologist.
+An RGB image in the same study and a result series: the radiograph as displayed, the finding
+drawn on it and a caption band under the image (viewers print their own text in the corners)
+saying what it is (grade, probability, model) and that it is an AI result to be confirmed by
+a radiologist. The finding is drawn as a radiologist reads best (``outline``, the default):
+the hotspot box and thin contours of the Grad-CAM map, the bone under them left visible; or
+as the map blended over the image (``heatmap``). JPEG-LS lossless when asked: an RGB
+radiograph compresses to a fraction of its size.
 """
 
 from __future__ import annotations
@@ -12,26 +16,74 @@ from highdicom import UID, ContributingEquipment
 from highdicom.sc import SCImage
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 from dicomai import __version__
 from dicomai.analysis.scope import OWN_MANUFACTURER
-from dicomai.imaging.overlay import caption_band, overlay
+from dicomai.config import ScStyle
+from dicomai.imaging.overlay import caption_band, colormap, overlay
 from dicomai.imaging.pixels import resize
 from dicomai.model.grading import Grade
 from dicomai.model.package import Manifest
 from dicomai.results.identity import apply_identity, identity_of, values_of
+from dicomai.results.region import hotspot_box
 
-__all__ = ["SC_SERIES_DESCRIPTION", "SC_SERIES_NUMBER", "SC_SOP_CLASS", "secondary_capture"]
+__all__ = ["BOX_COLOUR", "CONTOUR_LEVELS", "SC_SERIES_DESCRIPTION", "SC_SERIES_NUMBER", "SC_SOP_CLASS",
+           "outlined", "secondary_capture"]
 
 SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SC_SERIES_DESCRIPTION = "AI fracture map"
 SC_SERIES_NUMBER = 9901
+BOX_COLOUR = (255, 220, 0)  # yellow: seen on white bone and on dark soft tissue alike
+#: Map levels (fractions of its maximum) drawn as contours in the outline style.
+CONTOUR_LEVELS = (0.5, 0.75)
+
+
+def _edge(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """The pixels of ``mask`` with a 4-neighbour outside it."""
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def outlined(image: NDArray[np.floating], cam: NDArray[np.floating] | None) -> NDArray[np.uint8]:
+    """The grey image with the map's hotspot boxed (a frame just outside the box, so the box's
+    own pixels stay grey) and 1-pixel contours of the map at :data:`CONTOUR_LEVELS`.
+
+    Parameters
+    ----------
+    image, cam:
+        Display image and map in [0, 1], same H x W; ``cam`` may be ``None`` (grey only).
+    """
+    rgb = overlay(image, None)
+    if cam is None:
+        return rgb
+    if cam.shape != image.shape:
+        raise ValueError(f"map shape {cam.shape} differs from image shape {image.shape}")
+    box = hotspot_box(cam)
+    if box is None:
+        return rgb
+    for level in CONTOUR_LEVELS:
+        edge = _edge(cam >= level * float(cam.max()))
+        rgb[edge] = np.round(colormap(np.array([level], dtype=np.float32))[0] * 255).astype(np.uint8)
+    h, w = image.shape
+    t = max(2, round(max(h, w) / 500))
+    c0, r0, c1, r1 = box
+    frame = np.zeros((h, w), dtype=bool)
+    frame[max(0, r0 - t):min(h, r1 + t + 1), max(0, c0 - t):min(w, c1 + t + 1)] = True
+    frame[r0:r1 + 1, c0:c1 + 1] = False
+    rgb[frame] = BOX_COLOUR
+    return rgb
 
 
 def secondary_capture(source: Dataset, display: NDArray[np.float32], cam: NDArray[np.float32] | None,
                       grade: Grade, probability: float, manifest: Manifest, series_uid: str,
                       instance_number: int = 1, max_side: int = 2048, opacity: float = 0.45,
-                      floor: float = 0.25, sop_instance_uid: str | None = None) -> SCImage:
+                      floor: float = 0.25, sop_instance_uid: str | None = None,
+                      style: ScStyle = ScStyle.OUTLINE, compress: bool = False) -> SCImage:
     """The Secondary Capture of one analysed radiograph.
 
     Parameters
@@ -47,6 +99,11 @@ def secondary_capture(source: Dataset, display: NDArray[np.float32], cam: NDArra
         The SC's UID when it was assigned beforehand (an SR may reference it already).
     max_side:
         Larger images are downscaled so that their longer side is this many pixels.
+    style:
+        ``outline`` (box and contours, see :func:`outlined`) or ``heatmap`` (``opacity`` and
+        ``floor`` apply).
+    compress:
+        Store the pixels JPEG-LS lossless.
     """
     h, w = display.shape
     scale = min(1.0, max_side / max(h, w))
@@ -54,7 +111,8 @@ def secondary_capture(source: Dataset, display: NDArray[np.float32], cam: NDArra
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         display = resize(display, nh, nw)
         cam = resize(cam, nh, nw) if cam is not None else None
-    rgb = overlay(display, cam, opacity=opacity, floor=floor)
+    rgb = outlined(display, cam) if ScStyle(style) == ScStyle.OUTLINE else overlay(
+        display, cam, opacity=opacity, floor=floor)
     lines = [
         f"AI fracture: {grade.upper()}  p={probability:.2f}",
         f"{manifest.name} {manifest.version}" + ("" if cam is not None else "  (no heat map)"),
@@ -70,7 +128,8 @@ def secondary_capture(source: Dataset, display: NDArray[np.float32], cam: NDArra
         sop_instance_uid=sop_instance_uid or UID(), instance_number=instance_number,
         manufacturer=OWN_MANUFACTURER,
         patient_orientation=(orientation[0], orientation[1]) if known else ("L", "F"),
-        transfer_syntax_uid="1.2.840.10008.1.2.1", contributing_equipment=_acquisition(source),
+        transfer_syntax_uid=JPEGLSLossless if compress else ExplicitVRLittleEndian,
+        contributing_equipment=_acquisition(source),
     )
     apply_identity(identity, sc)
     if not known:
@@ -86,7 +145,8 @@ def secondary_capture(source: Dataset, display: NDArray[np.float32], cam: NDArra
     sc.ManufacturerModelName = "dicomai"
     sc.add_new(0x00181020, "LO", [f"dicomai {__version__}", f"{manifest.name} {manifest.version}"[:64]])
     sc.DerivationDescription = (
-        f"Grad-CAM heat map of {manifest.name} {manifest.version} on the displayed radiograph; "
+        f"Grad-CAM map of {manifest.name} {manifest.version} on the displayed radiograph "
+        f"({'hotspot box and contours' if ScStyle(style) == ScStyle.OUTLINE else 'heat map'}); "
         f"AI result, to be confirmed by a radiologist")[:1024]
     ref = Dataset()
     ref.ReferencedSOPClassUID = identity.SOPClassUID
