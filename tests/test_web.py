@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from sqlalchemy import func, select
 from starlette.testclient import TestClient
 
 from dicomai.config import Destination, NodeConfig, ScopeConfig, Settings
+from dicomai.store.console import worklist
 from dicomai.store.db import make_engine, make_sessionmaker, upgrade
 from dicomai.store.feedback import record_feedback
 from dicomai.store.models import (
@@ -39,6 +42,7 @@ from dicomai.store.models import (
 from dicomai.store.users import add_user, start_session
 from dicomai.web.app import build_app
 from dicomai.web.auth import SESSION_COOKIE
+from dicomai.web.pages import Spread, spread
 from dicomai.web.passwords import hash_password, verify_password
 from dicomai.web.pictures import overlay_picture
 from dicomai.web.security import Throttle, csrf_ok, csrf_token, load_secret, new_token, token_digest
@@ -215,6 +219,13 @@ def app(tmp_path: Path) -> InProcess:
     return InProcess(console, tokens, settings.data_dir)
 
 
+def test_spread_is_median_and_p95() -> None:
+    """Median and 95th percentile interpolate linearly; no values give none."""
+    assert spread([]) == Spread(0, None, None)
+    got = spread([10, 20, 30, 40, 1000])
+    assert (got.n, got.median, got.p95) == (5, 30, pytest.approx(808))
+
+
 def test_feedback_is_recorded_from_the_study_page_and_counts_on_the_dashboard(app: InProcess) -> None:
     """A viewer's final read (CSRF-checked) is stored with the note and audited by name; the study
     page shows it; the dashboard's PPV and NPV count it with the reads made by the CLI's store."""
@@ -253,6 +264,58 @@ def test_feedback_is_recorded_from_the_study_page_and_counts_on_the_dashboard(ap
     row_html = stats.split('id="performance-high_specificity"')[1].split("</tr>")[0]
     assert "0.667" in row_html and "2/3" in row_html and "0.500" in row_html and "1/2" in row_html
     assert "(5 studies;" in stats
+
+
+def test_dashboard_shows_turnaround_of_today_and_disk_free(app: InProcess) -> None:
+    """Median and p95 from the last instance to the first result (or to processing, without one)
+    of the studies processed today; yesterday's do not count; the data directory's free space."""
+    now = utcnow()
+    for n, span in enumerate([10, 20, 30, 1000]):
+        app.study(n, "negative", now - dt.timedelta(seconds=span + 5), processed_after_s=span + 1,
+                  result_after_s=span)
+    app.study(10, "not_analysed", now - dt.timedelta(seconds=60), processed_after_s=40)  # no result
+    app.study(11, "negative", now - dt.timedelta(days=3), processed_after_s=9999, result_after_s=9999)
+    stats = app.client().get("/dashboard/stats").text
+    # 10, 20, 30, 40, 1000 s: median 30 s, p95 808 s.
+    assert '<strong id="turnaround-median">30.0 s</strong>' in stats
+    assert '<strong id="turnaround-p95">13.5 min</strong> (5 studies)' in stats
+    free = shutil.disk_usage(app.data_dir).free / 2**30
+    shown = float(stats.split('id="disk-free"')[1].split(">")[1].split(" GB")[0])
+    assert shown == pytest.approx(free, abs=0.2)
+
+
+def test_worklist_filters_by_day_and_destination_and_puts_positives_first(app: InProcess) -> None:
+    """A day keeps that local day's arrivals; a destination, the studies queued for it; positive
+    first lists positive, then doubtful, then the rest, each newest first, across pages."""
+    today = dt.datetime.now().astimezone().replace(hour=12, minute=0, second=0, microsecond=0)
+    grades = ["positive", "negative", "doubtful", None, "positive", "failed", "doubtful", "negative"]
+    for n, grade in enumerate(grades):
+        app.study(n, grade, today - dt.timedelta(days=n % 2), destination="pacs" if n % 3 == 0 else None)
+    order = ["ACC4", "ACC0", "ACC6", "ACC2", "ACC7", "ACC5", "ACC3", "ACC1"]
+    with app.console.sessions() as s:
+        seen: list[str] = []
+        start = None
+        while True:
+            page = worklist(s, positive_first=True, start=start, size=3)
+            seen += [st.accession_number or "" for st in page.studies]
+            if page.older is None:
+                break
+            start = page.older
+        assert seen == order
+        assert [st.accession_number for st in worklist(s, positive_first=True, grade="negative").studies] == [
+            "ACC7", "ACC1"]
+
+    def rows(query: str) -> list[str]:
+        html = app.client().get(f"/studies?{query}").text
+        return re.findall(r"<td>(ACC\d+)</td>", html)
+
+    assert rows("first=1") == order
+    assert rows(f"date={today.date().isoformat()}") == ["ACC6", "ACC4", "ACC2", "ACC0"]
+    assert rows("dest=pacs") == ["ACC6", "ACC3", "ACC0"]
+    assert rows("dest=archive") == []
+    assert len(rows("dest=nowhere&date=yesterday")) == 8  # unknown values are ignored
+    html = app.client().get("/studies?first=1&date=" + today.date().isoformat()).text
+    assert 'name="first" value="1" checked' in html and 'value="pacs"' in html
 
 
 # -- in a browser ----------------------------------------------------------------------------------
@@ -358,6 +421,19 @@ def _post_form(page: Any, action: str, csrf: str | None) -> None:
         }""", [action, csrf])
 
 
+def _red_pixels(page: Any, selector: str) -> int:
+    """Pixels of the image the browser decoded that are saturated red (a heat map's peak)."""
+    return int(page.evaluate("""(selector) => {
+        const i = document.querySelector(selector);
+        const c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;
+        const x = c.getContext('2d'); x.drawImage(i, 0, 0);
+        const d = x.getImageData(0, 0, c.width, c.height).data;
+        let n = 0;
+        for (let k = 0; k < d.length; k += 4) if (d[k] - d[k + 1] > 80 && d[k] - d[k + 2] > 80) n++;
+        return n;
+    }""", selector))
+
+
 @pytest.mark.integration
 def test_logged_out_access_redirects_to_login(console: tuple[Node, str, str], page: Any) -> None:
     """Every page and picture without a session leads to the login page; a POST is refused."""
@@ -404,16 +480,7 @@ def test_worklist_and_study_page_show_the_heat_map(console: tuple[Node, str, str
     size = page.evaluate("() => { const i = document.querySelector('.images img');"
                          " return [i.naturalWidth, i.naturalHeight]; }")
     assert max(size) == 1024  # the 1760 px radiograph at the viewer's size
-    # Read the pixels the browser decoded: the heat map's peak is saturated red.
-    red = page.evaluate("""() => {
-        const i = document.querySelector('.images img');
-        const c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;
-        const x = c.getContext('2d'); x.drawImage(i, 0, 0);
-        const d = x.getImageData(0, 0, c.width, c.height).data;
-        let n = 0;
-        for (let k = 0; k < d.length; k += 4) if (d[k] - d[k + 1] > 80 && d[k] - d[k + 2] > 80) n++;
-        return n;
-    }""")
+    red = _red_pixels(page, ".images img")
     assert red > 200, f"{red} red pixels"
     assert "probability" in page.locator("figcaption").first.inner_text()
     assert "pacs" in page.locator("table.deliveries").inner_text()
@@ -507,7 +574,8 @@ def test_logins_are_throttled_per_user_and_address(console: tuple[Node, str, str
 def test_radiologist_records_a_final_read_and_the_dashboard_counts_it(console: tuple[Node, str, str],
                                                                      page: Any, tmp_path: Path) -> None:
     """A viewer records a final read with a note on the study page; it is stored (as the CLI's
-    are) under the viewer's name, and the dashboard shows PPV and NPV over it."""
+    are) under the viewer's name, and the dashboard shows PPV/NPV over it, the time from last
+    instance to result of today's study and the free disk."""
     node, base, study_uid = console
     _login(page, base, VIEWER, f"/studies/{study_uid}")
     page.check("input[name=read][value=fracture]")
@@ -524,4 +592,7 @@ def test_radiologist_records_a_final_read_and_the_dashboard_counts_it(console: t
 
     page.goto(f"{base}/")
     assert "(1 studies;" in page.locator("table.performance caption").inner_text()
+    median = page.locator("#turnaround-median").inner_text()
+    assert re.fullmatch(r"\d+\.\d (s|min)", median), median
+    assert " GB (" in page.locator("#disk-free").inner_text()
     page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)

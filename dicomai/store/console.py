@@ -3,7 +3,8 @@
 Each query is bounded and uses an index, so a page costs the same with 100 000 studies as
 with ten: the worklist pages by primary key (a study's id grows with its first arrival, so
 newest first is ``id`` descending) and filters on indexed columns (grade, state, accession
-number, Study Instance UID).
+number, Study Instance UID, first arrival). "Positive first" reads the grades one tier after
+the other, each newest first, so it pages by key too instead of sorting every study.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import ColumnElement, exists, func, or_, select, true
 from sqlalchemy.orm import Session
 
+from dicomai.model.grading import Grade
 from dicomai.store.models import (
     Instance,
     OutboxItem,
@@ -29,12 +31,17 @@ __all__ = [
     "Dashboard",
     "ImageRow",
     "ImageSource",
+    "PageKey",
     "WorklistPage",
     "dashboard",
     "image_source",
     "study_images",
+    "turnaround_seconds",
     "worklist",
 ]
+
+#: "Positive first": the grades shown ahead of the rest, in this order.
+FIRST_GRADES = (Grade.POSITIVE, Grade.DOUBTFUL)
 
 
 @dataclass(frozen=True)
@@ -69,38 +76,96 @@ def dashboard(session: Session, today: dt.datetime, week: dt.datetime) -> Dashbo
                      dict(sorted(outbox.items())))
 
 
+def turnaround_seconds(session: Session, since: dt.datetime) -> list[float]:
+    """Seconds from each study's last instance to its first result, for studies processed since.
+
+    The result is the first object made (SC, SR) at or after the last instance arrived; a
+    study that made none (nothing to deliver, not analysed) counts until it was processed.
+    """
+    first_result = (select(func.min(ResultObject.created_at))
+                    .where(ResultObject.study_id == Study.id,
+                           ResultObject.created_at >= Study.last_received_at)
+                    .correlate(Study).scalar_subquery())
+    rows = session.execute(select(Study.last_received_at, first_result, Study.processed_at)
+                           .where(Study.processed_at >= since))
+    spans: list[float] = []
+    for last, result, processed in rows:
+        done: dt.datetime | None = result or processed
+        if done is not None:
+            spans.append((done - last).total_seconds())
+    return spans
+
+
+@dataclass(frozen=True)
+class PageKey:
+    """Where a worklist page starts: in which grade tier, below which study id."""
+
+    tier: int
+    before: int
+
+
 @dataclass(frozen=True)
 class WorklistPage:
-    """One page of the worklist, newest first, with the ``before`` key of the next (older) page."""
+    """One page of the worklist, newest first, with the key of the next (older) page."""
 
     studies: Sequence[Study]
     instances: dict[int, int]  # study id -> instances received
-    older: int | None  # pass as ``before`` for the next page; None on the last page
+    older: PageKey | None  # the next page's start; None on the last page
+
+
+def _tiers(positive_first: bool) -> list[ColumnElement[bool]]:
+    if not positive_first:
+        return [true()]
+    first = [str(g) for g in FIRST_GRADES]
+    return [*(Study.grade == g for g in first), or_(Study.grade.is_(None), Study.grade.not_in(first))]
 
 
 def worklist(session: Session, *, grade: str | None = None, state: str | None = None,
-             search: str | None = None, before: int | None = None, size: int = 50) -> WorklistPage:
-    """Studies newest first, ``size`` at a time, older than the study id ``before``.
+             search: str | None = None, since: dt.datetime | None = None, until: dt.datetime | None = None,
+             destination: str | None = None, positive_first: bool = False, start: PageKey | None = None,
+             size: int = 50) -> WorklistPage:
+    """Studies newest first (positive, then doubtful, then the rest with ``positive_first``),
+    ``size`` at a time from ``start``.
 
-    ``search`` matches an accession number or a Study Instance UID exactly (both indexed).
+    ``search`` matches an accession number or a Study Instance UID exactly (both indexed);
+    ``since``/``until`` bound the first arrival; ``destination`` keeps the studies with a
+    result queued for it.
     """
-    q = select(Study).order_by(Study.id.desc()).limit(size + 1)
+    where: list[ColumnElement[bool]] = []
     if grade:
-        q = q.where(Study.grade == grade)
+        where.append(Study.grade == grade)
     if state:
-        q = q.where(Study.state == state)
+        where.append(Study.state == state)
     if search:
-        q = q.where(or_(Study.accession_number == search, Study.study_instance_uid == search))
-    if before is not None:
-        q = q.where(Study.id < before)
-    rows = list(session.scalars(q))
-    page, more = rows[:size], len(rows) > size
+        where.append(or_(Study.accession_number == search, Study.study_instance_uid == search))
+    if since is not None:
+        where.append(Study.first_received_at >= since)
+    if until is not None:
+        where.append(Study.first_received_at < until)
+    if destination:
+        # Correlated: checked per study while walking newest first, through indexed keys.
+        where.append(exists().where(ResultObject.study_id == Study.id,
+                                    OutboxItem.result_id == ResultObject.id,
+                                    OutboxItem.destination == destination))
+    tiers = _tiers(positive_first and not grade)
+    start = start or PageKey(0, 0)
+    rows: list[tuple[int, Study]] = []
+    for tier in range(min(start.tier, len(tiers)), len(tiers)):
+        q = (select(Study).where(tiers[tier], *where).order_by(Study.id.desc())
+             .limit(size + 1 - len(rows)))
+        if tier == start.tier and start.before:
+            q = q.where(Study.id < start.before)
+        rows.extend((tier, st) for st in session.scalars(q))
+        if len(rows) > size:
+            break
+    page = rows[:size]
     counts: dict[int, int] = {}
     if page:
         counts = {sid: n for sid, n in session.execute(
-            select(Instance.study_id, func.count()).where(Instance.study_id.in_([s.id for s in page]))
+            select(Instance.study_id, func.count()).where(Instance.study_id.in_([s.id for _, s in page]))
             .group_by(Instance.study_id))}
-    return WorklistPage(page, counts, page[-1].id if more else None)
+    older = PageKey(page[-1][0], page[-1][1].id) if len(rows) > size else None
+    return WorklistPage([s for _, s in page], counts, older)
 
 
 @dataclass(frozen=True)

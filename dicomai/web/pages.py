@@ -8,9 +8,12 @@ thread pool, so a slow query or picture never blocks the event loop.
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import structlog
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
@@ -19,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from dicomai.model.grading import Grade
-from dicomai.store.console import dashboard, image_source, study_images, worklist
+from dicomai.store.console import PageKey, dashboard, image_source, study_images, turnaround_seconds, worklist
 from dicomai.store.events import record_event
 from dicomai.store.feedback import (
     UnknownStudyError,
@@ -36,7 +39,7 @@ from dicomai.web.pictures import picture_png
 from dicomai.web.state import Console, account_of
 
 __all__ = ["READS", "dashboard_page", "dashboard_stats", "feedback", "outbox_page", "outbox_retry", "picture",
-           "render", "study_page", "worklist_page"]
+           "render", "spread", "study_page", "worklist_page"]
 
 log = structlog.get_logger("dicomai.web")
 
@@ -55,15 +58,35 @@ def render(console: Console, request: Request, name: str, status: int = 200, **c
     return console.templates.TemplateResponse(request, name, context, status_code=status)
 
 
+@dataclass(frozen=True)
+class Spread:
+    """The median and 95th percentile of some durations, and how many there were."""
+
+    n: int
+    median: float | None
+    p95: float | None
+
+
+def spread(values: list[float]) -> Spread:
+    """Median and 95th percentile (linear interpolation); ``None`` for both without values."""
+    if not values:
+        return Spread(0, None, None)
+    median, p95 = np.percentile(np.asarray(values, dtype=np.float64), [50, 95])
+    return Spread(len(values), float(median), float(p95))
+
+
 def _stats(console: Console) -> dict[str, Any]:
     now = dt.datetime.now().astimezone()  # "today" is the day of the people at the node
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     week = today - dt.timedelta(days=today.weekday())
     with console.sessions() as s:
         totals = dashboard(s, today, week)
+        turnaround = turnaround_seconds(s, today)
         reviewed = reviewed_studies(s)
+    disk = shutil.disk_usage(console.settings.data_dir)
     return {"totals": totals, "grades": [g.value for g in Grade], "now": now,
-            "reviewed": len(reviewed), "performance": performance(reviewed)}
+            "turnaround": spread(turnaround), "reviewed": len(reviewed), "performance": performance(reviewed),
+            "disk_free_gb": disk.free / 2**30, "disk_free_pct": 100 * disk.free / disk.total}
 
 
 def dashboard_page(console: Console) -> Endpoint:
@@ -86,19 +109,43 @@ def _choice(value: str | None, allowed: list[str]) -> str | None:
     return value if value in allowed else None
 
 
+def _day(value: str | None) -> dt.date | None:
+    try:
+        return dt.date.fromisoformat(value) if value else None
+    except ValueError:
+        return None
+
+
+def _number(value: str | None) -> int:
+    return int(value) if value and value.isdigit() and len(value) < 12 else 0
+
+
 def worklist_page(console: Console) -> Endpoint:
+    destinations = [d.name for d in console.settings.destinations]
+
     def endpoint(request: Request) -> Response:
         qp = request.query_params
         grade = _choice(qp.get("grade"), [g.value for g in Grade])
         state = _choice(qp.get("state"), [s.value for s in StudyState])
+        destination = _choice(qp.get("dest"), destinations)
         search = (qp.get("q") or "").strip()[:64] or None
-        before_raw = qp.get("before") or ""
-        before = int(before_raw) if before_raw.isdigit() else None
+        day = _day(qp.get("date"))
+        first = qp.get("first") == "1"
+        start = PageKey(_number(qp.get("tier")), _number(qp.get("before")))
+        # The day as the people at the node live it: local midnight to midnight.
+        since = dt.datetime(day.year, day.month, day.day).astimezone() if day else None
+        until = (since + dt.timedelta(days=1)) if since else None
         with console.sessions() as s:
-            page = worklist(s, grade=grade, state=state, search=search, before=before, size=PAGE_SIZE)
+            page = worklist(s, grade=grade, state=state, search=search, since=since, until=until,
+                            destination=destination, positive_first=first, start=start, size=PAGE_SIZE)
+        # The query string of this view without its page: what the page links carry on.
+        filters = {k: v for k, v in (("grade", grade), ("state", state), ("dest", destination),
+                                     ("q", search), ("date", day.isoformat() if day else None),
+                                     ("first", "1" if first else None)) if v}
         return render(console, request, "worklist.html", page=page, grade=grade, state=state,
-                      search=search or "", before=before, grades=[g.value for g in Grade],
-                      states=[st.value for st in StudyState])
+                      search=search or "", day=day, first=first, destination=destination,
+                      destinations=destinations, filters=filters, paged=start != PageKey(0, 0),
+                      grades=[g.value for g in Grade], states=[st.value for st in StudyState])
 
     return endpoint
 

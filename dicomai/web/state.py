@@ -29,6 +29,17 @@ def _person_name(value: str | None) -> str:
     return " ".join(p for p in (value or "").split("^") if p)
 
 
+def _duration(seconds: float | None) -> str:
+    """A span of time in the unit people read it in."""
+    if seconds is None:
+        return "n/a"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def templates() -> Jinja2Templates:
     """The console's templates (autoescaped), with its filters."""
     env = Environment(loader=PackageLoader("dicomai.web", "templates"),
@@ -36,6 +47,7 @@ def templates() -> Jinja2Templates:
     env.filters["local"] = local_time
     env.filters["person"] = _person_name
     env.filters["prob"] = lambda p: "" if p is None else f"{p:.3f}"
+    env.filters["duration"] = _duration
     return Jinja2Templates(env=env)
 
 
