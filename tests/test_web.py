@@ -25,7 +25,11 @@ import pytest
 from sqlalchemy import func, select
 from starlette.testclient import TestClient
 
+from dicomai.analysis.image import points_in_force
 from dicomai.config import Destination, NodeConfig, ScopeConfig, Settings
+from dicomai.model.package import OperatingPoints, load_package
+from dicomai.model.profile import BodyPartPoints, SiteProfile
+from dicomai.node import default_model_dir
 from dicomai.store.console import worklist
 from dicomai.store.db import make_engine, make_sessionmaker, upgrade
 from dicomai.store.feedback import record_feedback
@@ -42,11 +46,12 @@ from dicomai.store.models import (
 from dicomai.store.users import add_user, start_session
 from dicomai.web.app import build_app
 from dicomai.web.auth import SESSION_COOKIE
+from dicomai.web.modelcard import CARD_NAME
 from dicomai.web.pages import Spread, spread
 from dicomai.web.passwords import hash_password, verify_password
 from dicomai.web.pictures import overlay_picture
 from dicomai.web.security import Throttle, csrf_ok, csrf_token, load_secret, new_token, token_digest
-from dicomai.web.state import Console
+from dicomai.web.state import Console, ModelInUse
 from tests.helpers import Node, free_port, make_study, missing, pydicom_data, storescu
 from tests.test_delivery import _wait
 
@@ -195,9 +200,17 @@ class InProcess:
             return {t.__tablename__: s.scalar(select(func.count()).select_from(t)) or 0 for t in tables}
 
 
+def _shipped_model(settings: Settings) -> ModelInUse:
+    path = default_model_dir()
+    if path is None:
+        pytest.skip("this build ships no model")
+    package = load_package(path, check_hash=False)
+    return ModelInUse(package, None, points_in_force(settings, package))
+
+
 @pytest.fixture
 def app(tmp_path: Path) -> InProcess:
-    """The console in process over SQLite, with users alice (admin) and bob."""
+    """The console in process over SQLite, with the shipped model, users alice (admin) and bob."""
     destinations = [Destination(name=name, ae_title=name.upper(), host="127.0.0.1", port=104)
                     for name in ("pacs", "archive")]
     # The test radiograph's body part; the shipped model's own list may leave it out.
@@ -215,7 +228,8 @@ def app(tmp_path: Path) -> InProcess:
             assert account is not None
             tokens[name] = new_token()
             start_session(s, account.id, token_digest(tokens[name]), now, now + dt.timedelta(hours=1))
-    console = Console(settings, sessions, SECRET, "test model 1", Throttle(5))
+    loaded = _shipped_model(settings)
+    console = Console(settings, sessions, SECRET, "test model 1", Throttle(5), loaded=loaded)
     return InProcess(console, tokens, settings.data_dir)
 
 
@@ -316,6 +330,51 @@ def test_worklist_filters_by_day_and_destination_and_puts_positives_first(app: I
     assert len(rows("dest=nowhere&date=yesterday")) == 8  # unknown values are ignored
     html = app.client().get("/studies?first=1&date=" + today.date().isoformat()).text
     assert 'name="first" value="1" checked' in html and 'value="pacs"' in html
+
+
+def test_model_page_shows_card_points_and_figures(app: InProcess) -> None:
+    """The shipped card is rendered (headings, tables), with the thresholds in force and the
+    manifest's test figures."""
+    loaded = app.console.loaded
+    assert loaded is not None
+    html = app.client().get("/model").text
+    m = loaded.package.manifest
+    assert f"<h1>Model card: {m.name} {m.version}</h1>" in html
+    assert '<article class="card">' in html and "<table>" in html.split('<article class="card">')[1]
+    points = html.split('class="points"')[1].split("</table>")[0]
+    assert f"{m.operating_points.high_sensitivity:.3f}" in points and "model manifest" in points
+    assert f"{m.operating_points.high_specificity:.3f}" in points
+    figures = html.split('class="figures"')[1].split("</table>")[0]
+    assert "AUROC" in figures and "95% CI" in figures
+
+
+def test_model_card_markdown_is_rendered_without_html_or_script_links(app: InProcess, tmp_path: Path) -> None:
+    """Raw HTML in a card is shown as text and a javascript: link is not made a link; a site
+    profile's per-body-part points are listed with their source."""
+    loaded = app.console.loaded
+    assert loaded is not None
+    card_dir = tmp_path / "pkg"
+    card_dir.mkdir()
+    (card_dir / CARD_NAME).write_text("# Card\n\n<script>alert(1)</script>\n\n"
+                                      "[click](javascript:alert(1))\n\n<img src=x onerror=alert(1)>\n")
+    m = loaded.package.manifest
+    hand = OperatingPoints(high_sensitivity=0.2, high_specificity=0.7)
+    profile = SiteProfile(model_name=m.name, model_version=m.version, model_sha256=m.sha256,
+                          created_at=utcnow(), by="carol", cases=300, positives=60, targets={},
+                          operating_points=OperatingPoints(high_sensitivity=0.1, high_specificity=0.6),
+                          body_parts={"HAND": BodyPartPoints(operating_points=hand, cases=120, positives=30)})
+    app.console.loaded = ModelInUse(loaded.package.model_copy(update={"directory": card_dir}), profile,
+                                    profile.points)
+    html = app.client().get("/model").text
+    card = html.split('<article class="card">')[1].split("</article>")[0]
+    assert "<script>" not in card and "&lt;script&gt;alert(1)&lt;/script&gt;" in card
+    assert "javascript:" not in card.replace("[click](javascript:alert(1))", "")
+    assert "<img" not in card
+    points = html.split('class="points"')[1].split("</table>")[0]
+    assert re.search(r"<td>HAND</td><td>0\.200</td>\s*<td>0\.700</td><td>site profile \(300 cases", points)
+    assert re.search(r"<td>other body parts</td><td>0\.100</td>\s*<td>0\.600</td>", points)
+
+
 
 
 # -- in a browser ----------------------------------------------------------------------------------
@@ -596,3 +655,14 @@ def test_radiologist_records_a_final_read_and_the_dashboard_counts_it(console: t
     assert re.fullmatch(r"\d+\.\d (s|min)", median), median
     assert " GB (" in page.locator("#disk-free").inner_text()
     page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+
+
+@pytest.mark.integration
+def test_model_page_shows_the_shipped_card(console: tuple[Node, str, str], page: Any, tmp_path: Path) -> None:
+    """The model page shows the loaded package's card, its operating points and test figures."""
+    _, base, _ = console
+    _login(page, base, VIEWER, "/model")
+    assert page.locator(".card h1").inner_text().startswith("Model card: ")
+    assert page.locator("table.points tbody tr").count() >= 1
+    assert "AUROC" in page.locator("table.figures").inner_text()
+    page.screenshot(path=str(tmp_path / "model.png"), full_page=True)

@@ -11,7 +11,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dicomai.web import auth, pages
+from dicomai.web import auth, modelcard, pages
 from dicomai.web.state import Console
 
 __all__ = ["build_app"]
@@ -61,6 +61,7 @@ def build_app(console: Console) -> Starlette:
         Route("/studies/{uid}/feedback", form(console, pages.feedback(console)), methods=["POST"]),
         Route("/outbox", pages.outbox_page(console), methods=["GET"]),
         Route("/outbox/{item_id:int}/retry", form(console, pages.outbox_retry(console)), methods=["POST"]),
+        Route("/model", modelcard.model_page(console), methods=["GET"]),
         Mount("/static", StaticFiles(directory=str(files("dicomai.web") / "static")), name="static"),
     ]
     return Starlette(routes=routes, middleware=[Middleware(HeadersMiddleware),

@@ -15,12 +15,14 @@ import structlog
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomai.analysis.image import points_in_force
 from dicomai.config import Settings
-from dicomai.model.package import Manifest
+from dicomai.model.package import Manifest, ModelError, load_package
+from dicomai.model.profile import profile_for
 from dicomai.store.users import list_users
 from dicomai.web.app import build_app
 from dicomai.web.security import Throttle, load_secret
-from dicomai.web.state import Console
+from dicomai.web.state import Console, ModelInUse
 
 __all__ = ["SECRET_FILE", "ConsoleServer", "start_console"]
 
@@ -60,6 +62,26 @@ class ConsoleServer:
         self.sock.close()
 
 
+def _model_in_use(settings: Settings, manifest: Manifest | None) -> ModelInUse | None:
+    """The package the node loaded (its card and network), found again where the node found it,
+    with the operating points the node read at its start."""
+    if manifest is None:
+        return None
+    from dicomai.node import default_model_dir  # the node imports this module
+
+    path = settings.model.path or default_model_dir()
+    try:
+        # The node checked the file's hash a moment ago; the manifest's must be the same.
+        package = load_package(path, check_hash=False) if path is not None else None
+    except ModelError as exc:
+        log.warning("web.model_unavailable", error=str(exc))
+        return None
+    if package is None or package.manifest.sha256 != manifest.sha256:
+        log.warning("web.model_unavailable", error="the package on disk is not the one the node loaded")
+        return None
+    return ModelInUse(package, profile_for(settings.data_dir, package), points_in_force(settings, package))
+
+
 def start_console(settings: Settings, sessions: sessionmaker[Session],
                   manifest: Manifest | None) -> ConsoleServer | None:
     """Serve the console when ``web.enabled``; a port that cannot be bound is logged and the
@@ -67,9 +89,10 @@ def start_console(settings: Settings, sessions: sessionmaker[Session],
     cfg = settings.web
     if not cfg.enabled:
         return None
+    loaded = _model_in_use(settings, manifest)
     console = Console(settings, sessions, load_secret(settings.data_dir / SECRET_FILE),
                       f"{manifest.name} {manifest.version}" if manifest else None,
-                      Throttle(cfg.max_login_failures))
+                      Throttle(cfg.max_login_failures), loaded=loaded)
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

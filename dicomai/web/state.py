@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -13,10 +14,12 @@ from starlette.requests import Request
 from starlette.templating import Jinja2Templates
 
 from dicomai.config import Settings
+from dicomai.model.package import ModelPackage, OperatingPoints
+from dicomai.model.profile import SiteProfile
 from dicomai.store.users import Account
 from dicomai.web.security import Throttle
 
-__all__ = ["Console", "PictureCache", "account_of", "local_time", "templates"]
+__all__ = ["Console", "ModelInUse", "PictureCache", "account_of", "local_time", "templates"]
 
 
 def local_time(value: dt.datetime | None) -> str:
@@ -74,6 +77,15 @@ class PictureCache:
                 self._items.popitem(last=False)
 
 
+@dataclass(frozen=True)
+class ModelInUse:
+    """The node's model as the console shows it: the package, and the thresholds read at start."""
+
+    package: ModelPackage
+    profile: SiteProfile | None  # the site profile in force, if one was made for this model
+    points_for: Callable[[str | None], OperatingPoints]  # by Body Part Examined
+
+
 @dataclass
 class Console:
     """The console's shared state; one per served application."""
@@ -83,6 +95,7 @@ class Console:
     secret: bytes
     model: str | None  # "name version" of the loaded model; None when none is loaded
     throttle: Throttle
+    loaded: ModelInUse | None = None  # the model page's; None without a model
     templates: Jinja2Templates = field(default_factory=templates)
     pictures: PictureCache = field(default_factory=PictureCache)
 
