@@ -104,7 +104,7 @@ def test_install_and_serve_in_a_fresh_clone(tmp_path: Path) -> None:
                                capture_output=True, text=True, timeout=60)
         assert shown.returncode == 0, shown.stderr
         kept = json.loads(shown.stdout)["results"]
-        assert {o["kind"] for o in kept} == {"sc", "sr"}, kept
+        assert {"sc", "sr"} <= {o["kind"] for o in kept}, kept  # and whatever else results.keep names
         assert all((clone / "dicomai-data" / o["path"]).is_file() for o in kept), kept
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
