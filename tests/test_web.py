@@ -8,6 +8,7 @@ so its deliveries die. Screenshots are kept in the module's temporary directory.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 from sqlalchemy import func, select
 from starlette.testclient import TestClient
 
@@ -37,7 +40,9 @@ from dicomai.store.models import (
     Event,
     Feedback,
     FeedbackRead,
+    Instance,
     OutboxItem,
+    Prediction,
     ResultObject,
     Study,
     UserRole,
@@ -46,6 +51,7 @@ from dicomai.store.models import (
 from dicomai.store.users import add_user, start_session
 from dicomai.web.app import build_app
 from dicomai.web.auth import SESSION_COOKIE
+from dicomai.web.demo import Demo
 from dicomai.web.modelcard import CARD_NAME
 from dicomai.web.pages import Spread, spread
 from dicomai.web.passwords import hash_password, verify_password
@@ -229,7 +235,8 @@ def app(tmp_path: Path) -> InProcess:
             tokens[name] = new_token()
             start_session(s, account.id, token_digest(tokens[name]), now, now + dt.timedelta(hours=1))
     loaded = _shipped_model(settings)
-    console = Console(settings, sessions, SECRET, "test model 1", Throttle(5), loaded=loaded)
+    console = Console(settings, sessions, SECRET, "test model 1", Throttle(5), loaded=loaded,
+                      demo=Demo(settings, loaded.package, loaded.points_for))
     return InProcess(console, tokens, settings.data_dir)
 
 
@@ -375,6 +382,73 @@ def test_model_card_markdown_is_rendered_without_html_or_script_links(app: InPro
     assert re.search(r"<td>other body parts</td><td>0\.100</td>\s*<td>0\.600</td>", points)
 
 
+def _png_radiograph() -> bytes:
+    """A test radiograph as the 8-bit PNG a clinician would export."""
+    from pydicom import dcmread
+
+    from dicomai.imaging.pixels import to_display
+
+    display = to_display(dcmread(pydicom_data("RG3_UNCR.dcm"))).image
+    buf = io.BytesIO()
+    Image.fromarray((display * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_try_page_grades_an_upload_in_memory_and_keeps_nothing(app: InProcess,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DICOM and a PNG upload each get a grade, a probability and the overlay inside the page;
+    no row is written, no file made in the data directory, the upload never spills to a
+    temporary file; the page says it is a demonstration."""
+    def no_spill(self: Any) -> None:
+        raise AssertionError("the upload was rolled over to a temporary file")
+
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", no_spill)
+    tables = (Study, Instance, Prediction, ResultObject, OutboxItem, Event, Feedback)
+    before_rows, before_files = app.count(*tables), sorted(p.name for p in app.data_dir.rglob("*"))
+    client = app.client("bob")
+    page = client.get("/try")
+    assert page.status_code == 200 and "Demonstration only, not for diagnosis." in page.text
+    dicom = pydicom_data("RG3_UNCR.dcm").read_bytes()
+    assert len(dicom) > 2**20  # past Starlette's in-memory spool
+    for name, data in (("x.dcm", dicom), ("x.png", _png_radiograph())):
+        answer = client.post("/try", data={"csrf": app.csrf()}, files={"file": (name, data)})
+        assert answer.status_code == 200, answer.text
+        grade = re.search(r'id="try-grade">(\w+)<', answer.text)
+        assert grade is not None and grade.group(1) in ("positive", "doubtful", "negative")
+        assert re.search(r'id="try-probability">0\.\d{3}<', answer.text)
+        assert 'src="data:image/png;base64,' in answer.text
+    assert app.count(*tables) == before_rows
+    assert sorted(p.name for p in app.data_dir.rglob("*")) == before_files
+
+
+def test_try_page_refuses_bad_large_and_unsigned_uploads(app: InProcess) -> None:
+    """No CSRF token: 403; not an image, a broken PNG: 400 with the reason; over the limit: 413
+    (by Content-Length, and while reading a body that does not announce its length)."""
+    client = app.client("bob")
+    assert client.post("/try", files={"file": ("x.png", _png_radiograph())}).status_code == 403
+    text = client.post("/try", data={"csrf": app.csrf()}, files={"file": ("x.txt", b"hello" * 100)})
+    assert text.status_code == 400 and "not a DICOM (Part 10), PNG or JPEG file" in text.text
+    broken = client.post("/try", data={"csrf": app.csrf()},
+                         files={"file": ("x.png", _png_radiograph()[:2000])})
+    assert broken.status_code == 400 and "cannot read the image" in broken.text
+    none = client.post("/try", data={"csrf": app.csrf()}, files={"file": ("", b"")})
+    assert none.status_code == 400 and "Choose a file" in none.text
+
+    assert app.console.demo is not None
+    app.console.demo.max_bytes = 200_000
+    big = client.post("/try", data={"csrf": app.csrf()},
+                      files={"file": ("x.png", b"\x89PNG" + b"0" * 400_000)})
+    assert big.status_code == 413 and "larger than 195 KB, the most the try page takes" in big.text
+
+    def chunks() -> Iterator[bytes]:
+        yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n\r\n"
+        for _ in range(100):
+            yield b"0" * 10_000
+        yield b"\r\n--b--\r\n"
+
+    streamed = client.post("/try", content=chunks(),
+                           headers={"content-type": "multipart/form-data; boundary=b"})
+    assert streamed.status_code == 413
 
 
 # -- in a browser ----------------------------------------------------------------------------------
@@ -655,6 +729,34 @@ def test_radiologist_records_a_final_read_and_the_dashboard_counts_it(console: t
     assert re.fullmatch(r"\d+\.\d (s|min)", median), median
     assert " GB (" in page.locator("#disk-free").inner_text()
     page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+
+
+@pytest.mark.integration
+def test_try_page_grades_an_upload_and_stores_nothing(console: tuple[Node, str, str], page: Any,
+                                                      tmp_path: Path) -> None:
+    """An uploaded DICOM radiograph gets a grade, a probability and its overlay (loaded, with a red
+    hotspot), labelled a demonstration; the node has no new study; a text file gets a clear error."""
+    node, base, _ = console
+    _login(page, base, VIEWER, "/try")
+    assert "not for diagnosis" in page.locator(".demo").inner_text()
+    page.set_input_files("input[name=file]", str(pydicom_data("RG3_UNCR.dcm")))
+    page.click("form.upload button[type=submit]")
+    page.wait_for_load_state()
+    assert page.locator("#try-grade").inner_text() in ("positive", "doubtful", "negative")
+    assert re.fullmatch(r"0\.\d{3}", page.locator("#try-probability").inner_text())
+    page.wait_for_function("() => { const i = document.querySelector('.result img');"
+                           " return i && i.complete && i.naturalWidth > 0; }", timeout=30_000)
+    red = _red_pixels(page, ".result img")
+    assert red > 200, f"{red} red pixels"
+    page.screenshot(path=str(tmp_path / "try.png"), full_page=True)
+    assert len(node.studies()) == 1
+
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a radiograph\n" * 20)
+    page.set_input_files("input[name=file]", str(bad))
+    page.click("form.upload button[type=submit]")
+    page.wait_for_load_state()
+    assert "not a DICOM (Part 10), PNG or JPEG file" in page.locator(".error").inner_text()
 
 
 @pytest.mark.integration

@@ -11,13 +11,14 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dicomai.web import auth, modelcard, pages
+from dicomai.web import auth, modelcard, pages, upload
 from dicomai.web.state import Console
 
 __all__ = ["build_app"]
 
 # Scripts and styles only from the console's own files: an injected <script> does not run.
-_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; "
+# Images may be data: URLs too: the try page sends its picture inside the page, kept nowhere.
+_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
         "frame-ancestors 'none'; base-uri 'none'")
 
 
@@ -62,6 +63,8 @@ def build_app(console: Console) -> Starlette:
         Route("/outbox", pages.outbox_page(console), methods=["GET"]),
         Route("/outbox/{item_id:int}/retry", form(console, pages.outbox_retry(console)), methods=["POST"]),
         Route("/model", modelcard.model_page(console), methods=["GET"]),
+        Route("/try", upload.try_page(console), methods=["GET"]),
+        Route("/try", upload.try_upload(console), methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(files("dicomai.web") / "static")), name="static"),
     ]
     return Starlette(routes=routes, middleware=[Middleware(HeadersMiddleware),

@@ -35,8 +35,8 @@ from dicomai.web.passwords import verify_password
 from dicomai.web.security import csrf_ok, csrf_token, new_token, token_digest
 from dicomai.web.state import Console
 
-__all__ = ["LOGIN_COOKIE", "SESSION_COOKIE", "AccessMiddleware", "form_handler", "login_page", "login",
-           "logout", "page_csrf"]
+__all__ = ["LOGIN_COOKIE", "SESSION_COOKIE", "AccessMiddleware", "csrf_refused", "form_handler", "login",
+           "login_page", "logout", "page_csrf"]
 
 log = structlog.get_logger("dicomai.web")
 
@@ -103,15 +103,25 @@ def form_handler(console: Console, handler: FormHandler, *, login_form: bool = F
 
     async def endpoint(request: Request) -> Response:
         form = await request.form()
-        bound = request.cookies.get(LOGIN_COOKIE) if login_form else request.state.token
-        given = form.get("csrf")
-        if not csrf_ok(console.secret, bound, given if isinstance(given, str) else None):
-            log.warning("web.csrf_refused", path=request.url.path, ip=client_ip(request))
-            return PlainTextResponse("refused: the form's security token is missing or stale; "
-                                     "reload the page and try again\n", status_code=403)
-        return await handler(request, form)
+        refused = csrf_refused(console, request, form, login_form=login_form)
+        return refused if refused is not None else await handler(request, form)
 
     return endpoint
+
+
+def csrf_refused(console: Console, request: Request, form: FormData, *,
+                 login_form: bool = False) -> Response | None:
+    """The 403 for a form without the CSRF token of the browser's cookie; ``None`` for a good one.
+
+    For an endpoint that reads its form itself (:func:`form_handler` does it for the others).
+    """
+    bound = request.cookies.get(LOGIN_COOKIE) if login_form else request.state.token
+    given = form.get("csrf")
+    if csrf_ok(console.secret, bound, given if isinstance(given, str) else None):
+        return None
+    log.warning("web.csrf_refused", path=request.url.path, ip=client_ip(request))
+    return PlainTextResponse("refused: the form's security token is missing or stale; "
+                             "reload the page and try again\n", status_code=403)
 
 
 def _cookie(response: Response, request: Request, name: str, value: str, max_age: int | None) -> None:

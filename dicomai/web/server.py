@@ -21,6 +21,7 @@ from dicomai.model.package import Manifest, ModelError, load_package
 from dicomai.model.profile import profile_for
 from dicomai.store.users import list_users
 from dicomai.web.app import build_app
+from dicomai.web.demo import Demo
 from dicomai.web.security import Throttle, load_secret
 from dicomai.web.state import Console, ModelInUse
 
@@ -92,7 +93,8 @@ def start_console(settings: Settings, sessions: sessionmaker[Session],
     loaded = _model_in_use(settings, manifest)
     console = Console(settings, sessions, load_secret(settings.data_dir / SECRET_FILE),
                       f"{manifest.name} {manifest.version}" if manifest else None,
-                      Throttle(cfg.max_login_failures), loaded=loaded)
+                      Throttle(cfg.max_login_failures), loaded=loaded,
+                      demo=Demo(settings, loaded.package, loaded.points_for) if loaded else None)
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -7,6 +7,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,6 +19,9 @@ from dicomai.model.package import ModelPackage, OperatingPoints
 from dicomai.model.profile import SiteProfile
 from dicomai.store.users import Account
 from dicomai.web.security import Throttle
+
+if TYPE_CHECKING:
+    from dicomai.web.demo import Demo
 
 __all__ = ["Console", "ModelInUse", "PictureCache", "account_of", "local_time", "templates"]
 
@@ -96,6 +100,7 @@ class Console:
     model: str | None  # "name version" of the loaded model; None when none is loaded
     throttle: Throttle
     loaded: ModelInUse | None = None  # the model page's; None without a model
+    demo: Demo | None = None  # the try page's analysis; None without a model
     templates: Jinja2Templates = field(default_factory=templates)
     pictures: PictureCache = field(default_factory=PictureCache)
 

@@ -14,3 +14,13 @@ document.querySelectorAll("[data-refresh]").forEach((el) => {
     }
   }, every);
 });
+
+// Refuse a file over the size limit before sending it (the server refuses it too).
+document.querySelectorAll("input[type=file][data-max-bytes]").forEach((input) => {
+  input.addEventListener("change", () => {
+    const max = Number(input.dataset.maxBytes);
+    const big = Array.from(input.files).some((f) => f.size > max);
+    input.setCustomValidity(big ? `The file is larger than ${Math.round(max / 1048576)} MB.` : "");
+    input.reportValidity();
+  });
+});
