@@ -21,7 +21,6 @@ import json
 from dicomai.cli import ExitCode, Subparsers, json_flag, sessions
 from dicomai.cli.studies import parse_since
 from dicomai.config import Settings
-from dicomai.model.calibration import confusion
 
 __all__ = ["cmd_feedback", "cmd_model_performance", "current_user", "model_actions", "register"]
 
@@ -80,18 +79,16 @@ def cmd_feedback(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_model_performance(args: argparse.Namespace, settings: Settings) -> int:
     """Print the node's performance on the studies with a final read."""
-    from dicomai.model.grading import Grade
-    from dicomai.store.feedback import reviewed_studies
+    from dicomai.store.feedback import performance, reviewed_studies
 
     with sessions(settings)() as s:
         studies = reviewed_studies(s, since=args.since)
     truth = [r.fractured for r in studies]
-    flagged = [r.grade in (Grade.DOUBTFUL, Grade.POSITIVE) for r in studies]
+    figures = performance(studies)
     points = {
         "high_sensitivity": ("doubtful or positive (>= high-sensitivity threshold)",
-                             confusion(flagged, truth)),
-        "high_specificity": ("positive (>= high-specificity threshold)",
-                             confusion([r.grade == Grade.POSITIVE for r in studies], truth)),
+                             figures["high_sensitivity"]),
+        "high_specificity": ("positive (>= high-specificity threshold)", figures["high_specificity"]),
     }
     since: dt.datetime | None = args.since
     if args.json:
