@@ -372,8 +372,8 @@ def test_echoscu_over_tls(node_factory: type[Node], tmp_path: Path, pki: Pki) ->
 
 @pytest.mark.integration
 def test_check_echoes_tls_destination(tmp_path: Path, pki: Pki) -> None:
-    """`dicomai check` echoes a TLS destination over TLS; a server name its certificate does
-    not carry fails the echo with a line naming it (the host name check is on)."""
+    """`dicomai check` and `dicomai echo` echo a TLS destination over TLS; a server name its
+    certificate does not carry fails the echo with a line naming it (the host name check is on)."""
     orthanc = _orthanc_tls(tmp_path, pki, free_port()).start()
     try:
         for name, ok in (("127.0.0.1", True), ("pacs.example.org", False)):
@@ -383,5 +383,7 @@ def test_check_echoes_tls_destination(tmp_path: Path, pki: Pki) -> None:
             echo = checks["destination pacs"]
             assert echo["ok"] is ok, echo
             assert "over TLS" in echo["detail"] and name in echo["detail"], echo
+            echoed = node.cli("echo", "pacs", check=False)  # the admin's own C-ECHO, over TLS too
+            assert echoed.returncode == (0 if ok else 1) and "over TLS" in echoed.stdout, echoed
     finally:
         orthanc.stop()

@@ -40,26 +40,18 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_echo(args: argparse.Namespace, settings: Settings) -> int:
-    """C-ECHO a ``[[destinations]]`` entry or a host and port; 1 unless the peer answers 0x0000."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+    """C-ECHO a ``[[destinations]]`` entry (over TLS when it says so) or a host and port; 1 unless
+    the peer answers 0x0000. The same check as ``dicomai check`` runs for each destination."""
+    from dicomai.config import Destination
+    from dicomai.ops.checks import check_destination
 
     if args.destination:
-        d = settings.destination(args.destination)
-        host, port, aet = d.host, d.port, d.ae_title
+        dest = settings.destination(args.destination)
     else:
         if not (args.host and args.port):
             raise UsageError("echo: give a destination name or --host and --port")
-        host, port, aet = args.host, args.port, args.ae_title or "ANY-SCP"
-    ae = AE(ae_title=settings.node.ae_title)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = settings.node.acse_timeout_s
-    assoc = ae.associate(host, port, ae_title=aet)
-    if not assoc.is_established:
-        print(f"echo {aet}@{host}:{port}: association {'rejected' if assoc.is_rejected else 'failed'}")
-        return ExitCode.FAILURE
-    status = assoc.send_c_echo()
-    assoc.release()
-    code = int(status.Status) if status and "Status" in status else -1
-    print(f"echo {aet}@{host}:{port}: status 0x{code:04X}" if code >= 0 else "echo: no response")
-    return ExitCode.OK if code == 0 else ExitCode.FAILURE
+        dest = Destination(name="command line", ae_title=args.ae_title or "ANY-SCP", host=args.host,
+                           port=args.port)
+    result = check_destination(settings, dest)
+    print(result.detail.replace("C-ECHO ", "echo ", 1))
+    return ExitCode.OK if result.ok else ExitCode.FAILURE
