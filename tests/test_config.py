@@ -173,7 +173,7 @@ def test_command_line_values_are_named_as_such() -> None:
 def test_config_file_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--config, else DICOMAI_CONFIG, else /etc/dicomai/dicomai.toml when it exists, else none."""
     system = tmp_path / "etc" / "dicomai.toml"
-    monkeypatch.setattr(dicomai.config, "SYSTEM_CONFIG", system)
+    monkeypatch.setattr(dicomai.config.settings, "SYSTEM_CONFIG", system)
     given, named = tmp_path / "given.toml", tmp_path / "named.toml"
     assert find_config(given, {"DICOMAI_CONFIG": str(named)}) == (given, "--config")
     assert find_config(None, {"DICOMAI_CONFIG": str(named)}) == (named, "DICOMAI_CONFIG")

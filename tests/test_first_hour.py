@@ -35,7 +35,7 @@ def test_commands_find_the_system_config_from_any_directory(tmp_path: Path, monk
     system = tmp_path / "etc" / "dicomai.toml"
     system.parent.mkdir()
     system.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n')
-    monkeypatch.setattr(dicomai.config, "SYSTEM_CONFIG", system)
+    monkeypatch.setattr(dicomai.config.settings, "SYSTEM_CONFIG", system)
     for name in [k for k in os.environ if k.startswith("DICOMAI_")]:
         monkeypatch.delenv(name)
     elsewhere = tmp_path / "home"
