@@ -28,6 +28,7 @@ from types import FrameType
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
+from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -206,6 +207,50 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
                               "partial_files_removed": removed})
     log.info("node.config", config=masked(settings))
 
+    scheduler = _scheduler(settings, sessions, monitor)
+    scheduler.start()
+    outbox.start()
+    receiver = Receiver(settings, spool, sessions)
+    ae = receiver.build_ae()
+    try:
+        servers = _listen(settings, ae, receiver, tls_context)
+    except BaseException:
+        scheduler.shutdown(wait=False)
+        outbox.stop(timeout=settings.node.shutdown_grace_s)
+        raise
+    manifest = hook.publish.manifest if isinstance(hook, Triage) else None
+    # The operations endpoint (/healthz, /readyz, /metrics); None when off or its port is taken.
+    ops = start_endpoint(settings, engine, sessions, manifest, scheduler)
+    # The web console (dicomai.web); None when off (the default) or its port is taken.
+    web = start_console(settings, sessions, manifest)
+    sd_notify("READY=1")
+    _wait_for_stop()
+    sd_notify("STOPPING=1")
+    # Stop accepting new associations but let running ones finish their stores.
+    for server in servers:
+        server.shutdown()
+    deadline = time.monotonic() + settings.node.shutdown_grace_s
+    while receiver.active and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if receiver.active:
+        log.warning("node.aborting_associations", active=receiver.active)
+    ae.shutdown()
+    scheduler.shutdown(wait=True)
+    outbox.stop(timeout=settings.node.shutdown_grace_s)
+    for service in (ops, web):
+        if service is not None:
+            service.stop()
+    with sessions.begin() as s:
+        record_event(s, "node", "node.stopped")
+    engine.dispose()
+    log.info("node.stopped")
+    os.close(lock)
+    return 0
+
+
+def _scheduler(settings: Settings, sessions: sessionmaker[Session], monitor: StudyMonitor,
+               ) -> BackgroundScheduler:
+    """The node's periodic jobs: the study monitor, retention, the systemd watchdog."""
     scheduler = BackgroundScheduler(timezone="UTC")
     scheduler.add_job(monitor.poll, "interval", seconds=settings.studies.poll_interval_s,
                       id="studies.poll", max_instances=1, coalesce=True)
@@ -216,11 +261,12 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     if watchdog_usec:
         scheduler.add_job(sd_notify, "interval", seconds=max(watchdog_usec / 2e6, 1.0),
                           args=["WATCHDOG=1"], id="watchdog", max_instances=1, coalesce=True)
-    scheduler.start()
-    outbox.start()
+    return scheduler
 
-    receiver = Receiver(settings, spool, sessions)
-    ae = receiver.build_ae()
+
+def _listen(settings: Settings, ae: AE, receiver: Receiver, tls_context: ssl.SSLContext | None,
+            ) -> list[ThreadedAssociationServer]:
+    """Start the plain and/or TLS listeners; a port in use is an :class:`InUseError`."""
     ports: list[tuple[int, str, ssl.SSLContext | None]] = []
     if settings.tls.plain or not settings.tls.enabled:
         ports.append((settings.node.port, "node.port", None))
@@ -234,8 +280,6 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
         except OSError as exc:
             for started in servers:
                 started.shutdown()
-            scheduler.shutdown(wait=False)
-            outbox.stop(timeout=settings.node.shutdown_grace_s)
             if exc.errno == errno.EADDRINUSE:
                 raise InUseError(f"port {port} on {settings.node.host}",
                                  f" (another process listens there; set {key} or stop it)") from None
@@ -245,16 +289,14 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     log.info("node.listening", ae_title=settings.node.ae_title, host=settings.node.host,
              port=settings.node.port if settings.tls.plain or not settings.tls.enabled else None,
              tls_port=settings.tls.port if settings.tls.enabled else None,
-             data_dir=str(data_dir), version=__version__)
+             data_dir=str(settings.data_dir), version=__version__)
     if settings.tls.enabled:
         _log_certificate(settings.tls.certificate)
-    # The operations endpoint (/healthz, /readyz, /metrics); None when off or its port is taken.
-    ops = start_endpoint(settings, engine, sessions,
-                         hook.publish.manifest if isinstance(hook, Triage) else None, scheduler)
-    # The web console (dicomai.web); None when off (the default) or its port is taken.
-    web = start_console(settings, sessions, hook.publish.manifest if isinstance(hook, Triage) else None)
-    sd_notify("READY=1")
+    return servers
 
+
+def _wait_for_stop() -> None:
+    """Block until SIGTERM or SIGINT."""
     stop = threading.Event()
 
     def _signal(signum: int, _frame: FrameType | None) -> None:
@@ -265,25 +307,3 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     signal.signal(signal.SIGINT, _signal)
     while not stop.wait(0.5):
         pass
-    sd_notify("STOPPING=1")
-    # Stop accepting new associations but let running ones finish their stores.
-    for server in servers:
-        server.shutdown()
-    deadline = time.monotonic() + settings.node.shutdown_grace_s
-    while receiver.active and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if receiver.active:
-        log.warning("node.aborting_associations", active=receiver.active)
-    ae.shutdown()
-    scheduler.shutdown(wait=True)
-    outbox.stop(timeout=settings.node.shutdown_grace_s)
-    if ops is not None:
-        ops.stop()
-    if web is not None:
-        web.stop()
-    with sessions.begin() as s:
-        record_event(s, "node", "node.stopped")
-    engine.dispose()
-    log.info("node.stopped")
-    os.close(lock)
-    return 0
