@@ -275,3 +275,32 @@ def _concurrent_refusals(port: int) -> list[str]:
 
     with ThreadPoolExecutor(10) as pool:
         return [r for rs in pool.map(sender, range(10)) for r in rs]
+
+
+@pytest.mark.integration
+def test_unexpected_failure_answers_0110_and_keeps_the_object(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure nothing foresaw (here: recording the instance raises) answers 0x0110 and the
+    object is kept in quarantine with the reason, audited; the next instance is stored."""
+    settings = Settings(node=NodeConfig(data_dir=tmp_path / "data", port=free_port()))
+    _, files = make_study([shared_file("dx_image.dcm")], tmp_path / "s", copies=2)
+    calls: list[int] = []
+    real = Receiver._record
+
+    def record_once_broken(self: Receiver, *args: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("something nobody planned for")
+        return real(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Receiver, "_record", record_once_broken)
+    with serving(settings, open_database(f"sqlite:///{tmp_path / 'data' / 'audit.sqlite3'}")):
+        first = storescu(settings.node.port, files[:1])
+        second = storescu(settings.node.port, files[1:])
+    assert "0x0110" in first.stdout + first.stderr or first.returncode != 0
+    assert second.returncode == 0
+    db = sqlite3.connect(tmp_path / "data" / "audit.sqlite3")
+    (status, reason, path), = db.execute("select status, reason, path from quarantine").fetchall()
+    assert status == 0x0110 and "something nobody planned for" in reason
+    assert (tmp_path / "data" / path).is_file()
+    assert db.execute("select count(*) from instances").fetchone()[0] == 1

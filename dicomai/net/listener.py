@@ -315,7 +315,7 @@ class Receiver:
         except Exception as exc:  # the last net: never let a handler crash the association
             log.exception("instance.failed", association_id=assoc_id, error=repr(exc))
             self._audit("instance.failed", store.instance_failed, assoc_id, repr(exc))
-            status = STATUS_PROCESSING_FAILURE
+            status = self._keep_unexpected(event, assoc_id, exc)
         if status != STATUS_SUCCESS and stats is not None:
             stats.failures += 1
         return status
@@ -367,6 +367,21 @@ class Receiver:
                 stats.instances += 1
                 stats.bytes += received.size
         return STATUS_SUCCESS
+
+    def _keep_unexpected(self, event: Any, assoc_id: int | None, exc: Exception) -> int:
+        """0x0110 for a failure nothing foresaw, with the object kept in quarantine for
+        inspection (when its bytes can still be had)."""
+        failure = IngestError(STATUS_PROCESSING_FAILURE, f"unexpected failure: {exc!r}"[:1024])
+        try:
+            data: bytes = event.encoded_dataset(include_meta=False)
+            meta: FileMetaDataset = event.file_meta
+            encoded = encode_header(meta) + data
+            return self._quarantine(failure, encoded, hashlib.sha256(encoded).hexdigest(),
+                                    str(meta.TransferSyntaxUID),
+                                    str(event.request.AffectedSOPInstanceUID or ""), event, assoc_id)
+        except Exception:  # noqa: BLE001 -- the status stands even when nothing can be kept
+            log.exception("quarantine.write_failed", association_id=assoc_id)
+            return STATUS_PROCESSING_FAILURE
 
     def _refuse(self, exc: IngestError, assoc_id: int | None, sop_uid: str | None) -> int:
         """Answer ``exc.status`` for an instance not kept; audit it if the database can."""
