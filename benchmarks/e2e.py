@@ -48,7 +48,12 @@ ENV = {**os.environ, "TCP_NODELAY": "1"}  # Debian dcmtk: no Nagle stalls
 def views(out: Path) -> list[Path]:
     """The two uncompressed CR views every study is made of."""
     out.mkdir(parents=True)
-    rg3 = Path(str(get_testdata_file("RG3_UNCR.dcm")))
+    # RG3 is a distal tibia tagged EXTREMITY, a catch-all outside the model's validated scope:
+    # tag it as what it shows so that both views are analysed.
+    rg3 = out / "rg3.dcm"
+    ds = dcmread(get_testdata_file("RG3_UNCR.dcm"))
+    ds.BodyPartExamined = "TIBIA"
+    ds.save_as(rg3, enforce_file_format=True)
     rg2 = out / "rg2.dcm"
     ds = dcmread(SHARED / "RG2_JPLL.dcm")
     ds.decompress()
