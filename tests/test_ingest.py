@@ -30,7 +30,7 @@ from tests.helpers import (
     dcmtk,
     free_port,
     make_study,
-    missing,
+    mounted_tmpfs,
     pydicom_data,
     shared_file,
     storescu,
@@ -342,17 +342,9 @@ def test_association_limit_rejects_and_audits(node_factory: type[Node], tmp_path
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 20 MiB tmpfs: a disk that really fills (root only; CI runs as root)."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", str(mount)],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        missing(f"a tmpfs mount (root and CAP_SYS_ADMIN): {out.stderr.strip()}")
-    try:
+    """A 20 MiB tmpfs: a disk that really fills."""
+    with mounted_tmpfs(tmp_path / "tmpfs", 20) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def _fill(directory: Path) -> None:

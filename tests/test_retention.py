@@ -39,7 +39,7 @@ from dicomai.store.models import (
     Study,
     utcnow,
 )
-from tests.helpers import Node, Orthanc, free_port, make_study, missing, pydicom_data, storescu
+from tests.helpers import Node, Orthanc, free_port, make_study, mounted_tmpfs, pydicom_data, storescu
 from tests.test_delivery import _config, _wait
 from tests.test_ingest import _send_file
 
@@ -270,17 +270,9 @@ def test_purge_killed_midway_is_consistent(store: tuple[Path, sessionmaker[Sessi
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 128 MiB tmpfs: a disk that really fills (root only; CI runs as root)."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m,mode=0700", "tmpfs", str(mount)],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        missing(f"a tmpfs mount (root and CAP_SYS_ADMIN): {out.stderr.strip()}")
-    try:
+    """A 128 MiB tmpfs: a disk that really fills."""
+    with mounted_tmpfs(tmp_path / "tmpfs", 128) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def _hand_study(out_dir: Path) -> tuple[str, list[Path]]:
