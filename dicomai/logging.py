@@ -76,7 +76,9 @@ def configure_logging(config: LoggingConfig, stream: object | None = None) -> No
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=out),  # type: ignore[arg-type]
+        # One write per record (message and newline together), as the stdlib handler below
+        # does: two writers on one stream then cannot splice a line into another one.
+        logger_factory=structlog.WriteLoggerFactory(file=out),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     # pynetdicom logs every PDU at INFO and may print identifiers from requests; keep it

@@ -359,7 +359,10 @@ def _peak_rss_mb(node: Node) -> float:
 def _log_problems(node: Node) -> list[str]:
     """Lines that are not JSON, crashed threads and tracebacks from dicomai's own loggers."""
     problems = []
-    for line in node.log().splitlines():
+    text = node.log()
+    # The node is still running: its last line may be half written; judge complete lines only.
+    complete = text[: text.rfind("\n") + 1]
+    for line in complete.splitlines():
         if not line.strip():
             continue
         try:

@@ -245,6 +245,31 @@ def test_stdlib_logs_are_structlog_json() -> None:
     assert "ValueError: bad PDU" in records[0]["exception"]
 
 
+def test_every_log_record_is_one_write() -> None:
+    """Each record, ours or a library's, reaches the stream in one write of a whole line, so
+    records written from two threads (structlog and the stdlib handler hold different locks)
+    can never splice into one line that is not JSON."""
+
+    class Writes(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.calls.append(text)
+            return super().write(text)
+
+    out = Writes()
+    configure_logging(LoggingConfig(format=LogFormat.JSON), stream=out)
+    import structlog
+
+    structlog.get_logger("dicomai.test").info("study.classified", images=2)
+    logging.getLogger("pynetdicom").warning("a library's warning")
+    assert len(out.calls) == 2
+    assert all(call.endswith("\n") and call.count("\n") == 1 for call in out.calls)
+    assert [json.loads(call)["event"] for call in out.calls] == ["study.classified", "a library's warning"]
+
+
 @pytest.mark.integration
 def test_concurrent_senders_at_the_association_limit(tmp_path: Path) -> None:
     """10 senders in parallel, each opening associations back to back, against
