@@ -223,8 +223,11 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     ops = start_endpoint(settings, engine, sessions, manifest, scheduler)
     # The web console (dicomai.web); None when off (the default) or its port is taken.
     web = start_console(settings, sessions, manifest)
+    # Handlers before READY: a supervisor may send SIGTERM the moment it reads READY=1.
+    stop = _stop_on_signal()
     sd_notify("READY=1")
-    _wait_for_stop()
+    while not stop.wait(0.5):
+        pass
     sd_notify("STOPPING=1")
     # Stop accepting new associations but let running ones finish their stores.
     for server in servers:
@@ -295,8 +298,8 @@ def _listen(settings: Settings, ae: AE, receiver: Receiver, tls_context: ssl.SSL
     return servers
 
 
-def _wait_for_stop() -> None:
-    """Block until SIGTERM or SIGINT."""
+def _stop_on_signal() -> threading.Event:
+    """An event that SIGTERM or SIGINT sets (from now on)."""
     stop = threading.Event()
 
     def _signal(signum: int, _frame: FrameType | None) -> None:
@@ -305,5 +308,4 @@ def _wait_for_stop() -> None:
 
     signal.signal(signal.SIGTERM, _signal)
     signal.signal(signal.SIGINT, _signal)
-    while not stop.wait(0.5):
-        pass
+    return stop
