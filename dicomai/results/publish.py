@@ -146,7 +146,9 @@ class Publisher:
         items += [(i.analysis.grade, i.analysis.probability) for i in analysis.images]
         grade, probability = grade_study(items)
         plan = self._plan(analysis, outputs)
-        regions = self._regions(analysis)
+        cams = self._maps(analysis)
+        regions = {i.instance.instance_id: hotspot_box(cams[i.instance.instance_id][0])
+                   for i in analysis.images if i.analysis.analysed and i.instance.instance_id in cams}
         report, failures = self._report(analysis, outputs, plan, grade, probability, regions)
         states, state_failures = self._presentations(analysis, outputs, regions)
         keys, key_failures = self._key_objects(analysis, outputs, grade)
@@ -162,7 +164,7 @@ class Publisher:
                                   self.settings.results.shadow, utcnow())
         self.kick(queued)
         flagged_s = time.perf_counter() - started
-        made = self._maps_and_captures(analysis, plan, ids)
+        made = self._maps_and_captures(analysis, plan, ids, cams)
         log.info("study.classified", study_uid=work.study_instance_uid, images=len(analysis.images),
                  positive=analysis.count(Grade.POSITIVE), doubtful=analysis.count(Grade.DOUBTFUL),
                  failed=analysis.count(Grade.FAILED), not_analysed=analysis.count(Grade.NOT_ANALYSED),
@@ -189,10 +191,16 @@ class Publisher:
         return _Plan(series_uid, sc)
 
     @staticmethod
-    def _regions(analysis: StudyAnalysis) -> dict[int, Box | None]:
-        """Each analysed image's hotspot on the source (None: no map, or an empty one)."""
-        return {i.instance.instance_id: hotspot_box(i.analysis.gradcam.on_image())
-                for i in analysis.images if i.analysis.gradcam is not None and i.analysis.analysed}
+    def _maps(analysis: StudyAnalysis) -> dict[int, tuple[FloatImage, float]]:
+        """Each image's Grad-CAM map on its own geometry, drawn once for the region, the kept map
+        and the SC, with the milliseconds it took."""
+        maps: dict[int, tuple[FloatImage, float]] = {}
+        for image in analysis.images:
+            if image.analysis.gradcam is not None:
+                t0 = time.perf_counter()
+                cam = image.analysis.gradcam.on_image()
+                maps[image.instance.instance_id] = (cam, (time.perf_counter() - t0) * 1e3)
+        return maps
 
     # -- the SR --------------------------------------------------------------------------------
 
@@ -289,8 +297,9 @@ class Publisher:
 
     # -- maps and SCs --------------------------------------------------------------------------
 
-    def _maps_and_captures(self, analysis: StudyAnalysis, plan: _Plan, prediction_ids: dict[int, int]) -> int:
-        """Full-size maps (kept, reduced), SCs made and queued. Returns how many SCs."""
+    def _maps_and_captures(self, analysis: StudyAnalysis, plan: _Plan, prediction_ids: dict[int, int],
+                           cams: dict[int, tuple[FloatImage, float]]) -> int:
+        """Full-size maps kept (reduced), SCs made and queued. Returns how many SCs."""
         work = analysis.work
         try:
             inputs: list[_ScInput] = []
@@ -298,11 +307,11 @@ class Publisher:
             for image in analysis.images:
                 a, iid = image.analysis, image.instance.instance_id
                 cam = None
-                if a.gradcam is not None:
+                if iid in cams:
+                    cam, drawn_ms = cams[iid]
                     t0 = time.perf_counter()
-                    cam = a.gradcam.on_image()
                     path = self._save_map(work.study_instance_uid, image.instance.sop_instance_uid, cam)
-                    paths[iid] = (path, (time.perf_counter() - t0) * 1e3)
+                    paths[iid] = (path, drawn_ms + (time.perf_counter() - t0) * 1e3)
                 planned = plan.sc.get(iid)
                 if planned and a.source is not None and a.display is not None and a.probability is not None:
                     inputs.append(_ScInput(iid, a.source, a.grade, a.probability, a.display, cam, *planned))
