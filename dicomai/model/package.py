@@ -28,6 +28,7 @@ __all__ = [
     "Preprocessing",
     "Reference",
     "ScoreReference",
+    "StrictModel",
     "load_package",
     "sha256_file",
 ]
@@ -43,11 +44,13 @@ class ModelError(DicomaiError):
         self.path = path
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A manifest-like JSON object: unknown keys refused, values frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class InputSpec(_Strict):
+class InputSpec(StrictModel):
     name: str
     height: int = Field(gt=0)
     width: int = Field(gt=0)
@@ -55,19 +58,19 @@ class InputSpec(_Strict):
     layout: Literal["NCHW"] = "NCHW"
 
 
-class Preprocessing(_Strict):
+class Preprocessing(StrictModel):
     resize: Literal["letterbox"] = "letterbox"
     pad_value: float = 0.0
     mean: list[float]
     std: list[float]
 
 
-class Outputs(_Strict):
+class Outputs(StrictModel):
     probabilities: str
     gradcam: str | None = None
 
 
-class OperatingPoints(_Strict):
+class OperatingPoints(StrictModel):
     """Probability thresholds: doubtful at or above the first, positive at or above the second."""
 
     high_sensitivity: float = Field(ge=0, le=1)
@@ -80,7 +83,7 @@ class OperatingPoints(_Strict):
         return self
 
 
-class ScoreReference(_Strict):
+class ScoreReference(StrictModel):
     """Where the validation set's probabilities fall, for the drift watch (``dicomai model drift``).
 
     ``edges`` are the inner edges of equal-count bins (the deciles: 9 edges, 10 bins), so each
@@ -100,7 +103,7 @@ class ScoreReference(_Strict):
         return self
 
 
-class Reference(_Strict):
+class Reference(StrictModel):
     """Reference distributions of the validation set."""
 
     scores: ScoreReference
@@ -111,7 +114,7 @@ WeightStorage = Literal["float32", "float16"]
 WEIGHT_STORAGE: tuple[str, ...] = get_args(WeightStorage)
 
 
-class Manifest(_Strict):
+class Manifest(StrictModel):
     name: str
     version: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")

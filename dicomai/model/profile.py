@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from dicomai.errors import DicomaiError
-from dicomai.model.package import ModelPackage, OperatingPoints
+from dicomai.model.package import ModelPackage, OperatingPoints, StrictModel
 
 __all__ = ["PROFILE_NAME", "BodyPartPoints", "ProfileError", "SiteProfile", "load_profile",
            "profile_for", "save_profile"]
@@ -36,11 +36,7 @@ class ProfileError(DicomaiError):
         self.path = path
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BodyPartPoints(_Strict):
+class BodyPartPoints(StrictModel):
     """Operating points of one body part whose own sample met the targets."""
 
     operating_points: OperatingPoints
@@ -48,7 +44,7 @@ class BodyPartPoints(_Strict):
     positives: int = Field(ge=0)
 
 
-class SiteProfile(_Strict):
+class SiteProfile(StrictModel):
     """Who calibrated which model, when, on how many cases, and the thresholds it gave."""
 
     model_name: str
