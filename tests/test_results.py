@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -233,3 +234,63 @@ def test_sr_supersedes_previous(tmp_path: Path) -> None:
     path = tmp_path / "sr2.dcm"
     second.save_as(path)
     assert _dciodvfy(path) == []
+
+
+def _not_analysed_run(tmp_path: Path, toml: str = "", body_part: str = "CHEST",
+                      manufacturer: str | None = None) -> list[Path]:
+    """A two-image study with nothing in scope through the node's stage; the SR files made."""
+    from sqlalchemy import select
+
+    from dicomai.config import load_settings
+    from dicomai.model.classifier import Classifier
+    from dicomai.node import Triage
+    from dicomai.store import ResultObject, StudyState, make_sessionmaker, open_database
+    from dicomai.studies import StudyMonitor
+    from tests.helpers import make_study
+    from tests.test_pipeline import _rows
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    settings = load_settings(cfg, environ={"DICOMAI_NODE__DATA_DIR": str(tmp_path / "data")})
+    sessions = make_sessionmaker(open_database(settings.database_url))
+    model = hot_spot_model(tmp_path / "model")
+    manifest = json.loads((model / "model.json").read_text())
+    manifest["body_parts"] = ["HAND", "WRIST"]  # as a real model's validated scope
+    (model / "model.json").write_text(json.dumps(manifest))
+    pkg = load_package(model)
+    monitor = StudyMonitor(sessions, Path("/"), 0.0, Triage(settings, sessions, pkg, Classifier(pkg)))
+    study_uid, paths = make_study([pydicom_data("RG3_UNCR.dcm")], tmp_path / "s", copies=2,
+                                  body_part=body_part)
+    if manufacturer is not None:
+        for p in paths:
+            ds = dcmread(p)
+            ds.Manufacturer = manufacturer
+            ds.save_as(p)
+    _rows(sessions, study_uid, [(dcmread(p, stop_before_pixels=True).SOPInstanceUID, p) for p in paths],
+          state=StudyState.RECEIVING)
+    assert monitor.poll() == 1
+    with sessions() as s:
+        rows = list(s.scalars(select(ResultObject).where(ResultObject.kind == "sr")))
+    return [tmp_path / "data" / str(r.path) for r in rows]
+
+
+def test_study_with_nothing_in_scope_gets_a_not_analysed_sr(tmp_path: Path) -> None:
+    """A chest study: one SR, "NOT ANALYSED" in its description, every image "Not performed"
+    with the scope rule as the reason, no finding value, no study result; valid DICOM."""
+    (path,) = _not_analysed_run(tmp_path)
+    assert _dciodvfy(path) == []
+    sr = dcmread(path)
+    assert sr.SeriesDescription == "AI fracture: NOT ANALYSED"
+    dump = subprocess.run([dcmtk("dsrdump"), "+Pc", "+Pl", str(path)], capture_output=True, text=True)
+    assert dump.returncode == 0, dump.stderr
+    assert dump.stdout.count('(262008008,SCT,"Not performed")') == 2
+    assert dump.stdout.count("body part not analysed: CHEST (outside the model's validated scope)") == 2
+    assert '(C0034375,UMLS,"Qualitative Evaluations")' not in dump.stdout
+    assert "Present" not in dump.stdout and "Absent" not in dump.stdout
+
+
+def test_not_analysed_sr_can_be_turned_off_and_is_not_made_for_own_objects(tmp_path: Path) -> None:
+    """``results.not_analysed_sr = false``: no SR; the node's own objects routed back: no SR."""
+    assert _not_analysed_run(tmp_path / "off", "[results]\nnot_analysed_sr = false\n") == []
+    assert _not_analysed_run(tmp_path / "own", body_part="HAND", manufacturer="dicomai") == []

@@ -11,9 +11,11 @@ from pydicom.dataset import Dataset
 
 from dicomai.config import ScopeConfig
 
-__all__ = ["KNOWN_BODY_PARTS", "OUTSIDE_VALIDATED_SCOPE", "OWN_MANUFACTURER", "out_of_scope"]
+__all__ = ["KNOWN_BODY_PARTS", "OUTSIDE_VALIDATED_SCOPE", "OWN_MANUFACTURER", "OWN_RESULT", "out_of_scope"]
 
 OWN_MANUFACTURER = "dicomai"
+#: The reason given for the node's own objects routed back to it.
+OWN_RESULT = "dicomai's own result"
 OUTSIDE_VALIDATED_SCOPE = "outside the model's validated scope"
 
 #: Common defined terms of Body Part Examined (PS3.16 Annex L). A value outside this list is
@@ -34,7 +36,7 @@ def _norm(value: object) -> str:
 def out_of_scope(ds: Dataset, scope: ScopeConfig, model_body_parts: list[str]) -> str | None:
     """Why this image is not analysed, or ``None`` when it is in scope."""
     if _norm(ds.get("Manufacturer")) == OWN_MANUFACTURER.upper():
-        return "dicomai's own result"
+        return OWN_RESULT
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class not in scope.sop_classes:
         name = getattr(ds.get("SOPClassUID"), "name", sop_class)

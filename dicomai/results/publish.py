@@ -15,10 +15,11 @@ For each run on a study, :class:`Publisher`
    image analysed in this run (all SCs of a study share one series), records and queues them.
 
 Objects are written under ``data_dir/results/<StudyInstanceUID>/`` (fsynced, then renamed).
-A study with no image in scope gets no SR; a re-opened study whose new images are all out of
-scope gets no new SR either. An object that cannot be made is audited as ``result.failed``
-and never stops the predictions from being recorded. A missing grade is never read as
-"no fracture": that SC is not made, and the failure is audited.
+A study with no image in scope gets an SR that says so (``results.not_analysed_sr``); a
+re-opened study whose new images are all out of scope gets no new SR. An object that
+cannot be made is audited as ``result.failed`` and never stops the predictions from being
+recorded. A missing grade is never read as "no fracture": that SC is not made, and the
+failure is audited.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomai.analysis.scope import OWN_RESULT
 from dicomai.analysis.study import AnalysedImage, StudyAnalysis
 from dicomai.config import Output, Settings
 from dicomai.imaging.pixels import FloatImage, decode, resize, to_display
@@ -207,8 +209,10 @@ class Publisher:
     def _report(self, analysis: StudyAnalysis, outputs: store.StudyOutputs, plan: _Plan, grade: Grade,
                 probability: float | None, regions: dict[int, Box | None],
                 ) -> tuple[list[store.NewObject], list[tuple[str, str | None, str]]]:
-        """The study's SR, written; nothing when no SR is wanted or nothing new is in scope."""
-        if not self.wants(Output.SR) or not any(i.analysis.grade in _REPORTED for i in analysis.images):
+        """The study's SR, written; nothing when no SR is wanted or nothing new is in scope,
+        except the first run on a study with nothing in scope: its SR says so
+        (``results.not_analysed_sr``), so the PACS shows that the node saw the study."""
+        if not self.wants(Output.SR) or not self._reportable(analysis, outputs):
             return [], []
         study_uid = analysis.work.study_instance_uid
         findings: list[ImageFinding] = []
@@ -240,6 +244,16 @@ class Publisher:
         except Exception as exc:  # audited; the predictions are still recorded
             log.exception("result.sr_failed", study_uid=study_uid)
             return [], [("sr", None, repr(exc))]
+
+    def _reportable(self, analysis: StudyAnalysis, outputs: store.StudyOutputs) -> bool:
+        """Whether this run changes what the study's SR says: an image with a result, or a
+        study seen for the first time with nothing in scope (not the node's own objects
+        routed back: an SR about them would say nothing a radiologist needs)."""
+        if any(i.analysis.grade in _REPORTED for i in analysis.images):
+            return True
+        return (self.settings.results.not_analysed_sr and outputs.previous_sr is None
+                and any(i.analysis.grade == Grade.NOT_ANALYSED and i.analysis.reason != OWN_RESULT
+                        for i in analysis.images))
 
     # -- presentation states -------------------------------------------------------------------
 

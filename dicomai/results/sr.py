@@ -63,7 +63,7 @@ def short_reason(grade: Grade, reason: str | None) -> str:
     """Why an image has no result, in a few words a radiologist can read: the scope rule that
     left it out, or what failed, never the exception's text."""
     if grade == Grade.NOT_ANALYSED:
-        return (reason or "not in scope").splitlines()[0][:64]
+        return (reason or "not in scope").splitlines()[0][:160]
     head = (reason or "").split(":", 1)[0].strip()
     return head if head in _FAILURES else "analysis failed"
 
