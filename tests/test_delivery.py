@@ -22,7 +22,17 @@ from pydicom.dataset import Dataset
 
 from dicomai.deliver.outbox import Outcome, backoff_s, status_outcome
 from dicomai.results.sc import SC_SERIES_DESCRIPTION
-from tests.helpers import TIBIA, Node, Orthanc, dcmtk, make_study, pydicom_data, shared_file, storescu
+from tests.helpers import (
+    TIBIA,
+    Node,
+    Orthanc,
+    dcmtk,
+    free_port,
+    make_study,
+    pydicom_data,
+    shared_file,
+    storescu,
+)
 from tests.test_results import _dciodvfy
 
 _FRACTURE = "125605004"
@@ -137,14 +147,17 @@ def test_status_outcomes_and_backoff() -> None:
 
 
 def test_results_reach_orthanc(node_factory: type[Node], tmp_path: Path, db_url: str) -> None:
-    """Orthanc forwards a two-view study; 2 SC and 1 SR come back into the same study.
+    """Orthanc forwards a two-view study; 2 SC (JPEG-LS lossless), 1 SR, 2 GSPS and, for a
+    positive study, a KOS come back into the same study.
 
     The SR's findings and probabilities equal the audit database; every object the node wrote
-    passes dciodvfy without errors; the SC renders (dcmj2pnm) with caption band and heat map.
+    passes dciodvfy without errors; the SC renders (dcmj2pnm) with caption band and heat map;
+    each GSPS and the KOS reference the study's own images.
     """
     orthanc = Orthanc(tmp_path / "orthanc", {})
     node = node_factory(data_dir=tmp_path / "data", db_url=db_url,
-                        config=_config(tmp_path / "n.toml", orthanc.dicom_port))
+                        config=_config(tmp_path / "n.toml", orthanc.dicom_port,
+                                       outputs='["sc", "sr", "gsps", "kos"]'))
     orthanc.modalities = {"dicomai": ("DICOMAI", "127.0.0.1", node.port)}
     orthanc.start()
     try:
@@ -155,12 +168,16 @@ def test_results_reach_orthanc(node_factory: type[Node], tmp_path: Path, db_url:
         (orthanc_study,) = orthanc.get("/studies")
         job = orthanc.post("/modalities/dicomai/store", {"Resources": [orthanc_study], "Synchronous": True})
         assert job.get("FailedInstancesCount", 0) == 0, job
-        _wait(lambda: [r["state"] for r in _outbox(node)] == ["sent"] * 3, 90, "SC, SC and SR sent")
+        _wait(lambda: (len(_outbox(node)) >= 5 and {r["state"] for r in _outbox(node)} == {"sent"}), 90,
+              "SC, SC, SR, GSPS, GSPS (and a KOS) sent")
+        positive = node.study(study_uid)["grade"] == "positive"
         series = orthanc.study_series(study_uid)
-        assert len(series) == 4
         by_desc = {x["MainDicomTags"].get("SeriesDescription", ""): x for x in series}
+        modalities = sorted(x["MainDicomTags"]["Modality"] for x in series)
+        # the sources, the SCs, the SR, the GSPS (a series per laterality) and the KOS
+        assert [m for m in modalities if m != "PR"] == ["CR", "CR"] + ["KO"] * positive + ["OT", "SR"]
         sc_series = by_desc[SC_SERIES_DESCRIPTION]
-        (sr_desc,) = [d for d in by_desc if d.startswith("AI fracture:")]
+        (sr_desc,) = [d for d, x in by_desc.items() if x["MainDicomTags"]["Modality"] == "SR"]
         assert len(sc_series["Instances"]) == 2 and len(by_desc[sr_desc]["Instances"]) == 1
         assert sc_series["MainDicomTags"]["Modality"] == "OT"
         assert by_desc[sr_desc]["MainDicomTags"]["Modality"] == "SR"
@@ -170,6 +187,22 @@ def test_results_reach_orthanc(node_factory: type[Node], tmp_path: Path, db_url:
         for ds in [sr, *scs]:
             assert ds.StudyInstanceUID == study_uid and ds.PatientID == "PID-SECRET-42"
         assert {sc.SourceImageSequence[0].ReferencedSOPInstanceUID for sc in scs} == set(originals)
+        assert {sc.file_meta.TransferSyntaxUID for sc in scs} == {"1.2.840.10008.1.2.4.80"}  # JPEG-LS
+
+        # The presentation states and the key objects, as Orthanc keeps them.
+        states = [_download(orthanc, i) for x in series if x["MainDicomTags"]["Modality"] == "PR"
+                  for i in x["Instances"]]
+        assert len(states) == 2
+        shown = {ds.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID
+                 for ds in states}
+        assert shown == set(originals) and all(ds.StudyInstanceUID == study_uid for ds in states)
+        kos_series = [x for x in series if x["MainDicomTags"]["Modality"] == "KO"]
+        assert len(kos_series) == positive
+        for ko in kos_series:
+            (kos,) = [_download(orthanc, i) for i in ko["Instances"]]
+            keys = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in kos.ContentSequence
+                    if i.ValueType == "IMAGE"}
+            assert keys and keys <= set(originals)
 
         # The SR says what the audit database says.
         db = node.study(study_uid)
@@ -194,7 +227,7 @@ def test_results_reach_orthanc(node_factory: type[Node], tmp_path: Path, db_url:
 
         # Delivered once each, on the first attempt; the files the node kept are valid DICOM.
         rows = _outbox(node)
-        assert sorted(r["kind"] for r in rows) == ["sc", "sc", "sr"]
+        assert sorted(r["kind"] for r in rows) == ["gsps", "gsps"] + ["kos"] * positive + ["sc", "sc", "sr"]
         assert all(r["state"] == "sent" and r["attempts"] == 1 for r in rows), rows
         for r in db["results"]:
             path = node.data_dir / r["path"]
@@ -205,7 +238,8 @@ def test_results_reach_orthanc(node_factory: type[Node], tmp_path: Path, db_url:
         png = tmp_path / "sc.png"
         sc_file = tmp_path / "sc.dcm"
         scs[0].save_as(sc_file)
-        subprocess.run([dcmtk("dcmj2pnm"), "+on", str(sc_file), str(png)], check=True, capture_output=True)
+        # dcml2pnm: dcmtk's renderer with the JPEG-LS decoder (dcmj2pnm has only JPEG)
+        subprocess.run([dcmtk("dcml2pnm"), "+on", str(sc_file), str(png)], check=True, capture_output=True)
         rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
         source = dcmread(originals[scs[0].SourceImageSequence[0].ReferencedSOPInstanceUID],
                          stop_before_pixels=True)
@@ -349,3 +383,62 @@ def test_shadow_mode_and_reopened_study(node_factory: type[Node], tmp_path: Path
     assert _study_result(first_sr)[0] in _GRADE_CODE.values()
     for r in results:
         assert _dciodvfy(node.data_dir / r["path"]) == []
+
+
+@pytest.mark.parametrize(("accept_all", "syntax"), [(False, "1.2.840.10008.1.2.1"),
+                                                    (True, "1.2.840.10008.1.2.4.80")])
+def test_compressed_sc_is_sent_as_the_peer_accepts(tmp_path: Path, accept_all: bool, syntax: str) -> None:
+    """A JPEG-LS SC goes to dcmtk's storescp as it is when the peer accepts JPEG-LS (``+xa``),
+    decompressed when it accepts only uncompressed syntaxes (its default); the pixels arrive
+    unchanged either way."""
+    from dicomai.config import Destination, NodeConfig
+    from dicomai.net.sender import Attempt, send_batch
+
+    sc_path, _ = _make_sc(tmp_path)
+    port = free_port()
+    received = tmp_path / "received"
+    received.mkdir()
+    peer = subprocess.Popen([dcmtk("storescp"), *(["+xa"] if accept_all else []), "-aet", "PEER",
+                             "-od", str(received), str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: _listening(port), 10, "storescp listening")
+        attempts: list[Attempt] = []
+        dest = Destination(name="peer", ae_title="PEER", host="127.0.0.1", port=port)
+        batch = send_batch(NodeConfig(), dest, [(sc_path, str(dcmread(sc_path).SOPClassUID))],
+                           lambda _n, a: attempts.append(a))
+        assert batch.association_error is None and [a.status for a in attempts] == [0], attempts
+    finally:
+        peer.terminate()
+        peer.wait(10)
+    (got,) = received.iterdir()
+    back = dcmread(got)
+    assert back.file_meta.TransferSyntaxUID == syntax
+    assert np.array_equal(back.pixel_array, dcmread(sc_path).pixel_array)
+
+
+def _make_sc(tmp_path: Path) -> tuple[Path, Dataset]:
+    from highdicom import UID
+
+    from dicomai.imaging.pixels import to_display
+    from dicomai.model.grading import Grade
+    from dicomai.model.package import load_package
+    from dicomai.results.sc import secondary_capture
+    from tests.synthetic import hot_spot_model
+
+    pkg = load_package(hot_spot_model(tmp_path / "m"))
+    ds = dcmread(pydicom_data("RG3_UNCR.dcm"))
+    shown = to_display(ds).image
+    sc = secondary_capture(ds, shown, None, Grade.NEGATIVE, 0.1, pkg.manifest, UID(), max_side=512,
+                           compress=True)
+    path = tmp_path / "sc.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    assert dcmread(path).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"
+    return path, sc
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

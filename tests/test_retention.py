@@ -297,9 +297,13 @@ def test_disk_pressure_on_tmpfs_node_goes_on_accepting(node_factory: type[Node],
     """A tmpfs data dir filled past the high watermark: the node's scheduled purge deletes the
     oldest finished study (only it: below the low watermark then) and a C-STORE that the disk
     floor would have refused succeeds."""
+    # Uncompressed SCs: a study then takes about 16 MB (the 6.2 MB radiograph, a 10 MB SC; 1.2 MB
+    # in JPEG-LS), enough on this disk for one purge to go from above the high watermark to
+    # below the low one.
     node = node_factory(data_dir=tmpfs, env_extra={
         "DICOMAI_STORAGE__MIN_FREE_MB": "16", "DICOMAI_RETENTION__HIGH_WATERMARK_PCT": "85",
-        "DICOMAI_RETENTION__LOW_WATERMARK_PCT": "82", "DICOMAI_RETENTION__INTERVAL_MIN": "0.02"}).start()
+        "DICOMAI_RETENTION__LOW_WATERMARK_PCT": "82", "DICOMAI_RETENTION__INTERVAL_MIN": "0.02",
+        "DICOMAI_RESULTS__SC_COMPRESS": "false"}).start()
     uids = []
     for n in range(2):
         uid, files = _hand_study(tmp_path / f"s{n}")

@@ -85,6 +85,8 @@ class ResultsConfig(_Section):
     opacity: float = Field(0.45, ge=0, le=1)  # heat map weight where the map is at its maximum
     floor: float = Field(0.25, ge=0, lt=1)  # map values below this are not drawn
     sc_style: ScStyle = ScStyle.OUTLINE
+    # SCs kept JPEG-LS lossless; sent so to a destination that accepts it, else decompressed.
+    sc_compress: bool = True
     # A study with nothing in scope still gets an SR saying so, telling "not analysed" from
     # "still pending" in the PACS.
     not_analysed_sr: bool = True

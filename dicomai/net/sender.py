@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
@@ -63,7 +65,11 @@ def send_batch(node: NodeConfig, dest: Destination, files: Sequence[tuple[Path, 
     ae.acse_timeout = node.acse_timeout_s
     ae.dimse_timeout = node.dimse_timeout_s
     ae.network_timeout = node.network_timeout_s
-    for sop_class in dict.fromkeys(sop for _, sop in files):
+    for sop_class, syntaxes in _contexts(files).items():
+        # A compressed file's syntax in a context of its own, as storescu does: a peer that
+        # takes it gets the file as it is; one that does not still takes the uncompressed one.
+        for syntax in syntaxes:
+            ae.add_requested_context(sop_class, syntax)
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     answers: list[A_ASSOCIATE] = []  # the peer's A-ASSOCIATE-AC or -RJ
 
@@ -133,10 +139,29 @@ def send_batch(node: NodeConfig, dest: Destination, files: Sequence[tuple[Path, 
     return Batch(attempted)
 
 
+def _contexts(files: Sequence[tuple[Path, str]]) -> dict[str, list[str]]:
+    """Per SOP class, the compressed transfer syntaxes of its files (read from the File Meta
+    Information only); an unreadable file is left to the store attempt to report."""
+    contexts: dict[str, list[str]] = {}
+    for path, sop_class in files:
+        syntaxes = contexts.setdefault(sop_class, [])
+        try:
+            syntax = read_file_meta_info(path).TransferSyntaxUID
+        except (OSError, InvalidDicomError, AttributeError):
+            continue
+        if syntax.is_compressed and syntax not in syntaxes:
+            syntaxes.append(syntax)
+    return contexts
+
+
 def _store(assoc: Any, path: Path) -> Any:
-    """C-STORE streamed from the file (no decoding, little memory); when the peer took neither
-    of our uncompressed syntaxes as they are in the file, decode and let pynetdicom convert."""
+    """C-STORE streamed from the file (no decoding, little memory); when the peer took none of
+    our syntaxes as it is in the file, decode (decompress: a peer that refused the compressed
+    syntax gets the pixels uncompressed) and let pynetdicom convert."""
     try:
         return assoc.send_c_store(path)
     except ValueError:
-        return assoc.send_c_store(dcmread(path))
+        ds = dcmread(path)
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            ds.decompress()
+        return assoc.send_c_store(ds)

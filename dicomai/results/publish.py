@@ -120,7 +120,8 @@ class Publisher:
         src.ReferringPhysicianName = ""
         try:
             image = np.zeros((64, 64), dtype=np.float32)
-            sc = secondary_capture(src, image, image, Grade.NEGATIVE, 0.0, self.manifest, UID())
+            sc = secondary_capture(src, image, image, Grade.NEGATIVE, 0.0, self.manifest, UID(),
+                                   compress=self.settings.results.sc_compress)
             structured_report([ImageFinding(src, Grade.NEGATIVE, 0.0, None, sc)], Grade.NEGATIVE, 0.0,
                               self.manifest, (self.points.high_sensitivity, self.points.high_specificity),
                               series_uid=UID(), identity=src)
@@ -349,12 +350,12 @@ class Publisher:
         r = self.settings.results
         for i in inputs:
             try:
-                # Stored uncompressed: the sender proposes only uncompressed syntaxes and pynetdicom
-                # does not decode a JPEG-LS file for them, so a compressed SC could not be sent.
+                # Kept JPEG-LS lossless (a quarter of the size); a destination that does not
+                # accept it gets it decompressed by the sender.
                 sc = secondary_capture(i.source, i.display, i.cam, i.grade, i.probability, self.manifest,
                                        series_uid, instance_number=i.instance_number, max_side=r.max_side,
                                        opacity=r.opacity, floor=r.floor, sop_instance_uid=i.sop_instance_uid,
-                                       style=r.sc_style)
+                                       style=r.sc_style, compress=r.sc_compress)
                 made.append(self._write(Output.SC, sc, study_uid, grade=i.grade,
                                         source_instance_id=i.instance_id))
             except Exception as exc:  # one bad header must not cost the other images their SC
