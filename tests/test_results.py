@@ -28,7 +28,17 @@ def _dciodvfy(path: Path) -> list[str]:
     if tool is None:
         missing("dciodvfy (apt-get install dicom3tools)")
     out = subprocess.run([str(tool), str(path)], capture_output=True, text=True)
-    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith(("Error", "Warning"))]
+    # An empty Laterality is the truthful value for a paired body part whose source does not
+    # say (Type 2C); dciodvfy warns about every empty one.
+    if not dcmread(path, stop_before_pixels=True).get("Laterality", "?"):
+        lines = [line for line in lines if not line.endswith(_EMPTY_LATERALITY)]
+    return lines
+
+
+_EMPTY_LATERALITY = ("is only permitted to be empty when actually unknown; should be absent (not empty) "
+                     "if an unpaired body part, and have a value if a paired body part - attribute "
+                     "<Laterality>")
 
 
 def _make(tmp_path: Path, source: Path, max_side: int = 2048, **options: Any) -> tuple[Path, np.ndarray]:

@@ -14,6 +14,8 @@ from pydicom.dataset import Dataset
 
 from dicomai.model.grading import Grade
 from dicomai.model.package import Manifest, load_package
+from dicomai.results.gsps import presentation_state
+from dicomai.results.kos import key_objects
 from dicomai.results.sc import secondary_capture
 from dicomai.results.sr import ImageFinding, structured_report
 from tests.helpers import missing, shared_file
@@ -57,15 +59,18 @@ def _results(tmp_path: Path, source: Path, manifest: Manifest) -> list[Path]:
     sc = secondary_capture(ds, shown, shown, Grade.POSITIVE, 0.9, manifest, UID())
     sr = structured_report([ImageFinding(ds, Grade.POSITIVE, 0.9, None, sc)], Grade.POSITIVE, 0.9,
                            manifest, (0.3, 0.7), UID(), identity=ds)
+    gsps = presentation_state(ds, Grade.POSITIVE, 0.9, manifest, (1, 1, 8, 8), None, UID())
+    kos = key_objects([ds], manifest, UID(), ds)
     paths = []
-    for name, obj in (("sc", sc), ("sr", sr)):
+    for name, obj in (("sc", sc), ("sr", sr), ("gsps", gsps), ("kos", kos)):
         paths.append(tmp_path / f"{name}.dcm")
         obj.save_as(paths[-1])
     return paths
 
 
 def test_results_carry_the_whole_identity(tmp_path: Path) -> None:
-    """dcentvfy over the source and its SC and SR finds no patient or study inconsistency, and
+    """dcentvfy over the source and its SC, SR, GSPS and KOS finds no patient or study
+    inconsistency, and
     each result has the source's issuers, other IDs, study description, age and weight."""
     tool = shutil.which("dcentvfy")
     if tool is None:
