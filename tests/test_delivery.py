@@ -117,8 +117,10 @@ def _sr_groups(sr: Dataset) -> list[dict[str, Any]]:
                 and c.ConceptNameCodeSequence[0].CodeValue == _PROBABILITY]
         ident = [c.TextValue for c in content if c.ValueType == "TEXT"
                  and c.ConceptNameCodeSequence[0].CodeValue == "112039"]  # Tracking Identifier
+        region = [list(c.GraphicData) for c in content if c.ValueType == "SCOORD"]
         groups.append({"refs": refs, "finding": finding[0] if finding else None,
-                       "probability": prob[0] if prob else None, "id": ident[0] if ident else None})
+                       "probability": prob[0] if prob else None, "id": ident[0] if ident else None,
+                       "region": region[0] if region else None})
     return groups
 
 
@@ -379,6 +381,11 @@ def test_shadow_mode_and_reopened_study(node_factory: type[Node], tmp_path: Path
     assert results[2]["replaces"] == first_sr.SOPInstanceUID
     refs = {g["refs"][0] for g in _sr_groups(second_sr) if g["id"] != "study"}
     assert refs == {dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+    # The revision still says where the first run's finding is: the same region as before.
+    regions = {g["refs"][0]: g["region"] for g in _sr_groups(second_sr)}
+    (first,) = _sr_groups(first_sr)
+    assert first["region"] and regions[first["refs"][0]] == first["region"]
+    assert all(regions.values())
     assert len(_sr_groups(first_sr)) == 1  # one image; the study's result is at report level
     assert _study_result(first_sr)[0] in _GRADE_CODE.values()
     for r in results:

@@ -222,7 +222,7 @@ class Publisher:
             sc = (reference_header(study_uid, ref.series_instance_uid, SC_SOP_CLASS, ref.sop_instance_uid)
                   if ref else None)
             findings.append(ImageFinding(self._header(study_uid, e.ref), e.grade, e.probability, e.reason,
-                                         sc))
+                                         sc, self._earlier_region(e)))
         identity: Dataset | None = None
         for image in analysis.images:
             a, iid = image.analysis, image.instance.instance_id
@@ -255,6 +255,18 @@ class Publisher:
         return (self.settings.results.not_analysed_sr and outputs.previous_sr is None
                 and any(i.analysis.grade == Grade.NOT_ANALYSED and i.analysis.reason != OWN_RESULT
                         for i in analysis.images))
+
+    @staticmethod
+    def _earlier_region(image: store.RecordedImage) -> Box | None:
+        """An earlier run's image's region, drawn again from its kept grid, so that a revised SR
+        still says where each finding is; ``None`` when it has none or it cannot be drawn."""
+        if image.gradcam is None or image.grade not in (Grade.POSITIVE, Grade.DOUBTFUL, Grade.NEGATIVE):
+            return None
+        try:
+            return hotspot_box(image.gradcam.on_image())
+        except Exception:  # noqa: BLE001 -- the finding is still reported, without its region
+            log.warning("result.region_failed", sop_uid=image.ref.sop_instance_uid, exc_info=True)
+            return None
 
     # -- presentation states -------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ class RecordedImage:
     grade: Grade
     probability: float | None
     reason: str | None
+    gradcam: GradcamGrid | None = None  # its map's grid, for the region a revised SR repeats
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ def gather(session: Session, study_id: int, this_run: Sequence[int]) -> StudyOut
                                  ResultObject.series_instance_uid).where(
         ResultObject.study_id == study_id, ResultObject.kind == "sc").order_by(ResultObject.id)).all()
     rows = session.execute(select(Prediction.instance_id, Prediction.grade, Prediction.probability,
-                                  Prediction.reason)
+                                  Prediction.reason, Prediction.gradcam)
                            .where(Prediction.id.in_(latest_image_results(study_id)))
                            .order_by(Prediction.instance_id)).all()
     exclude = set(this_run)
@@ -195,7 +196,7 @@ def gather(session: Session, study_id: int, this_run: Sequence[int]) -> StudyOut
     return StudyOutputs(
         sc_series_uid=scs[0][2] if scs else None, sc_count=len(scs),
         sc_of={src: ScRef(uid, series) for src, uid, series in scs if src is not None},
-        earlier=[RecordedImage(refs[i], Grade(g), p, r) for i, g, p, r in rows
+        earlier=[RecordedImage(refs[i], Grade(g), p, r, _decode_gradcam(cam)) for i, g, p, r, cam in rows
                  if i is not None and i not in exclude],
         refs={i: refs[i] for i in this_run if i in refs},
         previous_sr=(previous[0], str(previous[1])) if previous else None,
