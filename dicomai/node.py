@@ -43,6 +43,7 @@ from dicomai.model.package import ModelPackage, load_package
 from dicomai.net.dimse import parse_instance
 from dicomai.net.listener import Receiver
 from dicomai.net.tls import check_key_permissions, client_context, read_certificates, server_context
+from dicomai.ops.drift import DriftWatch
 from dicomai.ops.endpoint import start_endpoint
 from dicomai.ops.retention import RetentionJob
 from dicomai.results.publish import Publisher
@@ -207,7 +208,8 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
                               "partial_files_removed": removed})
     log.info("node.config", config=masked(settings))
 
-    scheduler = _scheduler(settings, sessions, monitor)
+    drift = _drift_watch(settings, sessions, hook)
+    scheduler = _scheduler(settings, sessions, monitor, drift)
     scheduler.start()
     outbox.start()
     receiver = Receiver(settings, spool, sessions)
@@ -220,7 +222,7 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
         raise
     manifest = hook.publish.manifest if isinstance(hook, Triage) else None
     # The operations endpoint (/healthz, /readyz, /metrics); None when off or its port is taken.
-    ops = start_endpoint(settings, engine, sessions, manifest, scheduler)
+    ops = start_endpoint(settings, engine, sessions, manifest, scheduler, drift)
     # The web console (dicomai.web); None when off (the default) or its port is taken.
     web = start_console(settings, sessions, manifest)
     # Handlers before READY: a supervisor may send SIGTERM the moment it reads READY=1.
@@ -251,15 +253,26 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     return 0
 
 
+def _drift_watch(settings: Settings, sessions: sessionmaker[Session], hook: StudyHook) -> DriftWatch | None:
+    """The drift watch of the model in use; None without a model or a reference in its manifest."""
+    if not isinstance(hook, Triage) or hook.publish.manifest.reference is None:
+        return None
+    return DriftWatch(sessions, hook.publish.manifest, hook.publish.points, settings.model.drift_window_days)
+
+
 def _scheduler(settings: Settings, sessions: sessionmaker[Session], monitor: StudyMonitor,
-               ) -> BackgroundScheduler:
-    """The node's periodic jobs: the study monitor, retention, the systemd watchdog."""
+               drift: DriftWatch | None = None) -> BackgroundScheduler:
+    """The node's periodic jobs: the study monitor, retention, the drift watch, the systemd
+    watchdog."""
     scheduler = BackgroundScheduler(timezone="UTC")
     scheduler.add_job(monitor.poll, "interval", seconds=settings.studies.poll_interval_s,
                       id="studies.poll", max_instances=1, coalesce=True)
     # Retention: once at start (a node restarted on a full disk frees it first), then every interval.
     scheduler.add_job(RetentionJob(settings, sessions), "interval", minutes=settings.retention.interval_min,
                       id="retention.purge", max_instances=1, coalesce=True, next_run_time=utcnow())
+    if drift is not None:
+        scheduler.add_job(drift.check, "interval", minutes=settings.model.drift_check_min, id="model.drift",
+                          max_instances=1, coalesce=True)
     watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
     if watchdog_usec:
         scheduler.add_job(sd_notify, "interval", seconds=max(watchdog_usec / 2e6, 1.0),

@@ -118,6 +118,10 @@ def test_prometheus_reads_the_counters_of_a_study(node_factory: type[Node], tmp_
     assert float(received["value"][1]) >= sum(f.stat().st_size for f in files) * 0.9
     (model,) = query(prom, "dicomai_model_info")
     assert model["metric"]["name"] and model["metric"]["version"]
+    # The drift watch of the shipped model (it has a reference): three images, too few to say.
+    wait_value(prom, 'dicomai_model_drift_images{group="all"}', 3)
+    wait_value(prom, 'dicomai_model_drift_images{group="body_part=HIP"}', 3)
+    wait_value(prom, 'dicomai_model_drifted{group="all"}', 0)
     (free,) = query(prom, "dicomai_disk_free_bytes")
     assert float(free["value"][1]) > 0
     (up,) = query(prom, 'up{job="dicomai"}')

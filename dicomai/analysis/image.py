@@ -21,6 +21,7 @@ from dicomai.analysis.scope import out_of_scope
 from dicomai.config import ScopeConfig, Settings
 from dicomai.imaging.gradcam import GradcamGrid
 from dicomai.imaging.pixels import FloatImage, NormalizeError, Window, decode, to_display
+from dicomai.imaging.stats import ImageStats, image_stats
 from dicomai.model.classifier import Classifier, ModelInput, preprocess
 from dicomai.model.grading import Grade, grade_image
 from dicomai.model.package import ModelPackage, OperatingPoints
@@ -83,6 +84,7 @@ class ImageAnalysis:
     window: Window | None = None
     gradcam: GradcamGrid | None = None  # None when the model has no map or none was made
     points: OperatingPoints | None = None  # the thresholds the grade was given by
+    stats: ImageStats | None = None  # for the drift watch, analysed images only
     timings: Timings = field(default_factory=Timings)
 
     @property
@@ -166,6 +168,7 @@ class Analyser:
             return result, None
         result.window = shown.window
         result.display = shown.image
+        result.stats = image_stats(ds, shown.image)
         result.timings = Timings(decode_ms=(t1 - t0) * 1e3, normalize_ms=(t2 - t1) * 1e3)
         return result, model_input
 

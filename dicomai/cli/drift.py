@@ -2,9 +2,12 @@
 
 Prints the population stability index (PSI) of the analysed images' probabilities against
 the reference in the model's manifest, and the share flagged at each operating point, for
-all images and per body part; warns (stderr and the log) when the PSI of all images passes
-0.2 on at least 100 images. Per body part the PSI is against the reference of all regions
-together, so a site's mix of body parts shows in it: it is shown, not warned on.
+all images, per body part and per manufacturer, with the PSI of the images' windowed mean
+intensities where the manifest has their reference, and each group's median matrix size and
+bit depths; warns (stderr and the log) when the scores' PSI of all images passes 0.2 on at
+least 100 images (the intensities' is shown only: see ``Drift.drifted``). Per group the PSI
+is against the reference of all regions together, so a site's mix of body parts shows in
+it: it is shown, not warned on.
 """
 
 from __future__ import annotations
@@ -33,17 +36,13 @@ def register(subparsers: Subparsers[argparse.ArgumentParser], common: argparse.A
     p.set_defaults(func=cmd_model_drift)
 
 
-def _rate(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def cmd_model_drift(args: argparse.Namespace, settings: Settings) -> int:
     """Print the drift figures; exit 2 when the model has no reference distribution."""
     from dicomai.analysis.image import operating_points
     from dicomai.cli.model import model_dir
-    from dicomai.model.drift import MIN_IMAGES, PSI_WARN, drift
+    from dicomai.model.drift import MIN_IMAGES, PSI_WARN, watch
     from dicomai.model.package import load_package
-    from dicomai.store.drift import image_scores
+    from dicomai.store.drift import image_samples
 
     package = load_package(model_dir(settings, None), check_hash=False)
     reference = package.manifest.reference
@@ -52,33 +51,48 @@ def cmd_model_drift(args: argparse.Namespace, settings: Settings) -> int:
               "distribution in its manifest", file=sys.stderr)
         return ExitCode.USAGE
     with sessions(settings)() as s:
-        rows = image_scores(s, since=args.since, model_sha256=package.manifest.sha256)
-    points = operating_points(settings, package)
-    overall = drift(reference.scores, [p for p, _ in rows], points)
-    parts = sorted({(part or "").upper() for _, part in rows})
-    by_part = {part or "(none)": drift(reference.scores, [p for p, bp in rows if (bp or "").upper() == part],
-                                       points) for part in parts}
+        samples = image_samples(s, since=args.since, model_sha256=package.manifest.sha256)
+    groups = watch(reference, samples, operating_points(settings, package))
+    overall = groups["all"]
+    by_part = {k.split("=", 1)[1]: v for k, v in groups.items() if k.startswith("body_part=")}
+    by_maker = {k.split("=", 1)[1]: v for k, v in groups.items() if k.startswith("manufacturer=")}
     if overall.drifted:
-        structlog.get_logger("dicomai").warning("model.drift", psi=round(overall.psi or 0.0, 4),
-                                                images=overall.images, threshold=PSI_WARN)
+        structlog.get_logger("dicomai").warning(
+            "model.drift", psi=_round(overall.psi), intensity_psi=_round(overall.intensity_psi),
+            images=overall.images, threshold=PSI_WARN)
     if args.json:
         print(json.dumps({"model": f"{package.manifest.name} {package.manifest.version}",
                           "threshold": PSI_WARN, "min_images": MIN_IMAGES, **overall.as_dict(),
-                          "body_parts": {k: v.as_dict() for k, v in by_part.items()}}, indent=2))
+                          "body_parts": {k: v.as_dict() for k, v in by_part.items()},
+                          "manufacturers": {k: v.as_dict() for k, v in by_maker.items()}}, indent=2))
     else:
         ref = reference.scores
         print(f"{package.manifest.name} {package.manifest.version}: reference {ref.images} images "
               f"({ref.data}); flagged there: {ref.high_sensitivity_rate:.3f} at the high-sensitivity "
               f"point, {ref.high_specificity_rate:.3f} at the high-specificity point")
-        print(f"{'body part':12} {'images':>7} {'PSI':>7} {'flagged hs':>10} {'flagged hp':>10}")
-        for name, d in [("(all)", overall), *by_part.items()]:
-            psi = "-" if d.psi is None else f"{d.psi:.3f}"
-            print(f"{name:12} {d.images:>7} {psi:>7} {_rate(d.high_sensitivity_rate):>10} "
-                  f"{_rate(d.high_specificity_rate):>10}")
+        if reference.intensity is None:
+            print("no reference of image intensities in the manifest: intensity PSI not computed")
+        print(f"{'group':28} {'images':>7} {'PSI':>7} {'int. PSI':>8} {'flagged hs':>10} {'flagged hp':>10} "
+              f"{'median size':>11} bits")
+        rows = [("(all)", overall), *[(f"body part {k}", v) for k, v in by_part.items()],
+                *[(f"manufacturer {k}", v) for k, v in by_maker.items()]]
+        for name, d in rows:
+            size = f"{d.median_size[0]}x{d.median_size[1]}" if d.median_size else "-"
+            print(f"{name[:28]:28} {d.images:>7} {_num(d.psi):>7} {_num(d.intensity_psi):>8} "
+                  f"{_num(d.high_sensitivity_rate):>10} {_num(d.high_specificity_rate):>10} {size:>11} "
+                  f"{','.join(map(str, d.bit_depths)) or '-'}")
         if not overall.enough:
             print(f"too few images for a verdict (fewer than {MIN_IMAGES})")
     if overall.drifted:
         print(f"dicomai: warning: the scores have drifted from the validation set's (PSI "
-              f"{overall.psi:.3f} > {PSI_WARN}): check the operating points (dicomai calibrate)",
+              f"{_num(overall.psi)} > {PSI_WARN}): check the operating points (dicomai calibrate)",
               file=sys.stderr)
     return ExitCode.OK
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

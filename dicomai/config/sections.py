@@ -198,6 +198,10 @@ class ModelConfig(_Section):
     providers: list[str] = Field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     high_sensitivity: float | None = Field(None, ge=0, le=1)  # override the manifest's thresholds
     high_specificity: float | None = Field(None, ge=0, le=1)
+    # The drift watch (/metrics, and a warning in the log every drift_check_min) looks at the
+    # images of the last drift_window_days.
+    drift_window_days: float = Field(30.0, gt=0)
+    drift_check_min: float = Field(60.0, gt=0)
 
 
 class ScopeConfig(_Section):

@@ -7,6 +7,12 @@ counted in the same bins and compared by the population stability index,
 (reference); by the usual rule of thumb PSI < 0.1 is stable, 0.1-0.2 a moderate shift and
 > 0.2 a shift worth acting on. The share of images at or above each operating point is
 compared too: a flagged rate far from the reference's is what a site notices first.
+
+When the manifest also has the validation images' mean intensities (windowed, displayed),
+their PSI is computed the same way: new equipment or processing shows there before enough
+labelled cases exist. :func:`watch` groups the images overall, per body part and per
+manufacturer, and summarises each group's matrix sizes and bit depths (the reference has
+none: the project's validation copy is downscaled 8-bit JPEG).
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dicomai.model.package import OperatingPoints, ScoreReference
+from dicomai.imaging.stats import ImageStats
+from dicomai.model.package import IntensityReference, OperatingPoints, Reference, ScoreReference
 
-__all__ = ["MIN_IMAGES", "PSI_WARN", "Drift", "bin_counts", "drift", "psi"]
+__all__ = ["MIN_IMAGES", "PSI_WARN", "Drift", "Sample", "bin_counts", "drift", "make_reference", "psi",
+           "watch"]
 
 #: PSI above which the shift is reported as drift.
 PSI_WARN = 0.2
@@ -52,7 +60,7 @@ def psi(expected: Sequence[float], counts: Sequence[int]) -> float:
 
 @dataclass(frozen=True)
 class Drift:
-    """The running scores against the reference."""
+    """The running scores (and image statistics) of a group of images against the reference."""
 
     images: int
     psi: float | None  # None: no scores
@@ -60,6 +68,9 @@ class Drift:
     high_specificity_rate: float | None
     reference_high_sensitivity_rate: float
     reference_high_specificity_rate: float
+    intensity_psi: float | None = None  # None: no reference or no statistics
+    median_size: tuple[int, int] | None = None  # rows, columns
+    bit_depths: tuple[int, ...] = ()
 
     @property
     def enough(self) -> bool:
@@ -67,15 +78,31 @@ class Drift:
 
     @property
     def drifted(self) -> bool:
-        """PSI past :data:`PSI_WARN` on a sample large enough to say so."""
+        """The scores' PSI past :data:`PSI_WARN` on a sample large enough to say so.
+
+        The intensities' PSI is shown, not judged: the reference images (the project's JPEG
+        copy of FracAtlas) are darker than any windowed DICOM radiograph, so it is high at
+        every site from the first day; what tells is its movement within a manufacturer."""
         return self.enough and self.psi is not None and self.psi > PSI_WARN
 
     def as_dict(self) -> dict[str, object]:
-        return {"images": self.images, "psi": self.psi, "drifted": self.drifted, "enough": self.enough,
+        return {"images": self.images, "psi": self.psi, "intensity_psi": self.intensity_psi,
+                "drifted": self.drifted, "enough": self.enough,
                 "high_sensitivity_rate": self.high_sensitivity_rate,
                 "high_specificity_rate": self.high_specificity_rate,
                 "reference_high_sensitivity_rate": self.reference_high_sensitivity_rate,
-                "reference_high_specificity_rate": self.reference_high_specificity_rate}
+                "reference_high_specificity_rate": self.reference_high_specificity_rate,
+                "median_size": list(self.median_size) if self.median_size else None,
+                "bit_depths": list(self.bit_depths)}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One analysed image as the drift watch sees it."""
+
+    probability: float
+    body_part: str | None
+    stats: ImageStats | None = None
 
 
 def drift(reference: ScoreReference, scores: Sequence[float], points: OperatingPoints) -> Drift:
@@ -94,3 +121,63 @@ def drift(reference: ScoreReference, scores: Sequence[float], points: OperatingP
         reference_high_sensitivity_rate=reference.high_sensitivity_rate,
         reference_high_specificity_rate=reference.high_specificity_rate,
     )
+
+
+def _equal_count_psi(edges: Sequence[float], values: Sequence[float]) -> float | None:
+    bins = len(edges) + 1
+    return psi([1 / bins] * bins, bin_counts(values, edges)) if values else None
+
+
+def _group(reference: Reference, samples: Sequence[Sample], points: OperatingPoints) -> Drift:
+    scores = drift(reference.scores, [s.probability for s in samples], points)
+    stats = [s.stats for s in samples if s.stats is not None]
+    intensity: IntensityReference | None = reference.intensity
+    sizes = sorted((st.rows, st.columns) for st in stats)
+    return Drift(
+        images=scores.images, psi=scores.psi, high_sensitivity_rate=scores.high_sensitivity_rate,
+        high_specificity_rate=scores.high_specificity_rate,
+        reference_high_sensitivity_rate=scores.reference_high_sensitivity_rate,
+        reference_high_specificity_rate=scores.reference_high_specificity_rate,
+        intensity_psi=(_equal_count_psi(intensity.edges, [st.mean_intensity for st in stats])
+                       if intensity is not None else None),
+        median_size=sizes[len(sizes) // 2] if sizes else None,
+        bit_depths=tuple(sorted({st.bits_stored for st in stats})),
+    )
+
+
+def _norm(value: str | None) -> str:
+    return "".join((value or "").upper().split()) or "(none)"
+
+
+def watch(reference: Reference, samples: Sequence[Sample], points: OperatingPoints) -> dict[str, Drift]:
+    """The drift of every group: ``"all"``, ``"body_part=HAND"``, ``"manufacturer=ACME"``, ...
+    (names upper-cased without spaces; ``(none)`` where the header gives none). A group too
+    small for a verdict is still listed, with ``enough`` false."""
+    groups: dict[str, list[Sample]] = {"all": list(samples)}
+    for s in samples:
+        groups.setdefault(f"body_part={_norm(s.body_part)}", []).append(s)
+        maker = s.stats.manufacturer if s.stats is not None else None
+        groups.setdefault(f"manufacturer={_norm(maker)}", []).append(s)
+    return {name: _group(reference, members, points) for name, members in groups.items()}
+
+
+def _deciles(values: Sequence[float]) -> list[float]:
+    ordered = sorted(values)
+    return [round(ordered[min(len(ordered) - 1, (len(ordered) * k) // 10)], 6) for k in range(1, 10)]
+
+
+def make_reference(scores: Sequence[float], intensities: Sequence[float], points: OperatingPoints,
+                   data: str) -> Reference:
+    """The reference of a validation set: the deciles of its probabilities and of its images'
+    mean displayed intensities, and the share flagged at each of ``points``."""
+    if not scores:
+        raise ValueError("no validation scores")
+    def rate(threshold: float) -> float:
+        return round(sum(s >= threshold for s in scores) / len(scores), 4)
+
+    return Reference(
+        scores=ScoreReference(edges=_deciles(scores), images=len(scores), data=data,
+                              high_sensitivity_rate=rate(points.high_sensitivity),
+                              high_specificity_rate=rate(points.high_specificity)),
+        intensity=(IntensityReference(edges=_deciles(intensities), images=len(intensities), data=data)
+                   if intensities else None))

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from dicomai.errors import DicomaiError
 
 __all__ = [
+    "IntensityReference",
     "InputSpec",
     "Manifest",
     "ModelError",
@@ -103,10 +104,26 @@ class ScoreReference(StrictModel):
         return self
 
 
+class IntensityReference(StrictModel):
+    """Where the validation images' mean intensities (displayed, windowed, in [0, 1]) fall:
+    the inner edges of equal-count bins, as for the scores."""
+
+    edges: list[float] = Field(min_length=1)
+    images: int = Field(gt=0)
+    data: str
+
+    @model_validator(mode="after")
+    def _increasing(self) -> IntensityReference:
+        if any(b < a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise ValueError("reference intensity edges must not decrease")
+        return self
+
+
 class Reference(StrictModel):
     """Reference distributions of the validation set."""
 
     scores: ScoreReference
+    intensity: IntensityReference | None = None
 
 
 # how model.onnx may store its weights (`train release --weights`); the graph computes in float32

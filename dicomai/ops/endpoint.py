@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomai.config import Settings
 from dicomai.model.package import Manifest
 from dicomai.ops.checks import Check, check_database, check_disk
+from dicomai.ops.drift import DriftWatch
 from dicomai.ops.metrics import AuditCollector
 from dicomai.ops.server import OpsServer
 
@@ -36,7 +37,8 @@ def check_scheduler(scheduler: BaseScheduler, job_id: str, interval_s: float, no
 
 
 def start_endpoint(settings: Settings, engine: Engine, sessions: sessionmaker[Session],
-                   manifest: Manifest | None, scheduler: BaseScheduler) -> OpsServer | None:
+                   manifest: Manifest | None, scheduler: BaseScheduler,
+                   drift: DriftWatch | None = None) -> OpsServer | None:
     """Serve ``/healthz``, ``/readyz`` and ``/metrics`` when ``http.enabled``.
 
     A port that cannot be bound is logged and the node runs on without the endpoint: DICOM
@@ -54,7 +56,7 @@ def start_endpoint(settings: Settings, engine: Engine, sessions: sessionmaker[Se
                                 dt.datetime.now(dt.UTC))]
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AuditCollector(sessions, settings.data_dir, dt.datetime.now(dt.UTC), manifest))
+    registry.register(AuditCollector(sessions, settings.data_dir, dt.datetime.now(dt.UTC), manifest, drift))
     try:
         server = OpsServer(cfg.host, cfg.port, ready, registry)
     except OSError as exc:

@@ -21,8 +21,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomai.model.drift import MIN_IMAGES, PSI_WARN, Drift
 from dicomai.model.package import Manifest
 from dicomai.ops.checks import free_bytes
+from dicomai.ops.drift import DriftWatch
 from dicomai.store import metrics as store
 
 __all__ = ["AuditCollector"]
@@ -41,11 +43,12 @@ class AuditCollector(Collector):
     """Yields the node's metrics; registered once on the endpoint's own registry."""
 
     def __init__(self, sessions: sessionmaker[Session], data_dir: Path, started: dt.datetime,
-                 manifest: Manifest | None) -> None:
+                 manifest: Manifest | None, drift: DriftWatch | None = None) -> None:
         self.sessions = sessions
         self.data_dir = data_dir
         self.started = started
         self.manifest = manifest
+        self.drift = drift
 
     def collect(self) -> Iterator[Metric]:
         with self.sessions() as s:
@@ -89,3 +92,30 @@ class AuditCollector(Collector):
             info = InfoMetricFamily("dicomai_model", "The model package the node runs")
             info.add_metric([], {"name": m.name, "version": m.version, "sha256": m.sha256})
             yield info
+        if self.drift is not None:
+            yield from _drift_metrics(self.drift.groups())
+
+
+def _drift_metrics(groups: dict[str, Drift]) -> Iterator[Metric]:
+    """Per group ("all", "body_part=HAND", "manufacturer=ACME"): images, PSI of the scores and
+    of the intensities, flagged rates, and whether it counts as drifted (enough images)."""
+    images = GaugeMetricFamily("dicomai_model_drift_images", "Analysed images in the drift window",
+                               labels=["group"])
+    psi = GaugeMetricFamily("dicomai_model_drift_psi", "Population stability index against validation",
+                            labels=["group", "statistic"])
+    rate = GaugeMetricFamily("dicomai_model_flagged_rate", "Share of images at or above an operating point",
+                             labels=["group", "point"])
+    drifted = GaugeMetricFamily("dicomai_model_drifted",
+                                f"1 when the scores' PSI passes {PSI_WARN} on at least {MIN_IMAGES} images",
+                                labels=["group"])
+    for name, d in sorted(groups.items()):
+        images.add_metric([name], d.images)
+        for statistic, value in (("score", d.psi), ("intensity", d.intensity_psi)):
+            if value is not None:
+                psi.add_metric([name, statistic], value)
+        for point, value in (("high_sensitivity", d.high_sensitivity_rate),
+                             ("high_specificity", d.high_specificity_rate)):
+            if value is not None:
+                rate.add_metric([name, point], value)
+        drifted.add_metric([name], 1.0 if d.drifted else 0.0)
+    yield from (images, psi, rate, drifted)

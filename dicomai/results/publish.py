@@ -180,7 +180,7 @@ class Publisher:
         return store.PredictionRecord(
             instance_id=image.instance.instance_id, sop_instance_uid=image.instance.sop_instance_uid,
             grade=a.grade, probability=a.probability, reason=a.reason, window=a.window, gradcam=a.gradcam,
-            points=a.points,
+            points=a.points, stats=a.stats,
             decode_ms=a.timings.decode_ms, normalize_ms=a.timings.normalize_ms, infer_ms=a.timings.infer_ms)
 
     def _plan(self, analysis: StudyAnalysis, outputs: store.StudyOutputs) -> _Plan:

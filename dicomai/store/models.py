@@ -241,6 +241,7 @@ class Prediction(Base):
     normalize_ms: Mapped[float | None]
     infer_ms: Mapped[float | None]
     gradcam_ms: Mapped[float | None]
+    image_stats: Mapped[dict[str, Any] | None]  # ImageStats of an analysed image, for the drift watch
     created_at: Mapped[dt.datetime]
 
 

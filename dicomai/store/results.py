@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from dicomai.imaging.gradcam import GradcamGrid
 from dicomai.imaging.pixels import Letterbox, Window
+from dicomai.imaging.stats import ImageStats
 from dicomai.model.grading import Grade
 from dicomai.model.package import OperatingPoints
 from dicomai.store.events import record_event
@@ -119,6 +120,7 @@ class PredictionRecord:
     decode_ms: float | None = None
     normalize_ms: float | None = None
     infer_ms: float | None = None
+    stats: ImageStats | None = None
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,7 @@ def record_predictions(session: Session, study_id: int, study_uid: str, run: int
                          window=window,
                          gradcam=_encode_gradcam(r.gradcam) if analysed else None,
                          decode_ms=r.decode_ms, normalize_ms=r.normalize_ms, infer_ms=r.infer_ms,
+                         image_stats=r.stats.as_dict() if analysed and r.stats is not None else None,
                          **{**common, **own})
         session.add(row)
         rows.append(row)
