@@ -69,6 +69,11 @@ def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
     assert report["parity"]["gradcam_pearson_min"] >= 0.99
     manifest = json.loads((tmp_path / "pkg" / "model.json").read_text())
     ops = manifest["operating_points"]
+    # the drift watch's reference, from the validation images
+    reference = manifest["reference"]
+    assert len(reference["scores"]["edges"]) == len(reference["intensity"]["edges"]) == 9
+    val_images = manifest["metrics"]["val"]["images"]
+    assert reference["scores"]["images"] == reference["intensity"]["images"] == val_images
     assert 0 <= ops["high_sensitivity"] <= ops["high_specificity"] <= 1
     assert manifest["metrics"]["test"]["images"] == 16
     # The figures were measured on the very file that ships (not on an earlier export of it).

@@ -55,8 +55,10 @@ def check_storage(weights: str) -> None:
 
 
 def write_manifest(directory: Path, name: str, version: str, size: int, operating_points: dict[str, float],
-                   training: dict[str, Any], metrics: dict[str, Any], weights: str) -> ModelPackage:
-    """Write ``model.json`` for the ``model.onnx`` already in ``directory``; return the package."""
+                   training: dict[str, Any], metrics: dict[str, Any], weights: str,
+                   reference: dict[str, Any] | None = None) -> ModelPackage:
+    """Write ``model.json`` for the ``model.onnx`` already in ``directory``; return the package.
+    ``reference``: the validation set's distributions for the drift watch."""
     manifest = {
         "name": name, "version": version, "sha256": sha256_file(directory / "model.onnx"),
         "input": {"name": "input", "height": size, "width": size, "channels": 3, "layout": "NCHW"},
@@ -67,6 +69,8 @@ def write_manifest(directory: Path, name: str, version: str, size: int, operatin
         "operating_points": operating_points, "body_parts": FRACTURE_BODY_PARTS,
         "weights": weights, "training": training, "metrics": metrics,
     }
+    if reference is not None:
+        manifest["reference"] = reference
     (directory / "model.json").write_text(json.dumps(manifest, indent=2))
     return load_package(directory)
 

@@ -9,7 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dicomai.model.package import ModelPackage
+import numpy as np
+
+from dicomai.model.drift import make_reference
+from dicomai.model.package import ModelPackage, OperatingPoints
 from dicomai.train.card import write_model_card
 from dicomai.train.data import Sample, load_display
 from dicomai.train.evaluate import evaluate_package
@@ -86,8 +89,15 @@ def release(fit_dir: Path, samples: list[Sample], package_dir: Path, name: str, 
     evaluation = evaluate_package(package, samples, package_dir / "evaluation")
     metrics = {"test": evaluation["test"], "val_auroc": evaluation["val"]["auroc"], "val": evaluation["val"],
                "parity": checks}
+    # the drift watch's reference: validation scores (as evaluated) and displayed intensities
+    val = [s for s in samples if s.split == "val"]
+    with np.load(package_dir / "evaluation" / "predictions.npz") as saved:
+        p_val = [float(p) for p in saved["p_val"]]
+    drift_reference = make_reference(p_val, [float(load_display(s.path).mean()) for s in val],
+                                     OperatingPoints(**evaluation["operating_points"]),
+                                     data=f"validation split, {len(val)} images, scored by `train release`")
     # the figures' own file: only the manifest is rewritten, with the operating points and figures
     package = write_manifest(package_dir, name, version, size, evaluation["operating_points"], training,
-                             metrics, weights)
+                             metrics, weights, drift_reference.model_dump())
     write_model_card(package, evaluation, training, package_dir / "MODEL_CARD.md")
     return package, {"evaluation": evaluation, "parity": checks}
