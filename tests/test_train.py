@@ -69,6 +69,11 @@ def test_tiny_fit_release_and_serve(tmp_path: Path) -> None:
     assert report["parity"]["gradcam_pearson_min"] >= 0.99
     manifest = json.loads((tmp_path / "pkg" / "model.json").read_text())
     ops = manifest["operating_points"]
+    # only FracAtlas's regions are in scope, and the card says so
+    from tests.test_scope import VALIDATED
+    assert set(manifest["body_parts"]) == VALIDATED
+    card = (tmp_path / "pkg" / "MODEL_CARD.md").read_text()
+    assert "## Validated scope and known limits" in card and "outside the model's validated scope" in card
     # the drift watch's reference, from the validation images
     reference = manifest["reference"]
     assert len(reference["scores"]["edges"]) == len(reference["intensity"]["edges"]) == 9

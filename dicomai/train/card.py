@@ -234,6 +234,18 @@ and pointing game by the Wilson score interval of a proportion.
 The figures are what this model reaches, reported as measured; with {t['fractured']} fractured test
 images a difference of one image moves a sensitivity by {1 / max(t['fractured'], 1):.3f}.
 
+## Validated scope and known limits
+The node analyses only the Body Part Examined values in the manifest's `body_parts`, the
+DICOM terms of FracAtlas's four regions: {", ".join(m.body_parts) or "(none listed: every body part)"}. Any other
+known body part is `not_analysed`, "outside the model's validated scope". The
+figures above are on FracAtlas's own test split, one source, in the project's 8-bit JPEG copy.
+Outside it they do not transfer: the earlier shipped ensemble (0.13.0) fell from AUROC 0.900
+on FracAtlas to 0.697 on 1,723 external upper-limb radiographs, and at its thresholds
+flagged nearly every external study; expect no better here until shown. Measure first:
+`dicomai train evaluate-robust` (a degraded copy of the test split) and leave-one-region-out
+runs (`train fit --exclude-region`), then on site: shadow mode, radiologists' reads
+(`dicomai feedback`), `dicomai calibrate`, and `dicomai model drift` once live.
+
 ## Limits
 The Grad-CAM map comes from a {grid}x{grid} grid (one cell is about {512 // grid} px of a
 512 px image) while fracture boxes are typically 20 to 40 px: the map shows the region the model used, not the
@@ -241,7 +253,7 @@ fracture line, and the strict pointing game is low for that reason as much as an
 bilinear upsampling puts the map's maximum on a cell centre, so even a perfect map could score
 no more than the "best possible" figure above.
 Small training set (one public dataset, one institution); JPEG-compressed 8-bit copies at
-<= 512 px rather than original DICOM; no external validation; subtle and healed fractures
+<= 512 px rather than original DICOM; no external validation of this model; subtle and healed fractures
 and implants are known hard cases; calibration is approximate. Thresholds should be
 re-chosen on local data before clinical use (`model.high_sensitivity`,
 `model.high_specificity`).

@@ -17,10 +17,11 @@ from dicomai.train.nets import IMAGENET_MEAN, IMAGENET_STD, EnsembleFeatures, Ex
 __all__ = ["check_storage", "export_package", "gradcam_layer", "parity", "storage_parity", "store_weights",
            "write_manifest"]
 
-FRACTURE_BODY_PARTS = ["HAND", "HANDS", "FINGER", "THUMB", "WRIST", "FOREARM", "ELBOW", "ARM", "HUMERUS",
-                       "SHOULDER", "CLAVICLE", "SCAPULA", "HIP", "PELVIS", "FEMUR", "UPPERLEG", "KNEE",
-                       "PATELLA", "LEG", "LOWERLEG", "TIBIA", "FIBULA", "ANKLE", "FOOT", "FEET", "TOE",
-                       "HEEL", "CALCANEUS", "EXTREMITY", "UPPEREXTREMITY", "LOWEREXTREMITY"]
+#: The Body Part Examined terms (PS3.16 CID 4031) of FracAtlas's regions, what a model
+#: trained on it is validated for: hand, leg, hip, shoulder. Forearm, elbow, humerus, femur
+#: and the catch-alls are left out (the model card of the shipped model says why).
+FRACTURE_BODY_PARTS = ["HAND", "HANDS", "FINGER", "THUMB", "WRIST", "LEG", "LOWERLEG", "TIBIA", "FIBULA",
+                       "KNEE", "ANKLE", "FOOT", "FEET", "TOE", "HIP", "PELVIS", "SHOULDER"]
 
 
 def export_package(net: FractureNet, directory: Path, name: str, version: str, size: int,
