@@ -176,15 +176,17 @@ def test_results_reach_orthanc(node_factory: type[Node], tmp_path: Path, db_url:
         series = orthanc.study_series(study_uid)
         by_desc = {x["MainDicomTags"].get("SeriesDescription", ""): x for x in series}
         modalities = sorted(x["MainDicomTags"]["Modality"] for x in series)
-        # the sources, the SCs, the SR, the GSPS (a series per laterality) and the KOS
-        assert [m for m in modalities if m != "PR"] == ["CR", "CR"] + ["KO"] * positive + ["OT", "SR"]
-        sc_series = by_desc[SC_SERIES_DESCRIPTION]
+        # the sources, the SR, the KOS; the SCs and the GSPS in a series per laterality
+        assert [m for m in modalities if m not in ("PR", "OT")] == ["CR", "CR"] + ["KO"] * positive + ["SR"]
+        sc_series = [x for x in series if x["MainDicomTags"]["Modality"] == "OT"]
+        assert {x["MainDicomTags"]["SeriesDescription"] for x in sc_series} == {SC_SERIES_DESCRIPTION}
         (sr_desc,) = [d for d, x in by_desc.items() if x["MainDicomTags"]["Modality"] == "SR"]
-        assert len(sc_series["Instances"]) == 2 and len(by_desc[sr_desc]["Instances"]) == 1
-        assert sc_series["MainDicomTags"]["Modality"] == "OT"
-        assert by_desc[sr_desc]["MainDicomTags"]["Modality"] == "SR"
+        assert len(by_desc[sr_desc]["Instances"]) == 1
         sr = _download(orthanc, by_desc[sr_desc]["Instances"][0])
-        scs = [_download(orthanc, i) for i in sc_series["Instances"]]
+        scs = [_download(orthanc, i) for x in sc_series for i in x["Instances"]]
+        assert len(scs) == 2
+        for x in sc_series:  # one laterality per series
+            assert len({_download(orthanc, i).get("Laterality", "") for i in x["Instances"]}) == 1
         originals = {dcmread(f, stop_before_pixels=True).SOPInstanceUID: f for f in files}
         for ds in [sr, *scs]:
             assert ds.StudyInstanceUID == study_uid and ds.PatientID == "PID-SECRET-42"
@@ -371,7 +373,9 @@ def test_shadow_mode_and_reopened_study(node_factory: type[Node], tmp_path: Path
     assert all(r["shadow"] and r["deliveries"] == [] for r in results)
     assert _outbox(node) == []
     first_sr, first_sc, second_sr, second_sc = (dcmread(node.data_dir / r["path"]) for r in results)
-    assert first_sc.SeriesInstanceUID == second_sc.SeriesInstanceUID
+    # a series per laterality: the same series exactly when the two images have the same side
+    same_side = first_sc.get("Laterality", "") == second_sc.get("Laterality", "")
+    assert (first_sc.SeriesInstanceUID == second_sc.SeriesInstanceUID) == same_side
     assert (first_sc.InstanceNumber, second_sc.InstanceNumber) == (1, 2)
     assert [r["source_sop_instance_uid"] for r in (results[1], results[3])] == [
         dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]

@@ -304,3 +304,47 @@ def test_not_analysed_sr_can_be_turned_off_and_is_not_made_for_own_objects(tmp_p
     """``results.not_analysed_sr = false``: no SR; the node's own objects routed back: no SR."""
     assert _not_analysed_run(tmp_path / "off", "[results]\nnot_analysed_sr = false\n") == []
     assert _not_analysed_run(tmp_path / "own", body_part="HAND", manufacturer="dicomai") == []
+
+
+def test_scs_share_a_series_per_laterality(tmp_path: Path) -> None:
+    """Left, right and left again in one study: two SC series, each of one laterality
+    (Laterality is a series attribute); every SC valid DICOM; the SR references each SC in
+    the series it was made in."""
+    from sqlalchemy import select
+
+    from dicomai.config import load_settings
+    from dicomai.model.classifier import Classifier
+    from dicomai.node import Triage
+    from dicomai.store import ResultObject, StudyState, make_sessionmaker, open_database
+    from dicomai.studies import StudyMonitor
+    from tests.helpers import make_study
+    from tests.test_pipeline import _rows
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("")
+    settings = load_settings(cfg, environ={"DICOMAI_NODE__DATA_DIR": str(tmp_path / "data")})
+    sessions = make_sessionmaker(open_database(settings.database_url))
+    pkg = load_package(hot_spot_model(tmp_path / "model"))
+    monitor = StudyMonitor(sessions, Path("/"), 0.0, Triage(settings, sessions, pkg, Classifier(pkg)))
+    study_uid, paths = make_study([pydicom_data("RG3_UNCR.dcm")], tmp_path / "s", copies=3, body_part="HAND")
+    for path, side in zip(paths, "LRL", strict=True):
+        ds = dcmread(path)
+        ds.Laterality = side
+        ds.save_as(path)
+    _rows(sessions, study_uid, [(dcmread(p, stop_before_pixels=True).SOPInstanceUID, p) for p in paths],
+          state=StudyState.RECEIVING)
+    assert monitor.poll() == 1
+    with sessions() as s:
+        rows = list(s.scalars(select(ResultObject).where(ResultObject.kind.in_(("sc", "sr")))))
+    scs = [dcmread(tmp_path / "data" / str(r.path)) for r in rows if r.kind == "sc"]
+    (sr,) = [dcmread(tmp_path / "data" / str(r.path)) for r in rows if r.kind == "sr"]
+    by_series: dict[str, set[str]] = {}
+    for sc in scs:
+        by_series.setdefault(sc.SeriesInstanceUID, set()).add(sc.Laterality)
+        assert _dciodvfy(tmp_path / "data" / str(next(r.path for r in rows if r.sop_instance_uid
+                                                       == sc.SOPInstanceUID))) == []
+    assert sorted(by_series.values(), key=sorted) == [{"L"}, {"R"}]
+    evidence = {ref.ReferencedSOPInstanceUID: series.SeriesInstanceUID
+                for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    assert all(evidence[sc.SOPInstanceUID] == sc.SeriesInstanceUID for sc in scs)

@@ -12,7 +12,8 @@ For each run on a study, :class:`Publisher`
    triage flag reaches the PACS first; when this run found a positive image of a positive
    study, a Key Object Selection of the study's positive images goes with them;
 4. draws the full-size Grad-CAM maps, keeps them (reduced), makes a Secondary Capture per
-   image analysed in this run (all SCs of a study share one series), records and queues them.
+   image analysed in this run (a study's SCs share a series per laterality), records and
+   queues them.
 
 Objects are written under ``data_dir/results/<StudyInstanceUID>/`` (fsynced, then renamed).
 A study with no image in scope gets an SR that says so (``results.not_analysed_sr``); a
@@ -47,7 +48,7 @@ from dicomai.model.package import Manifest, OperatingPoints
 from dicomai.results.gsps import GSPS_SERIES_DESCRIPTION, laterality_of, presentation_state
 from dicomai.results.kos import KOS_DESCRIPTION, key_objects
 from dicomai.results.region import hotspot_box
-from dicomai.results.sc import SC_SOP_CLASS, secondary_capture
+from dicomai.results.sc import SC_SERIES_DESCRIPTION, SC_SOP_CLASS, secondary_capture
 from dicomai.results.sr import ImageFinding, reference_header, stable_uid, structured_report
 from dicomai.store import results as store
 from dicomai.store.events import record_event
@@ -66,8 +67,8 @@ Box = tuple[int, int, int, int]
 class _Plan:
     """The SCs this run will make: UIDs and instance numbers fixed before the SR is made."""
 
-    series_uid: str
-    sc: dict[int, tuple[str, int]]  # source instance id -> (SOP Instance UID, instance number)
+    # source instance id -> (SOP Instance UID, instance number, series: one per laterality)
+    sc: dict[int, tuple[str, int, str]]
 
 
 @dataclass
@@ -80,6 +81,7 @@ class _ScInput:
     cam: FloatImage | None
     sop_instance_uid: str
     instance_number: int
+    series_uid: str
 
 
 class Publisher:
@@ -162,9 +164,9 @@ class Publisher:
                 [self._prediction(i) for i in analysis.images], grade, probability, len(items), utcnow())
             queued = self._record(s, work, flag, flag_failures)
             grades = {i.instance.instance_id: i.analysis.grade for i in analysis.images}
-            store.add_planned_scs(s, work.study_id, work.reopen_count, plan.series_uid,
-                                  {iid: (uid, grades[iid]) for iid, (uid, _) in plan.sc.items()},
-                                  self.settings.results.shadow, utcnow())
+            planned = {iid: (uid, series, grades[iid]) for iid, (uid, _, series) in plan.sc.items()}
+            store.add_planned_scs(s, work.study_id, work.reopen_count, planned, self.settings.results.shadow,
+                                  utcnow())
         self.kick(queued)
         flagged_s = time.perf_counter() - started
         made = self._maps_and_captures(analysis, plan, ids, cams)
@@ -184,14 +186,18 @@ class Publisher:
             decode_ms=a.timings.decode_ms, normalize_ms=a.timings.normalize_ms, infer_ms=a.timings.infer_ms)
 
     def _plan(self, analysis: StudyAnalysis, outputs: store.StudyOutputs) -> _Plan:
-        """Assign the UIDs and instance numbers of this run's SCs (none when no SC is wanted)."""
-        series_uid = outputs.sc_series_uid or UID()
-        sc: dict[int, tuple[str, int]] = {}
+        """Assign the UIDs, instance numbers and series of this run's SCs (none when no SC is
+        wanted). A study's SCs share a series per laterality (Laterality is a series
+        attribute), its UID derived from the study's, so later runs add to the same series."""
+        sc: dict[int, tuple[str, int, str]] = {}
         if self.wants(Output.SC):
+            study_uid = analysis.work.study_instance_uid
             for image in analysis.images:
-                if image.analysis.analysed:
-                    sc[image.instance.instance_id] = (UID(), outputs.sc_count + len(sc) + 1)
-        return _Plan(series_uid, sc)
+                source = image.analysis.source
+                if image.analysis.analysed and source is not None:
+                    series = stable_uid(study_uid, SC_SERIES_DESCRIPTION, laterality_of(source))
+                    sc[image.instance.instance_id] = (UID(), outputs.sc_count + len(sc) + 1, series)
+        return _Plan(sc)
 
     @staticmethod
     def _maps(analysis: StudyAnalysis) -> dict[int, tuple[FloatImage, float]]:
@@ -230,7 +236,7 @@ class Publisher:
             if a.source is not None and identity is None:
                 identity = a.source
             planned = plan.sc.get(iid)
-            sc = reference_header(study_uid, plan.series_uid, SC_SOP_CLASS, planned[0]) if planned else None
+            sc = reference_header(study_uid, planned[2], SC_SOP_CLASS, planned[0]) if planned else None
             findings.append(ImageFinding(source, a.grade, a.probability, a.reason, sc, regions.get(iid)))
         try:
             if identity is None:
@@ -342,7 +348,7 @@ class Publisher:
                 planned = plan.sc.get(iid)
                 if planned and a.source is not None and a.display is not None and a.probability is not None:
                     inputs.append(_ScInput(iid, a.source, a.grade, a.probability, a.display, cam, *planned))
-            made, failures = self._captures(work.study_instance_uid, plan.series_uid, inputs)
+            made, failures = self._captures(work.study_instance_uid, inputs)
             with self.sessions.begin() as s:
                 for iid, (path, ms) in paths.items():
                     store.set_gradcam_path(s, prediction_ids[iid], path, ms)
@@ -355,7 +361,7 @@ class Publisher:
                 store.record_failure(s, work.study_instance_uid, "sc", None, repr(exc))
             return 0
 
-    def _captures(self, study_uid: str, series_uid: str, inputs: list[_ScInput],
+    def _captures(self, study_uid: str, inputs: list[_ScInput],
                   ) -> tuple[list[store.NewObject], list[tuple[str, str | None, str]]]:
         made: list[store.NewObject] = []
         failures: list[tuple[str, str | None, str]] = []
@@ -365,7 +371,7 @@ class Publisher:
                 # Kept JPEG-LS lossless (a quarter of the size); a destination that does not
                 # accept it gets it decompressed by the sender.
                 sc = secondary_capture(i.source, i.display, i.cam, i.grade, i.probability, self.manifest,
-                                       series_uid, instance_number=i.instance_number, max_side=r.max_side,
+                                       i.series_uid, instance_number=i.instance_number, max_side=r.max_side,
                                        opacity=r.opacity, floor=r.floor, sop_instance_uid=i.sop_instance_uid,
                                        style=r.sc_style, compress=r.sc_compress)
                 made.append(self._write(Output.SC, sc, study_uid, grade=i.grade,
@@ -401,9 +407,8 @@ class Publisher:
                 continue
             cam = p.gradcam.on_image() if p.gradcam is not None else None
             inputs.append(_ScInput(p.source.instance_id, ds, p.grade, p.probability, display, cam,
-                                   p.sop_instance_uid, p.instance_number))
-        series_uid = planned[0].series_instance_uid
-        made, sc_failures = self._captures(work.study_instance_uid, series_uid, inputs)
+                                   p.sop_instance_uid, p.instance_number, p.series_instance_uid))
+        made, sc_failures = self._captures(work.study_instance_uid, inputs)
         with self.sessions.begin() as s:
             queued = self._record(s, work, made, failures + sc_failures)
             record_event(s, "results", "result.resumed", study_instance_uid=work.study_instance_uid,

@@ -73,7 +73,6 @@ class ScRef:
 class StudyOutputs:
     """What earlier runs of a study left behind, and the references of this run's images."""
 
-    sc_series_uid: str | None = None
     sc_count: int = 0
     sc_of: dict[int, ScRef] = field(default_factory=dict)  # by source instance id
     earlier: list[RecordedImage] = field(default_factory=list)
@@ -196,7 +195,7 @@ def gather(session: Session, study_id: int, this_run: Sequence[int]) -> StudyOut
                                                       ResultObject.kind.in_(("gsps", "kos")))
         .group_by(ResultObject.kind))}
     return StudyOutputs(
-        sc_series_uid=scs[0][2] if scs else None, sc_count=len(scs),
+        sc_count=len(scs),
         sc_of={src: ScRef(uid, series) for src, uid, series in scs if src is not None},
         earlier=[RecordedImage(refs[i], Grade(g), p, r, _decode_gradcam(cam)) for i, g, p, r, cam in rows
                  if i is not None and i not in exclude],
@@ -273,10 +272,10 @@ def record_predictions(session: Session, study_id: int, study_uid: str, run: int
     return {r.instance_id: row.id for r, row in zip(images, rows, strict=True)}
 
 
-def add_planned_scs(session: Session, study_id: int, run: int, series_uid: str,
-                    planned: dict[int, tuple[str, Grade]], shadow: bool, now: dt.datetime) -> None:
-    """A row per planned SC (source instance id -> (SOP Instance UID, grade)), no path yet."""
-    for source_id, (uid, grade) in planned.items():
+def add_planned_scs(session: Session, study_id: int, run: int, planned: dict[int, tuple[str, str, Grade]],
+                    shadow: bool, now: dt.datetime) -> None:
+    """A row per planned SC (source instance id -> (SOP Instance UID, series, grade)), no path yet."""
+    for source_id, (uid, series_uid, grade) in planned.items():
         session.add(ResultObject(
             study_id=study_id, kind="sc", run=run, sop_instance_uid=uid,
             sop_class_uid="1.2.840.10008.5.1.4.1.1.7", series_instance_uid=series_uid,
