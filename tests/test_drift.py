@@ -190,25 +190,13 @@ def test_the_node_records_each_analysed_image_s_statistics(tmp_path: Path) -> No
     windowed mean and manufacturer; an image out of scope carries none."""
     from sqlalchemy import select
 
-    from dicomai.config import load_settings
-    from dicomai.model.classifier import Classifier
-    from dicomai.node import Triage
-    from dicomai.store import StudyState
-    from dicomai.studies import StudyMonitor
     from tests.helpers import make_study, shared_file
-    from tests.test_pipeline import _rows
+    from tests.test_pipeline import run_stage
 
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('[scope]\nbody_parts = ["HIP"]\n')  # the test model analyses every body part
-    settings = load_settings(cfg, environ={"DICOMAI_NODE__DATA_DIR": str(tmp_path / "data")})
-    sessions = make_sessionmaker(open_database(settings.database_url))
-    pkg = load_package(hot_spot_model(tmp_path / "model"))
-    monitor = StudyMonitor(sessions, Path("/"), 0.0, Triage(settings, sessions, pkg, Classifier(pkg)))
     uid, paths = make_study([shared_file("RG2_JPLL.dcm")], tmp_path / "s")
     _, chest = make_study([shared_file("RG2_JPLL.dcm")], tmp_path / "s", study_uid=uid, body_part="CHEST")
-    _rows(sessions, uid, [(dcmread(p, stop_before_pixels=True).SOPInstanceUID, p) for p in paths + chest],
-          state=StudyState.RECEIVING)
-    assert monitor.poll() == 1
+    # the test model analyses every body part: the configuration leaves the chest out
+    sessions = run_stage(tmp_path, uid, paths + chest, '[scope]\nbody_parts = ["HIP"]\n')
     with sessions() as s:
         rows = {p.grade: p.image_stats
                 for p in s.scalars(select(Prediction).where(Prediction.level == "image"))}

@@ -89,6 +89,28 @@ def _rows(sessions: sessionmaker[Session], study_uid: str, files: list[tuple[str
     return rows
 
 
+def run_stage(tmp_path: Path, study_uid: str, paths: list[Path], toml: str = "",
+              body_parts: list[str] | None = None) -> sessionmaker[Session]:
+    """The files as one received study (data in ``tmp_path / "data"``) through the node's stage
+    once, with the test model (its manifest's ``body_parts`` when given) and the configuration
+    ``toml``; returns the sessions of its audit database."""
+    cfg = tmp_path / "stage.toml"
+    cfg.write_text(toml)
+    settings = load_settings(cfg, environ={"DICOMAI_NODE__DATA_DIR": str(tmp_path / "data")})
+    sessions = make_sessionmaker(open_database(settings.database_url))
+    model = hot_spot_model(tmp_path / "model")
+    if body_parts is not None:
+        manifest = json.loads((model / "model.json").read_text())
+        manifest["body_parts"] = body_parts
+        (model / "model.json").write_text(json.dumps(manifest))
+    pkg = load_package(model)
+    monitor = StudyMonitor(sessions, Path("/"), 0.0, Triage(settings, sessions, pkg, Classifier(pkg)))
+    _rows(sessions, study_uid, [(dcmread(p, stop_before_pixels=True).SOPInstanceUID, p) for p in paths],
+          state=StudyState.RECEIVING)
+    assert monitor.poll() == 1
+    return sessions
+
+
 def test_bad_images_fail_alone(tmp_path: Path) -> None:
     """Corrupt, unsupported and zero-size images are failed with reasons; the rest is graded."""
     settings = load_settings(environ={"DICOMAI_NODE__DATA_DIR": str(tmp_path / "data"),

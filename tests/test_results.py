@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -251,25 +250,10 @@ def _not_analysed_run(tmp_path: Path, toml: str = "", body_part: str = "CHEST",
     """A two-image study with nothing in scope through the node's stage; the SR files made."""
     from sqlalchemy import select
 
-    from dicomai.config import load_settings
-    from dicomai.model.classifier import Classifier
-    from dicomai.node import Triage
-    from dicomai.store import ResultObject, StudyState, make_sessionmaker, open_database
-    from dicomai.studies import StudyMonitor
+    from dicomai.store import ResultObject
     from tests.helpers import make_study
-    from tests.test_pipeline import _rows
+    from tests.test_pipeline import run_stage
 
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(toml)
-    settings = load_settings(cfg, environ={"DICOMAI_NODE__DATA_DIR": str(tmp_path / "data")})
-    sessions = make_sessionmaker(open_database(settings.database_url))
-    model = hot_spot_model(tmp_path / "model")
-    manifest = json.loads((model / "model.json").read_text())
-    manifest["body_parts"] = ["HAND", "WRIST"]  # as a real model's validated scope
-    (model / "model.json").write_text(json.dumps(manifest))
-    pkg = load_package(model)
-    monitor = StudyMonitor(sessions, Path("/"), 0.0, Triage(settings, sessions, pkg, Classifier(pkg)))
     study_uid, paths = make_study([pydicom_data("RG3_UNCR.dcm")], tmp_path / "s", copies=2,
                                   body_part=body_part)
     if manufacturer is not None:
@@ -277,9 +261,8 @@ def _not_analysed_run(tmp_path: Path, toml: str = "", body_part: str = "CHEST",
             ds = dcmread(p)
             ds.Manufacturer = manufacturer
             ds.save_as(p)
-    _rows(sessions, study_uid, [(dcmread(p, stop_before_pixels=True).SOPInstanceUID, p) for p in paths],
-          state=StudyState.RECEIVING)
-    assert monitor.poll() == 1
+    # the model's validated scope, as a real model's
+    sessions = run_stage(tmp_path, study_uid, paths, toml, body_parts=["HAND", "WRIST"])
     with sessions() as s:
         rows = list(s.scalars(select(ResultObject).where(ResultObject.kind == "sr")))
     return [tmp_path / "data" / str(r.path) for r in rows]
@@ -312,28 +295,16 @@ def test_scs_share_a_series_per_laterality(tmp_path: Path) -> None:
     the series it was made in."""
     from sqlalchemy import select
 
-    from dicomai.config import load_settings
-    from dicomai.model.classifier import Classifier
-    from dicomai.node import Triage
-    from dicomai.store import ResultObject, StudyState, make_sessionmaker, open_database
-    from dicomai.studies import StudyMonitor
+    from dicomai.store import ResultObject
     from tests.helpers import make_study
-    from tests.test_pipeline import _rows
+    from tests.test_pipeline import run_stage
 
-    cfg = tmp_path / "c.toml"
-    cfg.write_text("")
-    settings = load_settings(cfg, environ={"DICOMAI_NODE__DATA_DIR": str(tmp_path / "data")})
-    sessions = make_sessionmaker(open_database(settings.database_url))
-    pkg = load_package(hot_spot_model(tmp_path / "model"))
-    monitor = StudyMonitor(sessions, Path("/"), 0.0, Triage(settings, sessions, pkg, Classifier(pkg)))
     study_uid, paths = make_study([pydicom_data("RG3_UNCR.dcm")], tmp_path / "s", copies=3, body_part="HAND")
     for path, side in zip(paths, "LRL", strict=True):
         ds = dcmread(path)
         ds.Laterality = side
         ds.save_as(path)
-    _rows(sessions, study_uid, [(dcmread(p, stop_before_pixels=True).SOPInstanceUID, p) for p in paths],
-          state=StudyState.RECEIVING)
-    assert monitor.poll() == 1
+    sessions = run_stage(tmp_path, study_uid, paths)
     with sessions() as s:
         rows = list(s.scalars(select(ResultObject).where(ResultObject.kind.in_(("sc", "sr")))))
     scs = [dcmread(tmp_path / "data" / str(r.path)) for r in rows if r.kind == "sc"]
