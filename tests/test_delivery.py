@@ -21,6 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicomai.deliver.outbox import Outcome, backoff_s, status_outcome
+from dicomai.model.grading import Grade, grade_label
 from dicomai.results.sc import SC_SERIES_DESCRIPTION
 from tests.helpers import (
     TIBIA,
@@ -212,7 +213,7 @@ def test_results_reach_orthanc(node_factory: type[Node], tmp_path: Path, db_url:
         db = node.study(study_uid)
         images = {p["sop_instance_uid"]: p for p in db["predictions"] if p["level"] == "image"}
         (study_row,) = [p for p in db["predictions"] if p["level"] == "study"]
-        assert sr_desc == f"AI fracture: {study_row['grade'].upper()}"
+        assert sr_desc == f"AI fracture: {grade_label(Grade(study_row['grade']))}"
         sc_of = {sc.SourceImageSequence[0].ReferencedSOPInstanceUID: sc.SOPInstanceUID for sc in scs}
         groups = _sr_groups(sr)
         per_image = [g for g in groups if g["id"] != "study"]

@@ -7,7 +7,7 @@ from enum import StrEnum
 
 from dicomai.model.package import OperatingPoints
 
-__all__ = ["Grade", "grade_image", "grade_study"]
+__all__ = ["Grade", "grade_image", "grade_label", "grade_study"]
 
 
 class Grade(StrEnum):
@@ -16,6 +16,18 @@ class Grade(StrEnum):
     NEGATIVE = "negative"
     NOT_ANALYSED = "not_analysed"  # nothing in scope
     FAILED = "failed"  # decoding or inference failed
+
+
+#: What each grade says about the finding, in the words of the SR's coded values (SNOMED CT
+#: present / indeterminate / absent), so a viewer's text and the report agree.
+_FINDING = {Grade.POSITIVE: "fracture present", Grade.DOUBTFUL: "indeterminate",
+            Grade.NEGATIVE: "fracture absent"}
+
+
+def grade_label(grade: Grade) -> str:
+    """The grade as result objects print it: ``DOUBTFUL (indeterminate)``, ``NOT ANALYSED``."""
+    word = grade.upper().replace("_", " ")
+    return f"{word} ({_FINDING[grade]})" if grade in _FINDING else word
 
 
 _RANK = {Grade.FAILED: 0, Grade.NOT_ANALYSED: 1, Grade.NEGATIVE: 2, Grade.DOUBTFUL: 3, Grade.POSITIVE: 4}

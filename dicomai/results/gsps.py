@@ -27,9 +27,9 @@ from pydicom.dataset import Dataset
 from dicomai import __version__
 from dicomai.analysis.scope import OWN_MANUFACTURER
 from dicomai.imaging.pixels import Window, WindowSource
-from dicomai.model.grading import Grade
+from dicomai.model.grading import Grade, grade_label
 from dicomai.model.package import Manifest
-from dicomai.results.identity import apply_identity, identity_of, values_of
+from dicomai.results.identity import apply_identity, apply_series_context, identity_of, values_of
 from dicomai.results.region import box_outline
 
 __all__ = ["GSPS_LAYER", "GSPS_SERIES_DESCRIPTION", "GSPS_SERIES_NUMBER", "OUTLINED", "caption",
@@ -49,7 +49,7 @@ _GREY_VALUE = 0xFFFF
 def caption(grade: Grade, probability: float) -> str:
     """The short text shown with the finding. ASCII only: the GSPS keeps the source's
     character set, which may be the default repertoire."""
-    return f"AI: fracture {grade.upper()} p={probability:.2f} - to be confirmed"
+    return f"AI: fracture {grade_label(grade)} p={probability:.2f} - to be confirmed"
 
 
 def presentation_state(source: Dataset, grade: Grade, probability: float, manifest: Manifest,
@@ -114,6 +114,7 @@ def presentation_state(source: Dataset, grade: Grade, probability: float, manife
     # Type 2C for paired body parts; series level, hence a series per laterality (series_uid).
     gsps.Laterality = laterality_of(source)
     gsps.SeriesDescription = GSPS_SERIES_DESCRIPTION
+    apply_series_context(source, gsps)
     gsps.add_new(0x00181020, "LO", [f"dicomai {__version__}", f"{manifest.name} {manifest.version}"[:64]])
     return gsps
 

@@ -20,7 +20,9 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import validate_value
 
-__all__ = ["IDENTITY_MODULES", "apply_identity", "identity_of", "values_of"]
+from dicomai.analysis.scope import KNOWN_BODY_PARTS
+
+__all__ = ["IDENTITY_MODULES", "apply_identity", "apply_series_context", "identity_of", "values_of"]
 
 #: The modules of the Patient and Study information entities of every image IOD.
 IDENTITY_MODULES = ("patient", "clinical-trial-subject", "general-study", "patient-study",
@@ -105,3 +107,26 @@ def values_of(source: Dataset, keyword: str) -> list[str]:
     if one is None:
         return []
     return [str(v) for v in _items(one[keyword].value)]
+
+
+#: Body parts without a left and a right: a result of one has no Laterality (Type 2C,
+#: required for paired parts only) unless its source gives one.
+_UNPAIRED = frozenset({"ABDOMEN", "CHEST", "CHESTABDOMEN", "COCCYX", "CSPINE", "HEAD", "HEADNECK",
+                       "HEART", "LSPINE", "NECK", "PELVIS", "SACRUM", "SKULL", "SPINE", "SSPINE", "TSPINE",
+                       "WHOLEBODY"})
+
+
+def apply_series_context(source: Dataset, target: Dataset) -> None:
+    """The series a result starts: the source's Body Part Examined (what the image shows;
+    a defined term only, a site's own spelling is left out), no empty Laterality for an
+    unpaired part, and the result's own creation date and time as Series Date and Time."""
+    values = values_of(source, "BodyPartExamined")
+    part = "".join(values[0].upper().split()) if values else ""
+    if part in KNOWN_BODY_PARTS:
+        target.BodyPartExamined = part
+    if part in _UNPAIRED and "Laterality" in target and not target.Laterality:
+        del target.Laterality
+    if "InstanceCreationDate" in target:
+        target.SeriesDate = target.InstanceCreationDate
+    if "InstanceCreationTime" in target:
+        target.SeriesTime = target.InstanceCreationTime

@@ -23,9 +23,9 @@ from dicomai.analysis.scope import OWN_MANUFACTURER
 from dicomai.config import ScStyle
 from dicomai.imaging.overlay import caption_band, colormap, overlay
 from dicomai.imaging.pixels import resize
-from dicomai.model.grading import Grade
+from dicomai.model.grading import Grade, grade_label
 from dicomai.model.package import Manifest
-from dicomai.results.identity import apply_identity, identity_of, values_of
+from dicomai.results.identity import apply_identity, apply_series_context, identity_of, values_of
 from dicomai.results.region import hotspot_box
 
 __all__ = ["BOX_COLOUR", "CONTOUR_LEVELS", "SC_SERIES_DESCRIPTION", "SC_SERIES_NUMBER", "SC_SOP_CLASS",
@@ -114,7 +114,7 @@ def secondary_capture(source: Dataset, display: NDArray[np.float32], cam: NDArra
     rgb = outlined(display, cam) if ScStyle(style) == ScStyle.OUTLINE else overlay(
         display, cam, opacity=opacity, floor=floor)
     lines = [
-        f"AI fracture: {grade.upper()}  p={probability:.2f}",
+        f"AI fracture: {grade_label(grade)}  p={probability:.2f}",
         f"{manifest.name} {manifest.version}" + ("" if cam is not None else "  (no heat map)"),
         "AI RESULT - NOT A DIAGNOSIS - TO BE CONFIRMED BY A RADIOLOGIST",
     ]
@@ -139,6 +139,7 @@ def secondary_capture(source: Dataset, display: NDArray[np.float32], cam: NDArra
     # Type 2C for paired body parts (hand, hip, ...): the source's value, or empty when unknown.
     sc.Laterality = (values_of(source, "Laterality") or values_of(source, "ImageLaterality") or [""])[0]
     sc.SeriesDescription = SC_SERIES_DESCRIPTION
+    apply_series_context(source, sc)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"

@@ -23,7 +23,7 @@ from pydicom.sr.coding import Code
 
 from dicomai import __version__
 from dicomai.analysis.scope import OWN_MANUFACTURER
-from dicomai.model.grading import Grade
+from dicomai.model.grading import Grade, grade_label
 from dicomai.model.package import Manifest
 from dicomai.results.identity import apply_identity, identity_of
 from dicomai.results.region import box_outline
@@ -196,6 +196,6 @@ def structured_report(findings: list[ImageFinding], study_grade: Grade, study_pr
     )
     apply_identity(patient, sr)
     marker = f" {SR_REVISED}" if previous is not None else ""
-    sr.SeriesDescription = f"AI fracture: {study_grade.upper().replace('_', ' ')}{marker}"[:64]
+    sr.SeriesDescription = f"AI fracture: {grade_label(study_grade)}{marker}"[:64]
     sr.add_new(0x00181020, "LO", [f"dicomai {__version__}", f"{manifest.name} {manifest.version}"[:64]])
     return sr
