@@ -142,6 +142,7 @@ def _study(tmp_path: Path) -> tuple[list, object]:
     for other in (b, c, d):  # one study
         other.StudyInstanceUID, other.PatientID = a.StudyInstanceUID, a.PatientID
         other.PatientName = a.PatientName
+    a.BodyPartExamined, a.Laterality = "TIBIA", "R"  # RG3 is a right tibia tagged EXTREMITY
     shown = to_display(a).image
     sc = secondary_capture(a, shown, np.zeros_like(shown), Grade.POSITIVE, 0.93, pkg.manifest, UID())
     findings = [ImageFinding(a, Grade.POSITIVE, 0.93, None, sc, region=(600, 500, 900, 800)),
@@ -167,7 +168,7 @@ def _pixelmed(path: Path) -> list[str]:
 
 def test_sr_content_validity_and_references(tmp_path: Path) -> None:
     """The SR passes dciodvfy, dsrdump and PixelMed's TID 1500 check, and highdicom reads back
-    each image's finding, probability, region and source image, the study's result and the
+    each image's finding, probability, region, finding site and source image, the study's result and the
     not-analysed and failed images as such, with a short reason."""
     import highdicom.sr as hsr
     from highdicom.sr.utils import find_content_items
@@ -206,6 +207,12 @@ def test_sr_content_validity_and_references(tmp_path: Path) -> None:
         assert len(find_content_items(groups[name][0], name=source)) == 1
     for name in ("image 3", "image 4"):
         assert groups[name].get_qualitative_evaluations(name=FRACTURE) == []
+    # where each analysed image is: its body part and side, coded (TID 1501 rows 6-7)
+    (site,) = groups["image 1"].finding_sites
+    assert site.value == codes.SCT.Tibia and site.laterality == codes.SCT.Right
+    (site,) = groups["image 2"].finding_sites  # RG2: a hip, no side in its header
+    assert site.value == codes.SCT.HipJoint and site.laterality is None
+    assert groups["image 3"].finding_sites == []  # not analysed: no site
     dump = subprocess.run([dcmtk("dsrdump"), "+Pc", str(path)], capture_output=True, text=True)
     assert dump.returncode == 0, dump.stderr
     assert 'CONTAINER:(C0034375,UMLS,"Qualitative Evaluations")' in dump.stdout

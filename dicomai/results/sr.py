@@ -1,13 +1,14 @@
 """The study's Structured Report: a Comprehensive 3D SR following TID 1500, built with highdicom.
 
 As the IHE AI Results profile asks: one group per image with its tracking identifier (the same
-in every revision of the study's report), the algorithm once, the finding (fracture present /
-indeterminate / absent), its probability and, where the model gave a map, its location (the
-map's hotspot as a region on the source, TID 1501 row 10c; a TID 1410 group would read
-better in highdicom, but validators then take the other groups for TID 1410 too), the SC as
-an illustration, not as a source. Images
-not analysed or failed get a TID 1501 group saying "Analysis Performed: Not performed" and a
-short reason. The study's result is the report-level qualitative evaluation (TID 1500 row 12).
+in every revision of the study's report), the algorithm once, where the image is (Finding Site
+and laterality, from its header), the finding (fracture present / indeterminate / absent),
+its probability and, where the model gave a map, its location (the map's hotspot as a region
+on the source, TID 1501 row 10c; a TID 1410 group would read better in highdicom, but
+validators then take the other groups for TID 1410 too), the SC as an illustration, not as
+a source. Images not analysed or failed get a TID 1501 group saying "Analysis Performed:
+Not performed" and a short reason. The study's result is the report-level qualitative
+evaluation (TID 1500 row 12).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dicomai.results.identity import apply_identity, identity_of
 from dicomai.results.region import box_outline
 
 __all__ = ["FRACTURE", "SR_REVISED", "SR_SERIES_NUMBER", "ImageFinding", "device_observer",
-           "reference_header", "short_reason", "stable_uid", "structured_report"]
+           "finding_site", "reference_header", "short_reason", "stable_uid", "structured_report"]
 
 #: SNOMED CT "Fracture of bone": the finding every group is about.
 FRACTURE = hsr.CodedConcept("125605004", "SCT", "Fracture of bone")
@@ -49,6 +50,13 @@ _GRADE_VALUE = {Grade.POSITIVE: codes.SCT.Present, Grade.DOUBTFUL: codes.SCT.Ind
 #: Failure reasons as the analysis words them (before the exception), shown as they are.
 _FAILURES = ("cannot read the DICOM file", "cannot decode the image", "cannot prepare the image",
              "inference failed")
+#: Body Part Examined (the validated regions' terms) -> its SNOMED CT anatomic location, as
+#: PS3.16 Annex L pairs them; the codes come from pydicom's dictionary of the standard.
+_SITES = {"HAND": "Hand", "HANDS": "Hand", "FINGER": "Finger", "THUMB": "Thumb", "WRIST": "WristJoint",
+          "LEG": "LowerLeg", "LOWERLEG": "LowerLeg", "TIBIA": "Tibia", "FIBULA": "Fibula", "KNEE": "Knee",
+          "ANKLE": "AnkleJoint", "FOOT": "Foot", "FEET": "Foot", "TOE": "Toe", "HIP": "HipJoint",
+          "PELVIS": "Pelvis", "SHOULDER": "Shoulder"}
+_SIDES = {"R": "Right", "L": "Left", "B": "RightAndLeft"}
 SR_SERIES_NUMBER = 9902
 SR_REVISED = "(revised)"
 
@@ -89,6 +97,17 @@ class ImageFinding:
     region: tuple[int, int, int, int] | None = None  # the map's hotspot (col0, row0, col1, row1)
 
 
+def finding_site(source: Dataset) -> hsr.FindingSite | None:
+    """Where the image is, coded (TID 1501 rows 6-7): its Body Part Examined as an anatomic
+    location and its laterality; ``None`` when the body part is unknown or not mapped."""
+    part = "".join(str(source.get("BodyPartExamined", "") or "").upper().split())
+    if part not in _SITES:
+        return None
+    side = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "").strip().upper()
+    return hsr.FindingSite(anatomic_location=getattr(codes.SCT, _SITES[part]),
+                           laterality=getattr(codes.SCT, _SIDES[side]) if side in _SIDES else None)
+
+
 def _image(name: hsr.CodedConcept | Code, ref: Dataset) -> hsr.ImageContentItem:
     return hsr.ImageContentItem(name=name, referenced_sop_class_uid=ref.SOPClassUID,
                                 referenced_sop_instance_uid=ref.SOPInstanceUID,
@@ -105,8 +124,10 @@ def _group(n: int, study_uid: str, finding: ImageFinding, algorithm: hsr.Algorit
     if analysed:
         evaluations = [hsr.QualitativeEvaluation(FRACTURE, _GRADE_VALUE[finding.grade])]
         measurements = [hsr.Measurement(_PROBABILITY, round(float(finding.probability or 0), 4), _NO_UNITS)]
+    site = finding_site(src) if analysed else None
     group = hsr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking, finding_type=FRACTURE, algorithm_id=algorithm,
+        finding_sites=[site] if site is not None else None,
         source_images=[hsr.SourceImageForMeasurementGroup(src.SOPClassUID, src.SOPInstanceUID)],
         measurements=measurements, qualitative_evaluations=evaluations)
     content = group[0].ContentSequence
