@@ -57,9 +57,7 @@ def cmd_model_drift(args: argparse.Namespace, settings: Settings) -> int:
     by_part = {k.split("=", 1)[1]: v for k, v in groups.items() if k.startswith("body_part=")}
     by_maker = {k.split("=", 1)[1]: v for k, v in groups.items() if k.startswith("manufacturer=")}
     if overall.drifted:
-        structlog.get_logger("dicomai").warning(
-            "model.drift", psi=_round(overall.psi), intensity_psi=_round(overall.intensity_psi),
-            images=overall.images, threshold=PSI_WARN)
+        structlog.get_logger("dicomai").warning("model.drift", **overall.brief(), threshold=PSI_WARN)
     if args.json:
         print(json.dumps({"model": f"{package.manifest.name} {package.manifest.version}",
                           "threshold": PSI_WARN, "min_images": MIN_IMAGES, **overall.as_dict(),
@@ -88,10 +86,6 @@ def cmd_model_drift(args: argparse.Namespace, settings: Settings) -> int:
               f"{_num(overall.psi)} > {PSI_WARN}): check the operating points (dicomai calibrate)",
               file=sys.stderr)
     return ExitCode.OK
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
 
 
 def _num(value: float | None) -> str:

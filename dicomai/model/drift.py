@@ -85,6 +85,10 @@ class Drift:
         every site from the first day; what tells is its movement within a manufacturer."""
         return self.enough and self.psi is not None and self.psi > PSI_WARN
 
+    def brief(self) -> dict[str, object]:
+        """Images and both PSIs, rounded: what a ``model.drift`` log line says of a group."""
+        return {"images": self.images, "psi": _round(self.psi), "intensity_psi": _round(self.intensity_psi)}
+
     def as_dict(self) -> dict[str, object]:
         return {"images": self.images, "psi": self.psi, "intensity_psi": self.intensity_psi,
                 "drifted": self.drifted, "enough": self.enough,
@@ -94,6 +98,10 @@ class Drift:
                 "reference_high_specificity_rate": self.reference_high_specificity_rate,
                 "median_size": list(self.median_size) if self.median_size else None,
                 "bit_depths": list(self.bit_depths)}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 @dataclass(frozen=True)
@@ -112,10 +120,8 @@ def drift(reference: ScoreReference, scores: Sequence[float], points: OperatingP
     measured at the manifest's, so after a site calibration they differ by design.
     """
     n = len(scores)
-    bins = len(reference.edges) + 1
-    value = psi([1 / bins] * bins, bin_counts(scores, reference.edges)) if n else None
     return Drift(
-        images=n, psi=value,
+        images=n, psi=_equal_count_psi(reference.edges, scores),
         high_sensitivity_rate=sum(s >= points.high_sensitivity for s in scores) / n if n else None,
         high_specificity_rate=sum(s >= points.high_specificity for s in scores) / n if n else None,
         reference_high_sensitivity_rate=reference.high_sensitivity_rate,

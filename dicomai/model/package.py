@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -84,8 +84,8 @@ class OperatingPoints(StrictModel):
         return self
 
 
-class ScoreReference(StrictModel):
-    """Where the validation set's probabilities fall, for the drift watch (``dicomai model drift``).
+class _EqualCountBins(StrictModel):
+    """Where a validation set's values fall, for the drift watch (``dicomai model drift``).
 
     ``edges`` are the inner edges of equal-count bins (the deciles: 9 edges, 10 bins), so each
     bin held ``1 / (len(edges) + 1)`` of the validation images.
@@ -94,29 +94,23 @@ class ScoreReference(StrictModel):
     edges: list[float] = Field(min_length=1)
     images: int = Field(gt=0)
     data: str
-    high_sensitivity_rate: float = Field(ge=0, le=1)  # share at or above each operating point
+
+    @model_validator(mode="after")
+    def _increasing(self) -> Self:
+        if any(b < a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise ValueError("reference edges must not decrease")
+        return self
+
+
+class ScoreReference(_EqualCountBins):
+    """The validation set's probabilities, and the share of them flagged at each operating point."""
+
+    high_sensitivity_rate: float = Field(ge=0, le=1)
     high_specificity_rate: float = Field(ge=0, le=1)
 
-    @model_validator(mode="after")
-    def _increasing(self) -> ScoreReference:
-        if any(b < a for a, b in zip(self.edges, self.edges[1:], strict=False)):
-            raise ValueError("reference score edges must not decrease")
-        return self
 
-
-class IntensityReference(StrictModel):
-    """Where the validation images' mean intensities (displayed, windowed, in [0, 1]) fall:
-    the inner edges of equal-count bins, as for the scores."""
-
-    edges: list[float] = Field(min_length=1)
-    images: int = Field(gt=0)
-    data: str
-
-    @model_validator(mode="after")
-    def _increasing(self) -> IntensityReference:
-        if any(b < a for a, b in zip(self.edges, self.edges[1:], strict=False)):
-            raise ValueError("reference intensity edges must not decrease")
-        return self
+class IntensityReference(_EqualCountBins):
+    """The validation images' mean intensities (displayed, windowed, in [0, 1])."""
 
 
 class Reference(StrictModel):

@@ -57,11 +57,5 @@ class DriftWatch:
         drifted = {name: d for name, d in groups.items() if d.drifted}
         if drifted:
             log.warning("model.drift", threshold=PSI_WARN, days=self.window.days,
-                        groups={name: {"images": d.images, "psi": _round(d.psi),
-                                       "intensity_psi": _round(d.intensity_psi)}
-                                for name, d in drifted.items()})
+                        groups={name: d.brief() for name, d in drifted.items()})
         return groups
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
