@@ -11,7 +11,8 @@ from pydicom.dataset import Dataset
 
 from dicomai.config import ScopeConfig
 
-__all__ = ["KNOWN_BODY_PARTS", "OUTSIDE_VALIDATED_SCOPE", "OWN_MANUFACTURER", "OWN_RESULT", "out_of_scope"]
+__all__ = ["KNOWN_BODY_PARTS", "OUTSIDE_VALIDATED_SCOPE", "OWN_MANUFACTURER", "OWN_RESULT", "defined_term",
+           "out_of_scope"]
 
 OWN_MANUFACTURER = "dicomai"
 #: The reason given for the node's own objects routed back to it.
@@ -29,19 +30,21 @@ TMJ ZYGOMA NOSE LUNG HEEL FEET HANDS THORAX WHOLEBODY
 """.split())
 
 
-def _norm(value: object) -> str:
+def defined_term(value: object) -> str:
+    """A coded-string value as the scope rules compare it: upper case, no spaces or underscores
+    (``"Lower Leg"``, ``"LOWER_LEG"`` -> ``"LOWERLEG"``)."""
     return str(value or "").strip().upper().replace(" ", "").replace("_", "")
 
 
 def out_of_scope(ds: Dataset, scope: ScopeConfig, model_body_parts: list[str]) -> str | None:
     """Why this image is not analysed, or ``None`` when it is in scope."""
-    if _norm(ds.get("Manufacturer")) == OWN_MANUFACTURER.upper():
+    if defined_term(ds.get("Manufacturer")) == OWN_MANUFACTURER.upper():
         return OWN_RESULT
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class not in scope.sop_classes:
         name = getattr(ds.get("SOPClassUID"), "name", sop_class)
         return f"SOP class not analysed: {name}"
-    modality = _norm(ds.get("Modality"))
+    modality = defined_term(ds.get("Modality"))
     if modality not in {m.upper() for m in scope.modalities}:
         return f"modality not analysed: {modality or '(empty)'}"
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -54,8 +57,8 @@ def out_of_scope(ds: Dataset, scope: ScopeConfig, model_body_parts: list[str]) -
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if 0 < min(rows, cols) < scope.min_size_px:  # zero-size is a failure, not a choice
         return f"image too small ({rows}x{cols} < {scope.min_size_px} px)"
-    wanted = {_norm(b) for b in (scope.body_parts or model_body_parts)}
-    part = _norm(ds.get("BodyPartExamined"))
+    wanted = {defined_term(b) for b in (scope.body_parts or model_body_parts)}
+    part = defined_term(ds.get("BodyPartExamined"))
     known_or_strict = part in KNOWN_BODY_PARTS or not scope.analyse_unknown_body_part
     if wanted and part and part not in wanted and known_or_strict:
         # The model's list is what it was trained and validated on (the model card's scope).

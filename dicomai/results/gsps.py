@@ -29,11 +29,16 @@ from dicomai.analysis.scope import OWN_MANUFACTURER
 from dicomai.imaging.pixels import Window, WindowSource
 from dicomai.model.grading import Grade, grade_label
 from dicomai.model.package import Manifest
-from dicomai.results.identity import apply_identity, apply_series_context, identity_of, values_of
+from dicomai.results.identity import (
+    apply_identity,
+    apply_series_context,
+    identity_of,
+    laterality_of,
+)
 from dicomai.results.region import box_outline
 
 __all__ = ["GSPS_LAYER", "GSPS_SERIES_DESCRIPTION", "GSPS_SERIES_NUMBER", "OUTLINED", "caption",
-           "laterality_of", "presentation_state"]
+           "presentation_state"]
 
 GSPS_SERIES_DESCRIPTION = "AI fracture outline"
 GSPS_SERIES_NUMBER = 9903
@@ -117,11 +122,6 @@ def presentation_state(source: Dataset, grade: Grade, probability: float, manife
     apply_series_context(source, gsps)
     gsps.add_new(0x00181020, "LO", [f"dicomai {__version__}", f"{manifest.name} {manifest.version}"[:64]])
     return gsps
-
-
-def laterality_of(source: Dataset) -> str:
-    """The source's laterality (of the series or the image), empty when unknown."""
-    return (values_of(source, "Laterality") or values_of(source, "ImageLaterality") or [""])[0]
 
 
 def _reference(source: Dataset) -> Dataset:

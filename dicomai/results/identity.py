@@ -20,9 +20,10 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import validate_value
 
-from dicomai.analysis.scope import KNOWN_BODY_PARTS
+from dicomai.analysis.scope import KNOWN_BODY_PARTS, defined_term
 
-__all__ = ["IDENTITY_MODULES", "apply_identity", "apply_series_context", "identity_of", "values_of"]
+__all__ = ["IDENTITY_MODULES", "apply_identity", "apply_series_context", "identity_of", "laterality_of",
+           "values_of"]
 
 #: The modules of the Patient and Study information entities of every image IOD.
 IDENTITY_MODULES = ("patient", "clinical-trial-subject", "general-study", "patient-study",
@@ -120,8 +121,7 @@ def apply_series_context(source: Dataset, target: Dataset) -> None:
     """The series a result starts: the source's Body Part Examined (what the image shows;
     a defined term only, a site's own spelling is left out), no empty Laterality for an
     unpaired part, and the result's own creation date and time as Series Date and Time."""
-    values = values_of(source, "BodyPartExamined")
-    part = "".join(values[0].upper().split()) if values else ""
+    part = defined_term(source.get("BodyPartExamined"))
     if part in KNOWN_BODY_PARTS:
         target.BodyPartExamined = part
     if part in _UNPAIRED and "Laterality" in target and not target.Laterality:
@@ -130,3 +130,8 @@ def apply_series_context(source: Dataset, target: Dataset) -> None:
         target.SeriesDate = target.InstanceCreationDate
     if "InstanceCreationTime" in target:
         target.SeriesTime = target.InstanceCreationTime
+
+
+def laterality_of(source: Dataset) -> str:
+    """The source's laterality (of the series or the image), empty when unknown."""
+    return (values_of(source, "Laterality") or values_of(source, "ImageLaterality") or [""])[0]

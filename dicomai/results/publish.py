@@ -45,7 +45,8 @@ from dicomai.config import Output, Settings
 from dicomai.imaging.pixels import FloatImage, decode, resize, to_display
 from dicomai.model.grading import Grade, grade_study
 from dicomai.model.package import Manifest, OperatingPoints
-from dicomai.results.gsps import GSPS_SERIES_DESCRIPTION, laterality_of, presentation_state
+from dicomai.results.gsps import GSPS_SERIES_DESCRIPTION, presentation_state
+from dicomai.results.identity import laterality_of
 from dicomai.results.kos import KOS_DESCRIPTION, key_objects
 from dicomai.results.region import hotspot_box
 from dicomai.results.sc import SC_SERIES_DESCRIPTION, SC_SOP_CLASS, secondary_capture

@@ -25,7 +25,13 @@ from dicomai.imaging.overlay import caption_band, colormap, overlay
 from dicomai.imaging.pixels import resize
 from dicomai.model.grading import Grade, grade_label
 from dicomai.model.package import Manifest
-from dicomai.results.identity import apply_identity, apply_series_context, identity_of, values_of
+from dicomai.results.identity import (
+    apply_identity,
+    apply_series_context,
+    identity_of,
+    laterality_of,
+    values_of,
+)
 from dicomai.results.region import hotspot_box
 
 __all__ = ["BOX_COLOUR", "CONTOUR_LEVELS", "SC_SERIES_DESCRIPTION", "SC_SERIES_NUMBER", "SC_SOP_CLASS",
@@ -137,7 +143,7 @@ def secondary_capture(source: Dataset, display: NDArray[np.float32], cam: NDArra
         # than carry the placeholder highdicom's constructor requires.
         sc.PatientOrientation = []
     # Type 2C for paired body parts (hand, hip, ...): the source's value, or empty when unknown.
-    sc.Laterality = (values_of(source, "Laterality") or values_of(source, "ImageLaterality") or [""])[0]
+    sc.Laterality = laterality_of(source)
     sc.SeriesDescription = SC_SERIES_DESCRIPTION
     apply_series_context(source, sc)
     sc.ImageType = ["DERIVED", "SECONDARY"]

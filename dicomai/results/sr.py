@@ -23,10 +23,10 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicomai import __version__
-from dicomai.analysis.scope import OWN_MANUFACTURER
+from dicomai.analysis.scope import OWN_MANUFACTURER, defined_term
 from dicomai.model.grading import Grade, grade_label
 from dicomai.model.package import Manifest
-from dicomai.results.identity import apply_identity, identity_of
+from dicomai.results.identity import apply_identity, identity_of, laterality_of
 from dicomai.results.region import box_outline
 
 __all__ = ["FRACTURE", "SR_REVISED", "SR_SERIES_NUMBER", "ImageFinding", "device_observer",
@@ -100,10 +100,10 @@ class ImageFinding:
 def finding_site(source: Dataset) -> hsr.FindingSite | None:
     """Where the image is, coded (TID 1501 rows 6-7): its Body Part Examined as an anatomic
     location and its laterality; ``None`` when the body part is unknown or not mapped."""
-    part = "".join(str(source.get("BodyPartExamined", "") or "").upper().split())
+    part = defined_term(source.get("BodyPartExamined"))
     if part not in _SITES:
         return None
-    side = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "").strip().upper()
+    side = laterality_of(source).strip().upper()
     return hsr.FindingSite(anatomic_location=getattr(codes.SCT, _SITES[part]),
                            laterality=getattr(codes.SCT, _SIDES[side]) if side in _SIDES else None)
 
