@@ -271,6 +271,10 @@ def test_bad_objects_quarantined_node_keeps_serving(node: Node, tmp_path: Path) 
     sent = {hashlib.sha256(dataset_bytes(p)).hexdigest()
             for p in (garbage, truncated, no_uid, empty_pixels, unknown_vr)}
     assert {hashlib.sha256(dataset_bytes(p)).hexdigest() for p in kept} == sent
+    # The copy written to the spool while the object was parsed is gone: only the
+    # quarantine keeps it.
+    assert not list((node.data_dir / "tmp").iterdir())
+    assert not (node.data_dir / "spool").exists() or not any((node.data_dir / "spool").rglob("*.dcm"))
 
     study_uid, files = make_study([src], tmp_path / "good")
     out = storescu(node.port, files)

@@ -100,11 +100,12 @@ class Spool:
         """Durably write any file under the data directory (tmp, fsync, rename, fsync dir)."""
         self._durable_write(final, chunks)
 
-    def _durable_write(self, final: Path, chunks: list[bytes]) -> None:
-        created_dir = not final.parent.exists()
-        if created_dir:
-            final.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            final.parent.chmod(DIR_MODE)
+    def write_temp(self, chunks: list[bytes]) -> Path:
+        """Durably write ``chunks`` to a new file in ``tmp/``; :meth:`place` names it.
+
+        The first half of a durable write, for callers that learn the final name (or that
+        the object is kept at all) while the bytes go to disk.
+        """
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         try:
             # Created 0600 (the umask can only remove bits), kept by the rename.
@@ -115,16 +116,38 @@ class Spool:
                 fh.flush()
                 if self.fsync:
                     os.fsync(fh.fileno())
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            _raise_if_full(exc)
+            raise
+        return tmp
+
+    def place(self, tmp: Path, final: Path) -> Path:
+        """Rename a file from :meth:`write_temp` to ``final`` and make the rename durable."""
+        created_dir = not final.parent.exists()
+        try:
+            if created_dir:
+                final.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+                final.parent.chmod(DIR_MODE)
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise IngestError(0xA700, "out of resources: disk full while writing") from exc
+            _raise_if_full(exc)
             raise
         if self.fsync:
             _fsync_dir(final.parent)
             if created_dir:
                 _fsync_dir(final.parent.parent)
+        return final
+
+    def _durable_write(self, final: Path, chunks: list[bytes]) -> None:
+        self.place(self.write_temp(chunks), final)
+
+
+def _raise_if_full(exc: OSError) -> None:
+    """0xA700 for a full disk or quota (any other error is the caller's to re-raise)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise IngestError(0xA700, "out of resources: disk full while writing") from exc
 
 
 def _fsync_dir(path: Path) -> None:
