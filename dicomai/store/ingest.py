@@ -3,7 +3,7 @@
 Every function takes the caller's session and does not commit, so the listener decides what
 one unit of work is (an instance row, its study and its event commit together). Which state
 a study moves to when an instance arrives is decided by :func:`dicomai.studies.instance_arrived`,
-called here in the same transaction.
+called here in the same transaction (:func:`~dicomai.studies.instance_arrived_at`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import errno
 from dataclasses import dataclass
 from enum import StrEnum
 
-from sqlalchemy import select
+from sqlalchemy import Connection, bindparam, insert, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -27,7 +27,7 @@ from dicomai.store.models import (
     Study,
     StudyState,
 )
-from dicomai.studies import instance_arrived
+from dicomai.studies import instance_arrived_at
 
 __all__ = [
     "Outcome",
@@ -160,27 +160,39 @@ def association_aborted(session: Session, association_id: int | None, reason: st
                  association_id=association_id, error=reason, details={"peer": peer})
 
 
+# The statements of the per-instance path, built once: building them costs more than
+# running them (SQLAlchemy caches the compiled form, not the construction).
+_VERSIONS = select(Instance.version, Instance.sha256).where(
+    Instance.sop_instance_uid == bindparam("uid"))
+_STUDY = select(Study.id, Study.state).where(Study.study_instance_uid == bindparam("uid"))
+_SERIES = select(Series.id).where(Series.series_instance_uid == bindparam("uid"))
+_INSERT_INSTANCE = insert(Instance)
+
+
 def record_instance(session: Session, received: Received, association_id: int | None,
                     now: dt.datetime) -> Recorded:
     """Record one received instance, its series and its study.
 
     An identical re-send (same SOP Instance UID and content) only adds an event; other content
     under a known SOP Instance UID is kept as the next version and recorded as a conflict.
+
+    Runs once per received object before it is acknowledged, so the usual case (known study
+    and series) is plain SQL statements on the session's connection: the ORM's unit of work
+    cost more than the statements themselves.
     """
     info = received.info
-    versions = session.execute(select(Instance.version, Instance.sha256).where(
-        Instance.sop_instance_uid == info.sop_instance_uid)).all()
+    conn = session.connection()
+    versions = conn.execute(_VERSIONS, {"uid": info.sop_instance_uid}).all()
     if any(v.sha256 == received.sha256 for v in versions):
         record_event(session, _STAGE, "instance.duplicate", association_id=association_id,
                      study_instance_uid=info.study_instance_uid,
                      sop_instance_uid=info.sop_instance_uid, details={"sha256": received.sha256})
         return Recorded(Outcome.DUPLICATE, None)
-    study = _study(session, info, association_id, now)
-    instance_arrived(session, study, now, association_id)
-    series = _series(session, info, study.id)
+    study_id = _study(session, info, association_id, now)
+    series_id = _series(conn, info, study_id)
     version = max((v.version for v in versions), default=0) + 1
-    session.add(Instance(
-        study_id=study.id, series_id=series.id, association_id=association_id,
+    conn.execute(_INSERT_INSTANCE, dict(
+        study_id=study_id, series_id=series_id, association_id=association_id,
         sop_instance_uid=info.sop_instance_uid, sop_class_uid=info.sop_class_uid,
         transfer_syntax_uid=info.transfer_syntax_uid, version=version, size_bytes=received.size,
         sha256=received.sha256, spool_path=received.spool_path, state=InstanceState.STORED,
@@ -201,11 +213,13 @@ def record_instance(session: Session, received: Received, association_id: int | 
 
 
 def _study(session: Session, info: ReceivedInstance, association_id: int | None,
-           now: dt.datetime) -> Study:
-    """The study row of ``info``, created (``receiving``) on its first instance."""
-    study = session.scalar(select(Study).where(Study.study_instance_uid == info.study_instance_uid))
-    if study is not None:
-        return study
+           now: dt.datetime) -> int:
+    """The id of the study row of ``info``, created (``receiving``) on its first instance;
+    the arrival is recorded on it (:func:`dicomai.studies.instance_arrived`)."""
+    known = session.connection().execute(_STUDY, {"uid": info.study_instance_uid}).first()
+    if known is not None:
+        instance_arrived_at(session, known.id, known.state, now, association_id)
+        return int(known.id)
     study = Study(
         study_instance_uid=info.study_instance_uid, patient_id=info.patient_id,
         patient_name=info.patient_name, accession_number=info.accession_number,
@@ -217,22 +231,22 @@ def _study(session: Session, info: ReceivedInstance, association_id: int | None,
     session.flush()
     record_event(session, _STAGE, "study.created", association_id=association_id,
                  study_instance_uid=info.study_instance_uid)
-    return study
+    return study.id
 
 
-def _series(session: Session, info: ReceivedInstance, study_id: int) -> Series:
-    series = session.scalar(select(Series).where(
-        Series.series_instance_uid == info.series_instance_uid))
-    if series is not None:
-        return series
-    series = Series(
+def _series(conn: Connection, info: ReceivedInstance, study_id: int) -> int:
+    """The id of the series row of ``info``, created on its first instance."""
+    known = conn.execute(_SERIES, {"uid": info.series_instance_uid}).scalar()
+    if known is not None:
+        return int(known)
+    created = conn.execute(insert(Series), dict(
         study_id=study_id, series_instance_uid=info.series_instance_uid, modality=info.modality,
         body_part=info.body_part, series_number=info.series_number,
         series_description=info.series_description,
-    )
-    session.add(series)
-    session.flush()
-    return series
+    ))
+    key = created.inserted_primary_key
+    assert key is not None  # a single-row INSERT always has one
+    return int(key[0])
 
 
 def quarantined(session: Session, *, association_id: int | None, status: int, reason: str,
