@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from dicomai.errors import SpoolFullError
+from dicomai.store import spool as spool_module
 from dicomai.store.spool import Spool, is_valid_uid
 
 
@@ -21,6 +24,39 @@ def test_write_is_content_addressed_and_complete(tmp_path: Path) -> None:
     assert path == tmp_path / "spool" / "1.2.3" / f"1.2.3.4.{'ab' * 8}.dcm"
     assert path.read_bytes() == b"headbody"
     assert not list(spool.tmp_dir.iterdir())
+
+
+def test_new_study_folder_is_durable_before_any_file_placed_in_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two associations storing the first instances of one study at once: the second must not
+    return (and acknowledge) before the study folder's entry in spool/ is fsynced, however
+    long the first one's fsync of spool/ takes."""
+    spool = Spool(tmp_path)
+    spool.prepare()
+    events: list[str] = []
+    real_fsync_dir = spool_module._fsync_dir
+
+    def slow_fsync_dir(path: Path) -> None:
+        if path == spool.spool_dir:
+            events.append("spool/ fsync started")
+            time.sleep(0.3)
+            events.append("spool/ fsync done")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(spool_module, "_fsync_dir", slow_fsync_dir)
+    first = spool.write_temp([b"first"])
+    second = spool.write_temp([b"second"])
+    study = spool.spool_dir / "1.2.3"
+    writer = threading.Thread(target=spool.place, args=(first, study / "a.dcm"))
+    writer.start()
+    while "spool/ fsync started" not in events:
+        time.sleep(0.001)
+    spool.place(second, study / "b.dcm")
+    events.append("second placed")
+    writer.join()
+    assert events.index("spool/ fsync done") < events.index("second placed")
+    assert (study / "a.dcm").read_bytes() == b"first"
+    assert (study / "b.dcm").read_bytes() == b"second"
 
 
 def test_unsafe_uid_never_becomes_a_path(tmp_path: Path) -> None:

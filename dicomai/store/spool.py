@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ __all__ = ["Spool", "is_valid_uid"]
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+#: Serialises creating folders in the spool (Spool._durable_dir), across Spool objects.
+_DIRS_LOCK = threading.Lock()
 
 
 def is_valid_uid(value: str) -> bool:
@@ -124,11 +127,8 @@ class Spool:
 
     def place(self, tmp: Path, final: Path) -> Path:
         """Rename a file from :meth:`write_temp` to ``final`` and make the rename durable."""
-        created_dir = not final.parent.exists()
         try:
-            if created_dir:
-                final.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-                final.parent.chmod(DIR_MODE)
+            self._durable_dir(final.parent)
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
@@ -136,9 +136,21 @@ class Spool:
             raise
         if self.fsync:
             _fsync_dir(final.parent)
-            if created_dir:
-                _fsync_dir(final.parent.parent)
         return final
+
+    def _durable_dir(self, folder: Path) -> None:
+        """Create ``folder`` (0700) if needed, its entry in its parent fsynced before return.
+
+        Under one lock: a second association storing into a study folder another has just
+        created must not rename into it before the folder itself is on disk.
+        """
+        with _DIRS_LOCK:
+            if folder.exists():
+                return
+            folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            folder.chmod(DIR_MODE)
+            if self.fsync:
+                _fsync_dir(folder.parent)
 
     def _durable_write(self, final: Path, chunks: list[bytes]) -> None:
         self.place(self.write_temp(chunks), final)
