@@ -240,6 +240,7 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     if receiver.active:
         log.warning("node.aborting_associations", active=receiver.active)
     ae.shutdown()
+    receiver.close()
     scheduler.shutdown(wait=True)
     outbox.stop(timeout=settings.node.shutdown_grace_s)
     for service in (ops, web):

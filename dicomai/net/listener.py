@@ -149,6 +149,10 @@ class Receiver:
             (evt.EVT_DIMSE_RECV, guard.message_received),
         ]
 
+    def close(self) -> None:
+        """Stop the spool writer threads (after the AE has shut down)."""
+        self._writer.shutdown(wait=True)
+
     @property
     def active(self) -> int:
         """Associations accepted and not yet closed."""
@@ -344,8 +348,8 @@ class Receiver:
             return self._refuse(exc, assoc_id, request_uid[:64] or None)
         # The bytes go to disk (write and fsync, GIL released) while this thread hashes and
         # parses; the file gets its content-addressed name only once the object is accepted.
-        staged = self._writer.submit(self.spool.write_temp, [encoded])
         ts = str(meta.TransferSyntaxUID)
+        staged = self._writer.submit(self.spool.write_temp, [encoded])
         try:
             sha = hashlib.sha256(data).hexdigest()
             info = parse_instance(encoded, ts, request_uid)
