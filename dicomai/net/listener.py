@@ -391,9 +391,8 @@ class Receiver:
         inspection (when its bytes can still be had)."""
         failure = IngestError(STATUS_PROCESSING_FAILURE, f"unexpected failure: {exc!r}"[:1024])
         try:
-            data: bytes = event.encoded_dataset(include_meta=False)
             meta: FileMetaDataset = event.file_meta
-            encoded = encode_header(meta) + data
+            encoded, _ = _part10(encode_header(meta), event)
             return self._quarantine(failure, encoded, hashlib.sha256(encoded).hexdigest(),
                                     str(meta.TransferSyntaxUID),
                                     str(event.request.AffectedSOPInstanceUID or ""), event, assoc_id)
