@@ -224,7 +224,8 @@ def run_node(settings: Settings, hook: StudyHook | None = None) -> int:
     # The operations endpoint (/healthz, /readyz, /metrics); None when off or its port is taken.
     ops = start_endpoint(settings, engine, sessions, manifest, scheduler, drift)
     # The web console (dicomai.web); None when off (the default) or its port is taken.
-    web = start_console(settings, sessions, manifest)
+    web = start_console(settings, sessions, manifest,
+                        hook.analyse.analyser if isinstance(hook, Triage) else None)
     # Handlers before READY: a supervisor may send SIGTERM the moment it reads READY=1.
     stop = _stop_on_signal()
     sd_notify("READY=1")

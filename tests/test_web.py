@@ -28,8 +28,10 @@ from PIL import Image
 from sqlalchemy import func, select
 from starlette.testclient import TestClient
 
-from dicomai.analysis.image import points_in_force
+from dicomai.analysis.image import Analyser, points_in_force
 from dicomai.config import Destination, NodeConfig, ScopeConfig, Settings
+from dicomai.model import classifier as classifier_module
+from dicomai.model.classifier import Classifier
 from dicomai.model.package import OperatingPoints, load_package
 from dicomai.model.profile import BodyPartPoints, SiteProfile
 from dicomai.node import default_model_dir
@@ -235,8 +237,12 @@ def app(tmp_path: Path) -> InProcess:
             tokens[name] = new_token()
             start_session(s, account.id, token_digest(tokens[name]), now, now + dt.timedelta(hours=1))
     loaded = _shipped_model(settings)
+    # The node's analyser, built as the node builds it (dicomai.node.Triage).
+    classifier = Classifier(loaded.package, settings.model.threads, settings.model.providers)
+    analyser = Analyser(settings.scope, loaded.package, classifier, loaded.points_for(None),
+                        points_for=loaded.points_for)
     console = Console(settings, sessions, SECRET, "test model 1", Throttle(5), loaded=loaded,
-                      demo=Demo(settings, loaded.package, loaded.points_for))
+                      demo=Demo(settings, analyser))
     return InProcess(console, tokens, settings.data_dir)
 
 
@@ -419,6 +425,25 @@ def test_try_page_grades_an_upload_in_memory_and_keeps_nothing(app: InProcess,
         assert 'src="data:image/png;base64,' in answer.text
     assert app.count(*tables) == before_rows
     assert sorted(p.name for p in app.data_dir.rglob("*")) == before_files
+
+
+def test_try_page_grades_with_the_nodes_analyser_and_loads_no_network(
+        app: InProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The try page runs the node's own analyser: no second onnxruntime session (another copy
+    of the network in the node's memory), and the same grade and probability as the node's."""
+    def no_second_network(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the try page loaded a network of its own")
+
+    monkeypatch.setattr(classifier_module.Classifier, "__init__", no_second_network)
+    assert app.console.demo is not None
+    dicom = pydicom_data("RG3_UNCR.dcm")
+    node_view = app.console.demo.analyser.analyse([Analyser.read(dicom)])[0]
+    answer = app.client("bob").post("/try", data={"csrf": app.csrf()},
+                                    files={"file": ("x.dcm", dicom.read_bytes())})
+    assert answer.status_code == 200, answer.text
+    assert node_view.probability is not None
+    assert f'id="try-probability">{node_view.probability:.3f}<' in answer.text
+    assert f'id="try-grade">{node_view.grade.value}<' in answer.text
 
 
 def test_try_page_refuses_bad_large_and_unsigned_uploads(app: InProcess) -> None:

@@ -11,7 +11,6 @@ import io
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -22,9 +21,8 @@ from pydicom import dcmread
 from dicomai.analysis.image import Analyser, ImageAnalysis, short_reason
 from dicomai.config import Settings
 from dicomai.errors import DicomaiError
-from dicomai.model.classifier import Classifier
 from dicomai.model.grading import Grade
-from dicomai.model.package import ModelPackage, OperatingPoints
+from dicomai.model.package import OperatingPoints
 from dicomai.web.pictures import MAX_SIDE, overlay_picture, png
 
 __all__ = ["MAX_PIXELS", "MAX_UPLOAD_BYTES", "Demo", "DemoResult", "FileKind", "UploadError", "file_kind"]
@@ -95,29 +93,19 @@ class DemoResult:
 
 
 class Demo:
-    """The model for the try page: loaded on first use, one upload analysed at a time.
+    """The try page: uploads analysed one at a time by the node's own analyser.
 
-    The console serves from the node's process, beside the node's own analysis; loading the
-    network only when someone tries it keeps its memory free on nodes where nobody does, and
-    one upload at a time leaves the node's CPUs to the studies.
+    The console serves from the node's process, so the try page grades with the very
+    analyser (network, scope rules, operating points) that grades the node's studies: no
+    second copy of the network in memory, and no way for the page to disagree with the node.
+    One upload at a time leaves the node's CPUs to the studies.
     """
 
-    def __init__(self, settings: Settings, package: ModelPackage,
-                 points_for: Callable[[str | None], OperatingPoints]) -> None:
+    def __init__(self, settings: Settings, analyser: Analyser) -> None:
         self.settings = settings
-        self.package = package
-        self.points_for = points_for
+        self.analyser = analyser
         self.max_bytes = MAX_UPLOAD_BYTES
-        self._analyser: Analyser | None = None
         self._lock = threading.Lock()
-
-    def _get(self) -> Analyser:
-        if self._analyser is None:
-            model = self.settings.model
-            classifier = Classifier(self.package, model.threads, model.providers)
-            self._analyser = Analyser(self.settings.scope, self.package, classifier, self.points_for(None),
-                                      points_for=self.points_for)
-        return self._analyser
 
     def analyse(self, data: bytes) -> DemoResult:
         """Grade an upload as the node would grade it (its scope rules included for DICOM).
@@ -134,7 +122,7 @@ class Demo:
             raise UploadError("not a DICOM (Part 10), PNG or JPEG file")
         started = time.perf_counter()
         with self._lock:
-            analyser = self._get()
+            analyser = self.analyser
             if kind == FileKind.DICOM:
                 try:
                     ds = dcmread(io.BytesIO(data))

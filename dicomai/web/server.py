@@ -15,7 +15,7 @@ import structlog
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.analysis.image import points_in_force
+from dicomai.analysis.image import Analyser, points_in_force
 from dicomai.config import Settings
 from dicomai.model.package import Manifest, ModelError, load_package
 from dicomai.model.profile import profile_for
@@ -83,10 +83,11 @@ def _model_in_use(settings: Settings, manifest: Manifest | None) -> ModelInUse |
     return ModelInUse(package, profile_for(settings.data_dir, package), points_in_force(settings, package))
 
 
-def start_console(settings: Settings, sessions: sessionmaker[Session],
-                  manifest: Manifest | None) -> ConsoleServer | None:
+def start_console(settings: Settings, sessions: sessionmaker[Session], manifest: Manifest | None,
+                  analyser: Analyser | None = None) -> ConsoleServer | None:
     """Serve the console when ``web.enabled``; a port that cannot be bound is logged and the
-    node runs on without it (DICOM reception and triage matter more)."""
+    node runs on without it (DICOM reception and triage matter more). ``analyser`` is the
+    node's own, for the try page (none without a model)."""
     cfg = settings.web
     if not cfg.enabled:
         return None
@@ -94,7 +95,7 @@ def start_console(settings: Settings, sessions: sessionmaker[Session],
     console = Console(settings, sessions, load_secret(settings.data_dir / SECRET_FILE),
                       f"{manifest.name} {manifest.version}" if manifest else None,
                       Throttle(cfg.max_login_failures), loaded=loaded,
-                      demo=Demo(settings, loaded.package, loaded.points_for) if loaded else None)
+                      demo=Demo(settings, analyser) if analyser is not None else None)
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
