@@ -47,6 +47,34 @@ def test_batch_probabilities_and_grades(tmp_path: Path) -> None:
     assert [grade_image(o.probability, points) for o in outs] == [Grade.POSITIVE, Grade.NEGATIVE]
 
 
+def test_a_study_of_many_images_runs_one_image_at_a_time(tmp_path: Path) -> None:
+    """The node's classifier runs one image per onnxruntime run whatever the study's size (the
+    run's buffers, which onnxruntime keeps, then do not grow with it), with the results a
+    single batched run gives, in order."""
+    pkg = load_package(hot_spot_model(tmp_path / "m"))
+    images = [_spot_image(300, 200, 150, 100, 40), np.full((300, 200), 0.1, np.float32),
+              _spot_image(400, 700, 100, 600, 50), np.full((500, 500), 0.3, np.float32),
+              _spot_image(250, 250, 200, 30, 30)]
+    inputs = [preprocess(img, pkg) for img in images]
+    clf = Classifier(pkg, threads=1)
+    session_run = clf.session.run
+    batches: list[int] = []
+
+    def counted(names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        batches.extend(len(v) for v in feed.values())
+        return session_run(names, feed)
+
+    clf.session.run = counted  # type: ignore[method-assign]
+    outs = clf.predict(inputs)
+    assert batches == [1] * len(images)
+    together = Classifier(pkg, threads=1, max_batch=len(images)).predict(inputs)
+    assert [o.probability for o in outs] == pytest.approx([o.probability for o in together], abs=1e-5)
+    for one, batched in zip(outs, together, strict=True):
+        assert one.gradcam is not None and batched.gradcam is not None
+        np.testing.assert_allclose(one.gradcam, batched.gradcam, atol=1e-5)
+    assert outs[0].probability > 0.9 and outs[1].probability < 0.05  # in the inputs' order
+
+
 def test_model_without_gradcam_still_classifies(tmp_path: Path) -> None:
     """Without a Grad-CAM output the probability is still given; the map is unavailable."""
     pkg = load_package(hot_spot_model(tmp_path / "m", gradcam=False))

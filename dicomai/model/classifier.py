@@ -1,4 +1,4 @@
-"""ONNX inference: one onnxruntime session per model, created once, batched per study."""
+"""ONNX inference: one onnxruntime session per model, created once, a bounded batch per run."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ from numpy.typing import NDArray
 from dicomai.imaging.pixels import Letterbox, letterbox
 from dicomai.model.package import ModelError, ModelPackage
 
-__all__ = ["Classifier", "ModelInput", "ModelOutput", "preprocess"]
+__all__ = ["MAX_BATCH", "Classifier", "ModelInput", "ModelOutput", "preprocess"]
+
+#: Images per onnxruntime run in the node. The run's buffers grow with the batch (about 40 MB
+#: per image with the shipped ensemble and its Grad-CAM) and onnxruntime's arena keeps the
+#: largest it ever held, so a study of many images would leave the node that much larger for
+#: good; one at a time costs a few milliseconds per image on a CPU.
+MAX_BATCH = 1
 
 
 @dataclass(frozen=True)
@@ -42,8 +48,11 @@ class Classifier:
     """Holds the onnxruntime session; :meth:`predict` runs a batch."""
 
     def __init__(self, package: ModelPackage, threads: int = 0,
-                 providers: list[str] | None = None) -> None:
+                 providers: list[str] | None = None, max_batch: int = MAX_BATCH) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch {max_batch} < 1")
         self.package = package
+        self.max_batch = max_batch
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -70,9 +79,14 @@ class Classifier:
         self.providers = self.session.get_providers()
 
     def predict(self, inputs: list[ModelInput]) -> list[ModelOutput]:
-        """Probabilities (and Grad-CAM grids when the model has them) for a batch."""
-        if not inputs:
-            return []
+        """Probabilities (and Grad-CAM grids when the model has them), one per input, in order;
+        run ``max_batch`` inputs at a time."""
+        out: list[ModelOutput] = []
+        for start in range(0, len(inputs), self.max_batch):
+            out += self._run(inputs[start:start + self.max_batch])
+        return out
+
+    def _run(self, inputs: list[ModelInput]) -> list[ModelOutput]:
         m = self.package.manifest
         batch = np.stack([i.tensor for i in inputs]).astype(np.float32)
         names = [m.outputs.probabilities] + ([m.outputs.gradcam] if m.outputs.gradcam else [])

@@ -44,7 +44,7 @@ def teacher_probabilities(package_dir: Path, samples: list[Sample], cache: Path,
             known = {str(k): float(v) for k, v in stored["probabilities"].items()}
     todo = [s for s in samples if s.image_id not in known]
     if todo:
-        clf = Classifier(package, threads=threads, providers=["CPUExecutionProvider"])
+        clf = Classifier(package, threads=threads, providers=["CPUExecutionProvider"], max_batch=batch)
         for i in range(0, len(todo), batch):
             chunk = todo[i:i + batch]
             outs = clf.predict([preprocess(load_display(s.path), package) for s in chunk])

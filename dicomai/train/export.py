@@ -144,7 +144,8 @@ def parity(net: FractureNet, package: ModelPackage, images: list[np.ndarray]) ->
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     net.eval()
-    clf = Classifier(package, providers=["CPUExecutionProvider"])
+    # One run for all: the graph's dynamic batch axis is part of what is checked.
+    clf = Classifier(package, providers=["CPUExecutionProvider"], max_batch=max(1, len(images)))
     inputs = [preprocess(img, package) for img in images]
     outs = clf.predict(inputs)
     x = torch.from_numpy(np.stack([i.tensor for i in inputs]))

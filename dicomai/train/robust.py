@@ -53,7 +53,7 @@ def evaluate_robust(package: ModelPackage, samples: list[Sample], seed: int = 0,
     test = [s for s in samples if s.split == "test"]
     if not test:
         raise ValueError("no test split in the dataset")
-    clf = Classifier(package, threads=0, providers=["CPUExecutionProvider"])
+    clf = Classifier(package, threads=0, providers=["CPUExecutionProvider"], max_batch=2)
     probs: dict[str, list[float]] = {c: [] for c in CONDITIONS}
     applied: list[tuple[Degradation, ...]] = []
     for i, s in enumerate(tqdm(test, desc="clean + degraded", unit="image", disable=not progress)):
