@@ -75,6 +75,30 @@ def test_a_study_of_many_images_runs_one_image_at_a_time(tmp_path: Path) -> None
     assert outs[0].probability > 0.9 and outs[1].probability < 0.05  # in the inputs' order
 
 
+def test_an_analysed_image_keeps_its_header_and_frees_its_pixels(tmp_path: Path) -> None:
+    """Once analysed, an image's source holds its header only: its pixel data and pydicom's
+    decoded copy are freed (the display image carries the picture on); an image out of scope
+    is left as it came."""
+    from pydicom import dcmread
+
+    from dicomai.analysis.image import Analyser
+    from dicomai.config import ScopeConfig
+    from tests.helpers import pydicom_data
+
+    pkg = load_package(hot_spot_model(tmp_path / "m"))
+    analyser = Analyser(ScopeConfig(body_parts=["EXTREMITY"]), pkg, Classifier(pkg, threads=1),
+                        pkg.manifest.operating_points)
+    shown, skipped = dcmread(pydicom_data("RG3_UNCR.dcm")), dcmread(pydicom_data("RG3_UNCR.dcm"))
+    skipped.BodyPartExamined = "CHEST"
+    rows, columns = shown.Rows, shown.Columns
+    got, out = analyser.analyse([shown, skipped])
+    assert got.analysed and got.source is shown and got.display is not None
+    assert got.display.shape == (rows, columns)
+    assert "PixelData" not in shown and shown._pixel_array is None
+    assert (shown.Rows, shown.Columns, shown.SOPInstanceUID) == (rows, columns, got.source.SOPInstanceUID)
+    assert out.grade == Grade.NOT_ANALYSED and "PixelData" in skipped
+
+
 def test_model_without_gradcam_still_classifies(tmp_path: Path) -> None:
     """Without a Grad-CAM output the probability is still given; the map is unavailable."""
     pkg = load_package(hot_spot_model(tmp_path / "m", gradcam=False))

@@ -79,7 +79,9 @@ class ImageAnalysis:
     grade: Grade
     probability: float | None = None
     reason: str | None = None
-    source: Dataset | None = None  # the image as read (None when it could not be read)
+    # the image's header as read (None when it could not be read); an analysed image's pixel
+    # data is dropped from it once ``display`` holds the image
+    source: Dataset | None = None
     display: FloatImage | None = None  # the radiograph as displayed, analysed images only
     window: Window | None = None
     gradcam: GradcamGrid | None = None  # None when the model has no map or none was made
@@ -90,6 +92,15 @@ class ImageAnalysis:
     @property
     def analysed(self) -> bool:
         return self.grade in (Grade.POSITIVE, Grade.DOUBTFUL, Grade.NEGATIVE)
+
+
+def _drop_pixels(ds: Dataset) -> None:
+    """Free an analysed image's pixel data and pydicom's decoded copy of it. Everything after
+    the analysis draws from the display image and reads only the header, and a study's images
+    wait together for their results: two copies of each would stay in memory until then."""
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            delattr(ds, keyword)
 
 
 @dataclass
@@ -170,6 +181,7 @@ class Analyser:
         result.display = shown.image
         result.stats = image_stats(ds, shown.image)
         result.timings = Timings(decode_ms=(t1 - t0) * 1e3, normalize_ms=(t2 - t1) * 1e3)
+        _drop_pixels(ds)
         return result, model_input
 
     def _infer(self, candidates: list[_Candidate]) -> None:
