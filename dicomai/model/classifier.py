@@ -45,7 +45,7 @@ def preprocess(display: NDArray[np.float32], package: ModelPackage) -> ModelInpu
 
 
 class Classifier:
-    """Holds the onnxruntime session; :meth:`predict` runs a batch."""
+    """Holds the onnxruntime session; :meth:`predict` runs inputs ``max_batch`` at a time."""
 
     def __init__(self, package: ModelPackage, threads: int = 0,
                  providers: list[str] | None = None, max_batch: int = MAX_BATCH) -> None:
