@@ -1,6 +1,6 @@
 """One radiograph in, one typed :class:`ImageAnalysis` out: scope, decode, display, classify.
 
-Used by the node (a batch per study, :mod:`dicomai.analysis.study`) and by
+Used by the node (a study's new images in turn, :mod:`dicomai.analysis.study`) and by
 ``dicomai classify`` (one file at a time), so both see the same pixels and the same rules.
 Every failure of one image (an unreadable file, a header pydicom chokes on, pixels that do
 not decode, a model error on that image) becomes that image's ``failed`` result with a short
@@ -10,7 +10,7 @@ reason; it never stops the other images.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,8 +79,7 @@ class ImageAnalysis:
     grade: Grade
     probability: float | None = None
     reason: str | None = None
-    # the image's header as read (None when it could not be read); an analysed image's pixel
-    # data is dropped from it once ``display`` holds the image
+    # the image's header as read, without its pixel data (None when it could not be read)
     source: Dataset | None = None
     display: FloatImage | None = None  # the radiograph as displayed, analysed images only
     window: Window | None = None
@@ -95,8 +94,8 @@ class ImageAnalysis:
 
 
 def _drop_pixels(ds: Dataset) -> None:
-    """Free an analysed image's pixel data and pydicom's decoded copy of it. Everything after
-    the analysis draws from the display image and reads only the header, and a study's images
+    """Free an image's pixel data and pydicom's decoded copy of it. Everything after the
+    analysis draws from the display image and reads only the header, and a study's images
     wait together for their results: two copies of each would stay in memory until then."""
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in ds:
@@ -110,7 +109,7 @@ class _Candidate:
 
 
 class Analyser:
-    """Scope rules, normalization and the model, applied to images one by one or in batches."""
+    """Scope rules, normalization and the model, applied to one image or a study's images."""
 
     def __init__(self, scope: ScopeConfig, package: ModelPackage, classifier: Classifier,
                  points: OperatingPoints,
@@ -131,8 +130,14 @@ class Analyser:
         except Exception as exc:  # noqa: BLE001 -- any parser failure is this image's reason
             return short_reason("cannot read the DICOM file", exc)
 
-    def analyse(self, sources: list[Dataset | str], apply_scope: bool = True) -> list[ImageAnalysis]:
-        """Analyse a batch: one result per source, in order (a ``str`` source is a read failure)."""
+    def analyse(self, sources: Iterable[Dataset | str], apply_scope: bool = True) -> list[ImageAnalysis]:
+        """Analyse images in turn: one result per source, in order (a ``str`` source is a read
+        failure).
+
+        Each data set keeps its header but loses its pixel data once it has been looked at
+        (everything after the analysis draws from ``display``); given lazily, the sources'
+        pixels are then in memory one image at a time.
+        """
         results: list[ImageAnalysis] = []
         candidates: list[_Candidate] = []
         for source in sources:
@@ -140,10 +145,12 @@ class Analyser:
                 results.append(ImageAnalysis(Grade.FAILED, reason=source))
                 continue
             result, model_input = self._prepare(source, apply_scope)
+            _drop_pixels(source)
             results.append(result)
             if model_input is not None:
                 candidates.append(_Candidate(result, model_input))
-        self._infer(candidates)
+        for candidate in candidates:
+            self._infer(candidate)
         return results
 
     def analyse_display(self, display: FloatImage) -> ImageAnalysis:
@@ -154,7 +161,7 @@ class Analyser:
         except Exception as exc:  # noqa: BLE001 -- reported as this image's failure
             result.reason = short_reason("cannot prepare the image", exc)
             return result
-        self._infer([_Candidate(result, model_input)])
+        self._infer(_Candidate(result, model_input))
         return result
 
     def _prepare(self, ds: Dataset, apply_scope: bool) -> tuple[ImageAnalysis, ModelInput | None]:
@@ -181,35 +188,28 @@ class Analyser:
         result.display = shown.image
         result.stats = image_stats(ds, shown.image)
         result.timings = Timings(decode_ms=(t1 - t0) * 1e3, normalize_ms=(t2 - t1) * 1e3)
-        _drop_pixels(ds)
         return result, model_input
 
-    def _infer(self, candidates: list[_Candidate]) -> None:
-        if not candidates:
-            return
+    def _infer(self, c: _Candidate) -> None:
+        """One image through the model (one run each: see dicomai.model.classifier.MAX_BATCH)."""
+        r = c.analysis
         t0 = time.perf_counter()
         try:
-            outputs = self.classifier.predict([c.model_input for c in candidates])
-        except Exception as exc:  # noqa: BLE001 -- find the image that fails: run them one by one
-            if len(candidates) > 1:
-                for c in candidates:
-                    self._infer([c])
-            else:
-                candidates[0].analysis.reason = short_reason("inference failed", exc)
+            (out,) = self.classifier.predict([c.model_input])
+        except Exception as exc:  # noqa: BLE001 -- this image's failure, not the study's
+            r.reason = short_reason("inference failed", exc)
             return
-        per_image = (time.perf_counter() - t0) * 1e3 / len(candidates)
-        for c, out in zip(candidates, outputs, strict=True):
-            r = c.analysis
-            points = self.points
-            if self.points_for is not None:
-                part = r.source.get("BodyPartExamined") if r.source is not None else None
-                points = self.points_for(str(part) if part else None)
-            try:
-                grade = grade_image(out.probability, points)
-            except ValueError as exc:  # a probability outside [0, 1]: the model misbehaved
-                r.reason = short_reason("inference failed", exc)
-                continue
-            r.probability, r.grade, r.points = out.probability, grade, points
-            r.timings.infer_ms = per_image
-            if out.gradcam is not None:
-                r.gradcam = GradcamGrid(out.gradcam, c.model_input.geometry)
+        infer_ms = (time.perf_counter() - t0) * 1e3
+        points = self.points
+        if self.points_for is not None:
+            part = r.source.get("BodyPartExamined") if r.source is not None else None
+            points = self.points_for(str(part) if part else None)
+        try:
+            grade = grade_image(out.probability, points)
+        except ValueError as exc:  # a probability outside [0, 1]: the model misbehaved
+            r.reason = short_reason("inference failed", exc)
+            return
+        r.probability, r.grade, r.points = out.probability, grade, points
+        r.timings.infer_ms = infer_ms
+        if out.gradcam is not None:
+            r.gradcam = GradcamGrid(out.gradcam, c.model_input.geometry)

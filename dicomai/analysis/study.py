@@ -1,8 +1,9 @@
 """A stable study's new instances in, one :class:`StudyAnalysis` out.
 
-Reads each new instance from the spool and analyses all of them in one batch
-(:class:`~dicomai.analysis.image.Analyser`). Nothing is recorded or written here: the
-results stage records the analysis and makes the objects from it.
+Reads each new instance from the spool as the analysis reaches it and analyses them in turn
+(:class:`~dicomai.analysis.image.Analyser`), so that one image's pixel data at a time is in
+memory. Nothing is recorded or written here: the results stage records the analysis and
+makes the objects from it.
 """
 
 from __future__ import annotations
@@ -46,8 +47,7 @@ class StudyAnalyser:
 
     def __call__(self, work: StudyWork) -> StudyAnalysis:
         started = time.perf_counter()
-        sources = [self.analyser.read(i.path) for i in work.instances]
-        results = self.analyser.analyse(sources)
+        results = self.analyser.analyse(self.analyser.read(i.path) for i in work.instances)
         return StudyAnalysis(
             work=work,
             images=tuple(AnalysedImage(i, r) for i, r in zip(work.instances, results, strict=True)),
