@@ -122,15 +122,14 @@ class Demo:
             raise UploadError("not a DICOM (Part 10), PNG or JPEG file")
         started = time.perf_counter()
         with self._lock:
-            analyser = self.analyser
             if kind == FileKind.DICOM:
                 try:
                     ds = dcmread(io.BytesIO(data))
                 except Exception as exc:  # noqa: BLE001 -- any parser failure is this file's error
                     raise UploadError(short_reason("cannot read the DICOM file", exc)) from None
-                result = analyser.analyse([ds])[0]
+                result = self.analyser.analyse([ds])[0]
             else:
-                result = analyser.analyse_display(_display(data))
+                result = self.analyser.analyse_display(_display(data))
             picture = self._picture(result)
         return DemoResult(kind, result.grade, result.probability, result.reason, result.points, picture,
                           time.perf_counter() - started)
