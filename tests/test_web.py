@@ -446,6 +446,20 @@ def test_try_page_grades_with_the_nodes_analyser_and_loads_no_network(
     assert f'id="try-grade">{node_view.grade.value}<' in answer.text
 
 
+def test_try_page_without_a_model_says_so_and_analyses_nothing(app: InProcess) -> None:
+    """A node without a model (its stage records every image not analysed) has no analyser to
+    lend the console: the try page offers no upload form and answers an upload with 503."""
+    import dataclasses
+
+    bare = InProcess(dataclasses.replace(app.console, demo=None), app.tokens, app.data_dir)
+    client = bare.client("bob")
+    page = client.get("/try")
+    assert page.status_code == 200 and "No model is loaded on this node." in page.text
+    assert 'action="/try"' not in page.text
+    answer = client.post("/try", data={"csrf": bare.csrf()}, files={"file": ("x.png", _png_radiograph())})
+    assert answer.status_code == 503 and "No model is loaded on this node." in answer.text
+
+
 def test_try_page_refuses_bad_large_and_unsigned_uploads(app: InProcess) -> None:
     """No CSRF token: 403; not an image, a broken PNG: 400 with the reason; over the limit: 413
     (by Content-Length, and while reading a body that does not announce its length)."""
