@@ -139,7 +139,6 @@ class Analyser:
         pixels are then in memory one image at a time.
         """
         results: list[ImageAnalysis] = []
-        candidates: list[_Candidate] = []
         for source in sources:
             if isinstance(source, str):
                 results.append(ImageAnalysis(Grade.FAILED, reason=source))
@@ -148,9 +147,7 @@ class Analyser:
             _drop_pixels(source)
             results.append(result)
             if model_input is not None:
-                candidates.append(_Candidate(result, model_input))
-        for candidate in candidates:
-            self._infer(candidate)
+                self._infer(_Candidate(result, model_input))
         return results
 
     def analyse_display(self, display: FloatImage) -> ImageAnalysis:
