@@ -25,6 +25,7 @@ from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -81,13 +82,20 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     another. Measured with ``benchmarks/e2e.py``: peak RSS 671 MB with the default, 508 MB
     with two arenas, same latency. An admin's own ``MALLOC_ARENA_MAX`` wins.
     """
-    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+    if os.environ.get("MALLOC_ARENA_MAX"):
         return False
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and bool(mallopt(-8, arenas))  # M_ARENA_MAX
+
+
+def _glibc(name: str) -> Any | None:
+    """A glibc function by name; None off Linux or with another C library (musl, ...)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-8, arenas))  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def default_model_dir() -> Path | None:
@@ -107,12 +115,8 @@ def return_free_memory() -> bool:
     after the results, and a lower peak (569 to 601 MB against 604 to 715); the stage's time
     per study stayed within its run-to-run spread (1510 and 1597 ms, against 1474 to 1523).
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc
-        return False
+    malloc_trim = _glibc("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))
 
 
 class Triage:
