@@ -34,7 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai import __version__
-from dicomai.analysis.image import Analyser, operating_points, points_in_force
+from dicomai.analysis.image import Analyser
 from dicomai.analysis.study import StudyAnalyser
 from dicomai.config import Output, Settings, masked
 from dicomai.deliver.outbox import OutboxWorker, Sender
@@ -124,10 +124,9 @@ class Triage:
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], package: ModelPackage,
                  classifier: Classifier, on_queued: Callable[[], None] | None = None) -> None:
-        points = operating_points(settings, package)
-        self.analyse = StudyAnalyser(Analyser(settings.scope, package, classifier, points,
-                                              points_for=points_in_force(settings, package)))
-        self.publish = Publisher(settings, sessions, package.manifest, points, on_queued=on_queued)
+        analyser = Analyser.in_force(settings, package, classifier)
+        self.analyse = StudyAnalyser(analyser)
+        self.publish = Publisher(settings, sessions, package.manifest, analyser.points, on_queued=on_queued)
 
     def __call__(self, work: StudyWork) -> None:
         analysis = self.analyse(work)

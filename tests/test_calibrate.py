@@ -208,7 +208,7 @@ def test_node_grades_each_body_part_by_its_own_points(tmp_path: Path, model: Pat
     body parts by the site's points."""
     from pydicom import dcmread
 
-    from dicomai.analysis.image import Analyser, points_in_force
+    from dicomai.analysis.image import Analyser
     from dicomai.model.classifier import Classifier
     from tests.helpers import pydicom_data
 
@@ -223,8 +223,7 @@ def test_node_grades_each_body_part_by_its_own_points(tmp_path: Path, model: Pat
         "body_parts": {"HAND": {"operating_points": {"high_sensitivity": 0.0, "high_specificity": 0.0},
                                 "cases": 300, "positives": 150}}}))
     settings = load_settings(None, {"node": {"data_dir": data}, "scope": {"min_size_px": 1}})
-    analyser = Analyser(settings.scope, package, Classifier(package), operating_points(settings, package),
-                        points_for=points_in_force(settings, package))
+    analyser = Analyser.in_force(settings, package, Classifier(package))
     hand, foot = dcmread(pydicom_data("RG3_UNCR.dcm")), dcmread(pydicom_data("RG3_UNCR.dcm"))
     hand.BodyPartExamined, foot.BodyPartExamined = "HAND", "FOOT"
     by_hand, by_foot = analyser.analyse([hand, foot], apply_scope=False)

@@ -81,3 +81,34 @@ def test_model_info_and_verify(tmp_path: Path) -> None:
         fh.write(b"\0")
     bad = _run("model", "verify", str(model))
     assert bad.returncode == 2 and "does not match" in bad.stderr
+
+
+def test_classify_grades_each_body_part_by_the_site_profile(tmp_path: Path) -> None:
+    """`dicomai classify` grades as the node does: a site profile's points for HAND apply to
+    hand images, the site's overall points to the others (same image, same probability)."""
+    from dicomai.model.package import load_package
+    from dicomai.model.profile import PROFILE_NAME
+    from tests.helpers import pydicom_data
+
+    model = hot_spot_model(tmp_path / "model", thresholds=(0.3, 0.7))
+    manifest = load_package(model).manifest
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / PROFILE_NAME).write_text(json.dumps({
+        "model_name": manifest.name, "model_version": manifest.version,
+        "model_sha256": manifest.sha256, "created_at": "2026-01-01T00:00:00Z", "by": "x",
+        "cases": 500, "positives": 250, "targets": {"sensitivity": 0.9},
+        "operating_points": {"high_sensitivity": 0.998, "high_specificity": 0.999},
+        "body_parts": {"HAND": {"operating_points": {"high_sensitivity": 0.0, "high_specificity": 0.0},
+                                "cases": 300, "positives": 150}}}))
+    files = []
+    for part in ("HAND", "FOOT"):
+        ds = dcmread(pydicom_data("RG3_UNCR.dcm"))
+        ds.BodyPartExamined = part
+        files.append(tmp_path / f"{part}.dcm")
+        ds.save_as(files[-1])
+    run = _run("classify", "--model", str(model), "--data-dir", str(data), "--json", *map(str, files))
+    assert run.returncode == 0, run.stderr
+    hand, foot = (json.loads(line) for line in run.stdout.splitlines())
+    assert hand["probability"] == foot["probability"] < 0.998
+    assert (hand["grade"], foot["grade"]) == ("positive", "negative")

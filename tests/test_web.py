@@ -237,10 +237,8 @@ def app(tmp_path: Path) -> InProcess:
             tokens[name] = new_token()
             start_session(s, account.id, token_digest(tokens[name]), now, now + dt.timedelta(hours=1))
     loaded = _shipped_model(settings)
-    # The node's analyser, built as the node builds it (dicomai.node.Triage).
     classifier = Classifier(loaded.package, settings.model.threads, settings.model.providers)
-    analyser = Analyser(settings.scope, loaded.package, classifier, loaded.points_for(None),
-                        points_for=loaded.points_for)
+    analyser = Analyser.in_force(settings, loaded.package, classifier)  # as dicomai.node.Triage
     console = Console(settings, sessions, SECRET, "test model 1", Throttle(5), loaded=loaded,
                       demo=Demo(settings, analyser))
     return InProcess(console, tokens, settings.data_dir)

@@ -122,6 +122,13 @@ class Analyser:
         self.points = points
         self.points_for = points_for
 
+    @classmethod
+    def in_force(cls, settings: Settings, package: ModelPackage, classifier: Classifier) -> Analyser:
+        """The analyser as the node runs it: the configured scope, and the thresholds in force
+        for each Body Part Examined (:func:`points_in_force`, the site profile read once)."""
+        points_for = points_in_force(settings, package)
+        return cls(settings.scope, package, classifier, points_for(None), points_for=points_for)
+
     @staticmethod
     def read(path: Path) -> Dataset | str:
         """The data set at ``path``, or the reason it cannot be read."""

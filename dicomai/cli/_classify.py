@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from dicomai.analysis.image import Analyser, ImageAnalysis, operating_points, short_reason
+from dicomai.analysis.image import Analyser, ImageAnalysis, short_reason
 from dicomai.config import Settings
 from dicomai.imaging.overlay import overlay
 from dicomai.model.classifier import Classifier
@@ -78,7 +78,7 @@ def classify_paths(paths: list[Path], settings: Settings, model_dir: Path, as_js
     """
     package = load_package(model_dir)
     classifier = Classifier(package, settings.model.threads, settings.model.providers)
-    analyser = Analyser(settings.scope, package, classifier, operating_points(settings, package))
+    analyser = Analyser.in_force(settings, package, classifier)
     model_label = f"{package.manifest.name} {package.manifest.version}"
     if gradcam_dir is not None:
         gradcam_dir.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,7 @@ def _score_files(cases: list[Case], settings: Settings) -> None:
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    from dicomai.analysis.image import Analyser, operating_points
+    from dicomai.analysis.image import Analyser
     from dicomai.cli.model import model_dir
     from dicomai.model.classifier import Classifier
     from dicomai.model.package import load_package
@@ -113,7 +113,7 @@ def _score_files(cases: list[Case], settings: Settings) -> None:
         return
     package = load_package(model_dir(settings, None))
     classifier = Classifier(package, settings.model.threads, settings.model.providers)
-    analyser = Analyser(settings.scope, package, classifier, operating_points(settings, package))
+    analyser = Analyser.in_force(settings, package, classifier)
     # A PNG/JPEG has no header for the scope rules; its listed body part must still be in scope.
     in_scope = {p.upper() for p in settings.scope.body_parts or package.manifest.body_parts}
     for n, case in enumerate(files, start=1):
