@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
+from pydicom import config, dcmread
 from pydicom.dataset import Dataset
 
 from dicomai.analysis.scope import KNOWN_BODY_PARTS, out_of_scope
@@ -46,18 +46,41 @@ def test_out_of_scope_reasons(change: dict[str, object], reason: str) -> None:
     assert got is not None and reason in got
 
 
-def test_unknown_or_empty_body_part_is_analysed_unless_configured() -> None:
-    """Empty or site-specific body parts are analysed by default, refused when configured."""
+@pytest.mark.parametrize(("value", "reason"), [
+    ("HAND RIGHT", None),  # a site's spelling of a validated part: its words name only HAND
+    ("L_Wrist", None),
+    ("Left Hip", None),
+    ("Lower Leg", "body part not analysed: LOWERLEG (outside the model's validated scope)"),
+    ("ELBOW LEFT", "body part not analysed: ELBOWLEFT (ELBOW: outside the model's validated scope)"),
+    ("CHEST PA", "body part not analysed: CHESTPA (CHEST: outside the model's validated scope)"),
+    ("HAND ELBOW", "body part not analysed: HANDELBOW (ELBOW: outside the model's validated scope)"),
+    ("SCHULTER", "body part not analysed: SCHULTER (not a recognised value: outside the model's "
+                 "validated scope; see scope.analyse_unknown_body_part)"),
+])
+def test_site_spellings_are_read_by_their_words_and_unrecognised_ones_refused(
+        value: str, reason: str | None) -> None:
+    """A value that is no defined term is judged by the defined terms among its words; one
+    with none is refused by default (fail closed), analysed only when configured."""
     ds = _cr()
-    ds.BodyPartExamined = "LEFT PINKY"
-    assert out_of_scope(ds, ScopeConfig(), PARTS) is None
+    with config.disable_value_validation():  # lower case: as some modalities send it
+        ds.BodyPartExamined = value
+    assert out_of_scope(ds, ScopeConfig(), PARTS) == reason
+    if reason is not None and "not a recognised value" in reason:
+        assert out_of_scope(ds, ScopeConfig(analyse_unknown_body_part=True), PARTS) is None
+
+
+def test_empty_body_part_is_analysed_unless_configured() -> None:
+    """Many CR and DX images leave Body Part Examined empty: analysed by default, refused when
+    configured, also by a configuration that refused unknown values (it used to cover both)."""
+    ds = _cr()
     ds.BodyPartExamined = ""
     assert out_of_scope(ds, ScopeConfig(), PARTS) is None
-    strict = ScopeConfig(analyse_unknown_body_part=False)
-    assert out_of_scope(ds, strict, PARTS) == "body part not given"
-    ds.BodyPartExamined = "LEFT PINKY"
-    assert out_of_scope(ds, strict, PARTS) == ("body part not analysed: LEFTPINKY "
-                                               "(outside the model's validated scope)")
+    assert out_of_scope(ds, ScopeConfig(analyse_empty_body_part=False), PARTS) == "body part not given"
+    assert out_of_scope(ds, ScopeConfig(analyse_unknown_body_part=False), PARTS) == "body part not given"
+    del ds.BodyPartExamined
+    assert out_of_scope(ds, ScopeConfig(analyse_empty_body_part=False), PARTS) == "body part not given"
+    assert out_of_scope(ds, ScopeConfig(analyse_unknown_body_part=False, analyse_empty_body_part=True),
+                        PARTS) is None
 
 
 def test_configured_body_parts_override_the_model() -> None:

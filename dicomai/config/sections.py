@@ -7,8 +7,17 @@ import ipaddress
 import re
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "AccessConfig",
@@ -214,8 +223,26 @@ class ScopeConfig(_Section):
         "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
     ])
     body_parts: list[str] = Field(default_factory=list)  # empty: the model's own list
-    analyse_unknown_body_part: bool = True
+    # A value that is no defined term and names none in its words ("SCHULTER"): refused unless set.
+    analyse_unknown_body_part: bool = False
+    # An empty or absent Body Part Examined, common on CR and DX.
+    analyse_empty_body_part: bool = True
     min_size_px: int = Field(128, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_configurations_stay_strict(cls, data: Any) -> Any:
+        # analyse_unknown_body_part = false used to refuse empty values too: a configuration
+        # written then keeps refusing them unless it says otherwise.
+        given = data if isinstance(data, dict) else {}
+        if "analyse_unknown_body_part" in given and "analyse_empty_body_part" not in given:
+            try:
+                strict = not TypeAdapter(bool).validate_python(data["analyse_unknown_body_part"])
+            except ValidationError:
+                return data  # the field's own validation reports it
+            if strict:
+                return {**data, "analyse_empty_body_part": False}
+        return data
 
 
 class LogFormat(StrEnum):
