@@ -173,25 +173,35 @@ def test_profile_of_another_model_is_ignored(tmp_path: Path, model: Path) -> Non
 
 def test_calibrate_from_feedback_uses_the_recorded_probabilities(
         tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Studies with a radiologist's read are a labelled sample: their recorded probabilities count."""
+    """Studies with a radiologist's read are a labelled sample: their recorded probabilities count,
+    those of the model in use only (a study graded before an upgrade has another model's score);
+    a body part is one group however the modality spelled it."""
     import datetime as dt
 
     from dicomai.store import Series, Study
     from dicomai.store.feedback import record_feedback
-    from dicomai.store.models import FeedbackRead
+    from dicomai.store.models import FeedbackRead, Prediction
 
     data = tmp_path / "data"
     maker = make_sessionmaker(open_database(f"sqlite:///{data / 'audit.sqlite3'}"))
     now, rng = dt.datetime.now(dt.UTC), random.Random(2)
+    ours = load_package(model).manifest.sha256
     with maker.begin() as s:
-        for n in range(500):
+        for n in range(700):
             fractured = n % 2 == 0
             p = min(1.0, max(0.0, rng.gauss(0.75 if fractured else 0.25, 0.15)))
+            by_old_model = n >= 500  # scores that say the opposite: they would wreck the points
+            if by_old_model:
+                p = 1.0 - p
             study = Study(study_instance_uid=f"1.2.{n}", state="processed", first_received_at=now,
                           last_received_at=now, state_changed_at=now, grade="negative", probability=p)
             s.add(study)
             s.flush()
-            s.add(Series(study_id=study.id, series_instance_uid=f"1.2.{n}.1", body_part="WRIST"))
+            s.add(Series(study_id=study.id, series_instance_uid=f"1.2.{n}.1",
+                         body_part=("WRIST", "Wrist", "L_WRIST")[n % 3]))
+            for run, sha in ((1, "0" * 64), (2, "0" * 64 if by_old_model else ours)):
+                s.add(Prediction(study_id=study.id, level="study", run=run, model_sha256=sha, probability=p,
+                                 grade="negative", created_at=now))
             s.flush()
             read = FeedbackRead.FRACTURE if fractured else FeedbackRead.NO_FRACTURE
             record_feedback(s, f"1.2.{n}", read, "dr-a")
@@ -199,6 +209,7 @@ def test_calibrate_from_feedback_uses_the_recorded_probabilities(
                  "--target-specificity", "0.9", "--json"]) == 0
     profile = json.loads(capsys.readouterr().out)
     assert profile["cases"] == 500 and profile["positives"] == 250
+    assert profile["figures"]["unusable_cases"] == 200
     assert profile["figures"]["overall"]["at_high_sensitivity"]["sensitivity"]["value"] >= 0.9
     assert set(profile["body_parts"]) == {"WRIST"}  # 250 fractured wrists: enough for their own points
 
@@ -232,3 +243,25 @@ def test_node_grades_each_body_part_by_its_own_points(tmp_path: Path, model: Pat
     assert by_hand.points.high_specificity == 0.0
     assert by_foot.points is not None and by_foot.points.high_specificity == 0.99
     assert by_foot.grade == "negative" or by_foot.probability >= 0.98
+
+
+def test_csv_body_parts_are_grouped_as_the_node_reads_them(tmp_path: Path, model: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """"Lower Leg", "lower_leg" and "LOWERLEG" are one body part, keyed as the node looks it up;
+    an Excel CSV (UTF-8 with a byte-order mark) is read."""
+    data = tmp_path / "data"
+    open_database(f"sqlite:///{data / 'audit.sqlite3'}")
+    table, _ = _sample(tmp_path / "cases", positives=480, negatives=480)
+    rows = table.read_text().splitlines()
+    spellings = ("Lower Leg", "lower_leg", "LOWERLEG")
+    rows = [rows[0]] + [r.rsplit(",", 1)[0] + "," + spellings[n % 3] for n, r in enumerate(rows[1:])]
+    table.write_text("\ufeff" + "\n".join(rows) + "\n", encoding="utf-8")
+    manifest = json.loads((model / "model.json").read_text())
+    (model / "model.json").write_text(json.dumps({**manifest, "body_parts": ["LOWERLEG"]}))
+    assert main(["--data-dir", str(data), "calibrate", str(table), "--target-sensitivity", "0.9",
+                 "--json"]) == 0
+    profile = json.loads(capsys.readouterr().out)
+    assert profile["cases"] == 960 and set(profile["body_parts"]) == {"LOWERLEG"}
+    points = load_profile(data)
+    assert points is not None
+    assert points.points("Lower Leg") == points.body_parts["LOWERLEG"].operating_points

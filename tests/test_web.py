@@ -180,8 +180,10 @@ class InProcess:
 
     def study(self, n: int, grade: str | None, received: dt.datetime, *, state: str = "processed",
               processed_after_s: float | None = None, result_after_s: float | None = None,
-              destination: str | None = None, probability: float | None = None) -> Study:
-        """Add a study (one image, received at ``received``) with what the node would have made."""
+              destination: str | None = None, probability: float | None = None,
+              model_sha256: str | None = None) -> Study:
+        """Add a study (one image, received at ``received``) with what the node would have made;
+        a graded one graded by the console's model unless ``model_sha256`` names another."""
         with self.console.sessions.begin() as s:
             st = Study(study_instance_uid=f"1.2.826.0.1.3680043.10.543.{n}", patient_name=f"Doe^P{n}",
                        patient_id=f"PID{n}", accession_number=f"ACC{n}", state=state,
@@ -191,6 +193,10 @@ class InProcess:
                        grade=grade, probability=probability)
             s.add(st)
             s.flush()
+            if grade is not None and self.console.loaded is not None:
+                s.add(Prediction(study_id=st.id, level="study", run=1, grade=grade, probability=probability,
+                                 model_sha256=model_sha256 or self.console.loaded.package.manifest.sha256,
+                                 created_at=received))
             if result_after_s is not None or destination is not None:
                 at = received + dt.timedelta(seconds=result_after_s or 0)
                 result = ResultObject(study_id=st.id, kind="sr", run=1, sop_instance_uid=f"2.25.{n}",
@@ -257,8 +263,11 @@ def test_feedback_is_recorded_from_the_study_page_and_counts_on_the_dashboard(ap
     day = utcnow() - dt.timedelta(hours=1)
     uids = [app.study(n, grade, day).study_instance_uid
             for n, grade in enumerate(["positive", "positive", "positive", "negative", "negative"])]
+    # graded by the model before an upgrade: its grade says nothing of the model in use
+    before = app.study(9, "positive", day, model_sha256="0" * 64).study_instance_uid
     with app.console.sessions.begin() as s:  # what `dicomai feedback` stores
-        for uid, read in zip(uids[1:], ["fracture", "no_fracture", "no_fracture", "fracture"], strict=True):
+        for uid, read in zip(uids[1:] + [before], ["fracture", "no_fracture", "no_fracture", "fracture",
+                                                   "no_fracture"], strict=True):
             record_feedback(s, uid, FeedbackRead(read), "cli-user")
     client = app.client("bob")
     page = client.get(f"/studies/{uids[0]}")
@@ -267,7 +276,7 @@ def test_feedback_is_recorded_from_the_study_page_and_counts_on_the_dashboard(ap
 
     form = {"read": "fracture", "note": "distal radius"}
     assert client.post(f"/studies/{uids[0]}/feedback", data=form).status_code == 403
-    assert app.count(Feedback)["feedback"] == 4
+    assert app.count(Feedback)["feedback"] == 5
     assert client.post(f"/studies/{uids[0]}/feedback", data={**form, "read": "maybe",
                                                              "csrf": app.csrf()}).status_code == 400
     assert client.post("/studies/1.2.3/feedback", data={**form, "csrf": app.csrf()}).status_code == 404

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dicomai.analysis.scope import defined_term
 from dicomai.cli import ExitCode, Subparsers, json_flag, sessions
 from dicomai.cli.feedback import current_user
 from dicomai.config import Settings
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["Case", "cmd_calibrate", "read_cases", "register"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+OTHER_MODEL = "graded by another model"
 
 
 @dataclass
@@ -80,7 +82,8 @@ class CaseFileError(ValueError):
 def read_cases(path: Path) -> list[Case]:
     """The cases of a CSV (see the module docstring); file paths resolved against its folder."""
     cases: list[Case] = []
-    with open(path, newline="", encoding="utf-8") as fh:
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         fields = set(reader.fieldnames or [])
         if "label" not in fields or not fields & {"path", "study_uid"}:
@@ -92,7 +95,7 @@ def read_cases(path: Path) -> list[Case]:
             file, uid = (row.get("path") or "").strip(), (row.get("study_uid") or "").strip()
             if bool(file) == bool(uid):
                 raise CaseFileError(f"{path} line {n}: give either path or study_uid")
-            part = (row.get("body_part") or "").strip().upper().replace(" ", "").replace("_", "") or None
+            part = defined_term(row.get("body_part")) or None
             source = uid or str((path.parent / file) if not Path(file).is_absolute() else Path(file))
             cases.append(Case(source, bool(uid), label == "1", part))
     return cases
@@ -115,7 +118,7 @@ def _score_files(cases: list[Case], settings: Settings) -> None:
     classifier = Classifier(package, settings.model.threads, settings.model.providers)
     analyser = Analyser.in_force(settings, package, classifier)
     # A PNG/JPEG has no header for the scope rules; its listed body part must still be in scope.
-    in_scope = {p.upper() for p in settings.scope.body_parts or package.manifest.body_parts}
+    in_scope = {defined_term(p) for p in settings.scope.body_parts or package.manifest.body_parts}
     for n, case in enumerate(files, start=1):
         path = Path(case.source)
         if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -132,7 +135,7 @@ def _score_files(cases: list[Case], settings: Settings) -> None:
         else:
             source = analyser.read(path)
             if not isinstance(source, str) and case.body_part is None:
-                case.body_part = str(source.get("BodyPartExamined", "")).strip().upper() or None
+                case.body_part = defined_term(source.get("BodyPartExamined")) or None
             result = analyser.analyse([source])[0]
         case.probability, case.reason = result.probability, result.reason
         if sys.stderr.isatty():
@@ -168,14 +171,24 @@ def cmd_calibrate(args: argparse.Namespace, settings: Settings) -> int:
     with maker() as s:
         recorded = study_scores(s, [c.source for c in cases if c.is_study])
         reviewed = reviewed_studies(s) if args.from_feedback else []
+    ours = package.manifest.sha256
     for c in cases:
         if c.is_study:
-            c.probability, part = recorded.get(c.source, (None, None))
-            c.body_part = c.body_part or (part.upper() if part else None)
-            c.reason = None if c.probability is not None else "no graded study with this UID"
+            score = recorded.get(c.source)
+            if score is None:
+                c.reason = "no graded study with this UID"
+            elif score.model_sha256 != ours:
+                c.reason = OTHER_MODEL
+            else:
+                c.probability = score.probability
+                c.body_part = c.body_part or defined_term(score.body_part) or None
     listed = {c.source for c in cases if c.is_study}
-    cases += [Case(r.study_instance_uid, True, r.fractured, (r.body_part or "").upper() or None,
-                   r.probability) for r in reviewed if r.study_instance_uid not in listed]
+    # A study graded by another model (before an upgrade) has that model's score: it says
+    # nothing of this model's thresholds.
+    cases += [Case(r.study_instance_uid, True, r.fractured, defined_term(r.body_part) or None,
+                   r.probability if r.model_sha256 == ours else None,
+                   None if r.model_sha256 == ours else OTHER_MODEL)
+              for r in reviewed if r.study_instance_uid not in listed]
     _score_files(cases, settings)
     usable = [c for c in cases if c.probability is not None]
     current = operating_points(settings, package)

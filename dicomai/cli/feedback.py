@@ -79,10 +79,13 @@ def cmd_feedback(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_model_performance(args: argparse.Namespace, settings: Settings) -> int:
     """Print the node's performance on the studies with a final read."""
-    from dicomai.store.feedback import performance, reviewed_studies
+    from dicomai.cli.model import model_dir
+    from dicomai.model.package import load_package
+    from dicomai.store.feedback import graded_by, performance, reviewed_studies
 
+    package = load_package(model_dir(settings, None), check_hash=False)
     with sessions(settings)() as s:
-        studies = reviewed_studies(s, since=args.since)
+        studies, other_model = graded_by(reviewed_studies(s, since=args.since), package.manifest.sha256)
     truth = [r.fractured for r in studies]
     figures = performance(studies)
     points = {
@@ -92,13 +95,18 @@ def cmd_model_performance(args: argparse.Namespace, settings: Settings) -> int:
     }
     since: dt.datetime | None = args.since
     if args.json:
-        print(json.dumps({"since": since.isoformat() if since else None, "studies": len(studies),
-                          "fractured": sum(truth),
+        print(json.dumps({"since": since.isoformat() if since else None,
+                          "model": f"{package.manifest.name} {package.manifest.version}",
+                          "studies": len(studies), "fractured": sum(truth),
+                          "other_model_studies": other_model,
                           **{k: {"flagged": what, **c.as_dict()} for k, (what, c) in points.items()}},
                          indent=2))
         return ExitCode.OK
     print(f"studies with a final read: {len(studies)} ({sum(truth)} fractured)"
-          + (f", received since {since.isoformat()}" if since else ""))
+          + (f", received since {since.isoformat()}" if since else "")
+          + f", graded by {package.manifest.name} {package.manifest.version}")
+    if other_model:
+        print(f"{other_model} read stud{'y' if other_model == 1 else 'ies'} graded by another model left out")
     for what, c in points.values():
         print(f"flagged = {what}: TP {c.tp} FP {c.fp} TN {c.tn} FN {c.fn}")
         print(f"  PPV          {c.ppv}")

@@ -13,17 +13,20 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.selectable import ScalarSelect
 
 from dicomai.errors import DicomaiError
 from dicomai.model.calibration import Confusion, confusion
 from dicomai.model.grading import Grade
 from dicomai.store.events import record_event
-from dicomai.store.models import Feedback, FeedbackRead, Series, Study, utcnow
+from dicomai.store.models import Feedback, FeedbackRead, Prediction, Series, Study, utcnow
 
 __all__ = [
     "FLAGGED",
     "ReviewedStudy",
+    "StudyScore",
     "UnknownStudyError",
+    "graded_by",
     "performance",
     "record_calibration",
     "record_feedback",
@@ -55,6 +58,7 @@ class ReviewedStudy:
     probability: float | None
     body_part: str | None
     read: FeedbackRead
+    model_sha256: str | None  # of the model that gave the grade (its latest analysis)
 
     @property
     def fractured(self) -> bool:
@@ -81,22 +85,42 @@ def record_feedback(session: Session, study_instance_uid: str, read: FeedbackRea
     return row
 
 
+def _body_part() -> ScalarSelect[str | None]:
+    """A study's Body Part Examined (its first series that names one), for a query on Study."""
+    return (select(Series.body_part).where(Series.study_id == Study.id, Series.body_part.is_not(None))
+            .order_by(Series.id).limit(1).correlate(Study).scalar_subquery())
+
+
+def _grading_model() -> ScalarSelect[str | None]:
+    """The sha256 of the model behind a study's grade (its latest study-level result)."""
+    return (select(Prediction.model_sha256)
+            .where(Prediction.study_id == Study.id, Prediction.level == "study")
+            .order_by(Prediction.run.desc(), Prediction.id.desc()).limit(1)
+            .correlate(Study).scalar_subquery())
+
+
 def reviewed_studies(session: Session, since: dt.datetime | None = None) -> list[ReviewedStudy]:
     """Studies graded by the model and read by a radiologist, received at or after ``since``."""
     latest = (select(Feedback.study_id, func.max(Feedback.id).label("fid"))
               .group_by(Feedback.study_id).subquery())
-    part = (select(Series.body_part).where(Series.study_id == Study.id, Series.body_part.is_not(None))
-            .order_by(Series.id).limit(1).correlate(Study).scalar_subquery())
-    q = (select(Study, Feedback.read, part)
+    q = (select(Study, Feedback.read, _body_part(), _grading_model())
          .join(latest, latest.c.study_id == Study.id)
          .join(Feedback, Feedback.id == latest.c.fid)
          .where(Study.grade.in_([str(g) for g in ANALYSED]))
          .order_by(Study.id))
     if since is not None:
         q = q.where(Study.first_received_at >= since)
-    return [ReviewedStudy(study.study_instance_uid, Grade(study.grade), study.probability,
-                          body_part, FeedbackRead(read))
-            for study, read, body_part in session.execute(q).all()]
+    # str(): the query keeps graded studies only, whose grade is never null
+    return [ReviewedStudy(study.study_instance_uid, Grade(str(study.grade)), study.probability,
+                          body_part, FeedbackRead(read), sha)
+            for study, read, body_part, sha in session.execute(q).all()]
+
+
+def graded_by(studies: Sequence[ReviewedStudy], model_sha256: str) -> tuple[list[ReviewedStudy], int]:
+    """The studies graded by this model, and how many others were left out: another model's
+    grades (before an upgrade) say nothing of the model in use."""
+    kept = [r for r in studies if r.model_sha256 == model_sha256]
+    return kept, len(studies) - len(kept)
 
 
 #: The grades a study is flagged with at each operating point: ``doubtful`` and ``positive``
@@ -120,15 +144,21 @@ def study_reads(session: Session, study_id: int) -> list[Feedback]:
                                 .order_by(Feedback.id.desc())))
 
 
-def study_scores(session: Session, study_instance_uids: Sequence[str]
-                 ) -> dict[str, tuple[float | None, str | None]]:
-    """The recorded probability and body part of each study graded by the model, by UID."""
-    part = (select(Series.body_part).where(Series.study_id == Study.id, Series.body_part.is_not(None))
-            .order_by(Series.id).limit(1).correlate(Study).scalar_subquery())
-    q = (select(Study.study_instance_uid, Study.probability, part)
+@dataclass(frozen=True)
+class StudyScore:
+    """A graded study's recorded probability, body part and grading model."""
+
+    probability: float | None
+    body_part: str | None
+    model_sha256: str | None
+
+
+def study_scores(session: Session, study_instance_uids: Sequence[str]) -> dict[str, StudyScore]:
+    """The recorded score of each study graded by the model, by UID."""
+    q = (select(Study.study_instance_uid, Study.probability, _body_part(), _grading_model())
          .where(Study.study_instance_uid.in_(list(study_instance_uids)),
                 Study.grade.in_([str(g) for g in ANALYSED])))
-    return {uid: (p, bp) for uid, p, bp in session.execute(q).all()}
+    return {uid: StudyScore(p, bp, sha) for uid, p, bp, sha in session.execute(q).all()}
 
 
 def record_calibration(session: Session, by: str, details: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ from dicomai.store.console import PageKey, dashboard, image_source, study_images
 from dicomai.store.events import record_event
 from dicomai.store.feedback import (
     UnknownStudyError,
+    graded_by,
     performance,
     record_feedback,
     reviewed_studies,
@@ -83,6 +84,8 @@ def _stats(console: Console) -> dict[str, Any]:
         totals = dashboard(s, today, week)
         turnaround = turnaround_seconds(s, today)
         reviewed = reviewed_studies(s)
+    if console.loaded is not None:  # as `dicomai model performance`: the model in use only
+        reviewed, _ = graded_by(reviewed, console.loaded.package.manifest.sha256)
     disk = shutil.disk_usage(console.settings.data_dir)
     return {"totals": totals, "grades": [g.value for g in Grade], "now": now,
             "turnaround": spread(turnaround), "reviewed": len(reviewed), "performance": performance(reviewed),
