@@ -46,7 +46,7 @@ class Buckets:
 def counts(session: Session, since: dt.datetime) -> Counts:
     """The audit database's totals; ``since`` bounds the open associations (this process's)."""
     assoc = dict(session.execute(select(Association.accepted, func.count())
-                                 .group_by(Association.accepted)).tuples().all())
+                                 .group_by(Association.accepted)).all())
     open_ = session.scalar(select(func.count()).where(
         Association.accepted.is_(True), Association.ended_at.is_(None), Association.started_at >= since))
     n, size = session.execute(select(func.count(Instance.id), func.coalesce(func.sum(Instance.size_bytes), 0))
