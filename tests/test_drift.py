@@ -132,10 +132,14 @@ def _record(url: str, samples: list[Sample], sha256: str) -> None:
                       last_received_at=now, state_changed_at=now)
         s.add(study)
         s.flush()
-        series = Series(study_id=study.id, series_instance_uid=f"1.3.{len(samples)}.1", body_part="HAND")
-        s.add(series)
-        s.flush()
+        series_of: dict[str | None, Series] = {}
         for n, x in enumerate(samples):
+            if x.body_part not in series_of:
+                series_of[x.body_part] = Series(study_id=study.id, body_part=x.body_part,
+                                                series_instance_uid=f"1.3.{len(samples)}.1.{len(series_of)}")
+                s.add(series_of[x.body_part])
+                s.flush()
+            series = series_of[x.body_part]
             inst = Instance(study_id=study.id, series_id=series.id,
                             sop_instance_uid=f"1.3.{len(samples)}.{n}",
                             sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
@@ -205,3 +209,25 @@ def test_the_node_records_each_analysed_image_s_statistics(tmp_path: Path) -> No
     src = dcmread(paths[0], stop_before_pixels=True)
     assert (stats["rows"], stats["columns"], stats["bits_stored"]) == (src.Rows, src.Columns, src.BitsStored)
     assert stats["manufacturer"] == "Fuji Photo Film Co.,Ltd." and 0.05 < stats["mean_intensity"] < 0.95
+
+
+def test_a_body_part_unlike_the_mixed_reference_is_shown_not_warned_on(tmp_path: Path) -> None:
+    """Hands score high and feet low, all images together as the reference: each body part's
+    group is past the threshold (the reference mixes all regions), the node does not warn,
+    as `dicomai model drift` does not."""
+    from structlog.testing import capture_logs
+
+    from dicomai.ops.drift import DriftWatch
+
+    pkg = load_package(hot_spot_model(tmp_path / "model"))
+    manifest = pkg.manifest.model_copy(update={"reference": Reference(scores=UNIFORM)})
+    url = f"sqlite:///{tmp_path / 'audit.sqlite3'}"
+    rng = random.Random(3)
+    _record(url, [Sample(0.5 + rng.random() / 2, "HAND", None) for _ in range(200)]
+            + [Sample(rng.random() / 2, "FOOT", None) for _ in range(200)], pkg.manifest.sha256)
+    watch_ = DriftWatch(make_sessionmaker(open_database(url)), manifest, POINTS, window_days=30)
+    with capture_logs() as logs:
+        groups = watch_.check()
+    assert groups["body_part=HAND"].drifted and groups["body_part=FOOT"].drifted
+    assert not groups["all"].drifted
+    assert not [e for e in logs if e["event"] == "model.drift"]

@@ -4,10 +4,10 @@ Prints the population stability index (PSI) of the analysed images' probabilitie
 the reference in the model's manifest, and the share flagged at each operating point, for
 all images, per body part and per manufacturer, with the PSI of the images' windowed mean
 intensities where the manifest has their reference, and each group's median matrix size and
-bit depths; warns (stderr and the log) when the scores' PSI of all images passes 0.2 on at
-least 100 images (the intensities' is shown only: see ``Drift.drifted``). Per group the PSI
-is against the reference of all regions together, so a site's mix of body parts shows in
-it: it is shown, not warned on.
+bit depths; warns (stderr and the log) when the scores' PSI of all images, or of one
+manufacturer's, passes 0.2 on at least 100 images (the intensities' is shown only: see
+``Drift.drifted``). A body part's PSI is against the reference of all regions together, so a
+site's mix of body parts shows in it: it is shown, not warned on (``judged``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def cmd_model_drift(args: argparse.Namespace, settings: Settings) -> int:
     """Print the drift figures; exit 2 when the model has no reference distribution."""
     from dicomai.analysis.image import operating_points
     from dicomai.cli.model import model_dir
-    from dicomai.model.drift import MIN_IMAGES, PSI_WARN, watch
+    from dicomai.model.drift import MIN_IMAGES, PSI_WARN, drifted_groups, watch
     from dicomai.model.package import load_package
     from dicomai.store.drift import image_samples
 
@@ -56,8 +56,10 @@ def cmd_model_drift(args: argparse.Namespace, settings: Settings) -> int:
     overall = groups["all"]
     by_part = {k.split("=", 1)[1]: v for k, v in groups.items() if k.startswith("body_part=")}
     by_maker = {k.split("=", 1)[1]: v for k, v in groups.items() if k.startswith("manufacturer=")}
-    if overall.drifted:
-        structlog.get_logger("dicomai").warning("model.drift", **overall.brief(), threshold=PSI_WARN)
+    drifted = drifted_groups(groups)
+    if drifted:
+        structlog.get_logger("dicomai").warning("model.drift", threshold=PSI_WARN,
+                                                groups={name: d.brief() for name, d in drifted.items()})
     if args.json:
         print(json.dumps({"model": f"{package.manifest.name} {package.manifest.version}",
                           "threshold": PSI_WARN, "min_images": MIN_IMAGES, **overall.as_dict(),
@@ -81,9 +83,10 @@ def cmd_model_drift(args: argparse.Namespace, settings: Settings) -> int:
                   f"{','.join(map(str, d.bit_depths)) or '-'}")
         if not overall.enough:
             print(f"too few images for a verdict (fewer than {MIN_IMAGES})")
-    if overall.drifted:
-        print(f"dicomai: warning: the scores have drifted from the validation set's (PSI "
-              f"{_num(overall.psi)} > {PSI_WARN}): check the operating points (dicomai calibrate)",
+    for name, d in drifted.items():
+        which = "all images" if name == "all" else name.replace("=", " ")
+        print(f"dicomai: warning: the scores have drifted from the validation set's ({which}: PSI "
+              f"{_num(d.psi)} > {PSI_WARN}): check the operating points (dicomai calibrate)",
               file=sys.stderr)
     return ExitCode.OK
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from dicomai.imaging.stats import ImageStats
 from dicomai.model.package import IntensityReference, OperatingPoints, Reference, ScoreReference
 
-__all__ = ["MIN_IMAGES", "PSI_WARN", "Drift", "Sample", "bin_counts", "drift", "make_reference", "psi",
-           "watch"]
+__all__ = ["MIN_IMAGES", "PSI_WARN", "Drift", "Sample", "bin_counts", "drift", "drifted_groups", "judged",
+           "make_reference", "psi", "watch"]
 
 #: PSI above which the shift is reported as drift.
 PSI_WARN = 0.2
@@ -187,3 +187,15 @@ def make_reference(scores: Sequence[float], intensities: Sequence[float], points
                               high_specificity_rate=rate(points.high_specificity)),
         intensity=(IntensityReference(edges=_deciles(intensities), images=len(intensities), data=data)
                    if intensities else None))
+
+
+def judged(group: str) -> bool:
+    """Whether a group's drift is a verdict (warning, ``dicomai_model_drifted``): all images and
+    each manufacturer (new equipment). A body part's is shown only: the reference mixes all
+    regions, so a body part scores unlike it from the first day (hands higher, legs lower)."""
+    return group == "all" or group.startswith("manufacturer=")
+
+
+def drifted_groups(groups: dict[str, Drift]) -> dict[str, Drift]:
+    """The judged groups (:func:`judged`) that have drifted."""
+    return {name: d for name, d in groups.items() if judged(name) and d.drifted}

@@ -10,7 +10,7 @@ import time
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.model.drift import PSI_WARN, Drift, watch
+from dicomai.model.drift import PSI_WARN, Drift, drifted_groups, watch
 from dicomai.model.package import Manifest, OperatingPoints
 from dicomai.store.drift import image_samples, latest_prediction
 
@@ -52,9 +52,10 @@ class DriftWatch:
             return groups
 
     def check(self) -> dict[str, Drift]:
-        """Compute afresh; log a warning naming every drifted group with enough images."""
+        """Compute afresh; log a warning naming every drifted group that is judged (all images,
+        each manufacturer: :func:`~dicomai.model.drift.judged`)."""
         groups = self.groups(fresh=True)
-        drifted = {name: d for name, d in groups.items() if d.drifted}
+        drifted = drifted_groups(groups)
         if drifted:
             log.warning("model.drift", threshold=PSI_WARN, days=self.window.days,
                         groups={name: d.brief() for name, d in drifted.items()})

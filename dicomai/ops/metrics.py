@@ -21,7 +21,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.model.drift import MIN_IMAGES, PSI_WARN, Drift
+from dicomai.model.drift import MIN_IMAGES, PSI_WARN, Drift, judged
 from dicomai.model.package import Manifest
 from dicomai.ops.checks import free_bytes
 from dicomai.ops.drift import DriftWatch
@@ -98,7 +98,8 @@ class AuditCollector(Collector):
 
 def _drift_metrics(groups: dict[str, Drift]) -> Iterator[Metric]:
     """Per group ("all", "body_part=HAND", "manufacturer=ACME"): images, PSI of the scores and
-    of the intensities, flagged rates, and whether it counts as drifted (enough images)."""
+    of the intensities, flagged rates; for all images and each manufacturer, whether it counts
+    as drifted (enough images)."""
     images = GaugeMetricFamily("dicomai_model_drift_images", "Analysed images in the drift window",
                                labels=["group"])
     psi = GaugeMetricFamily("dicomai_model_drift_psi", "Population stability index against validation",
@@ -117,5 +118,6 @@ def _drift_metrics(groups: dict[str, Drift]) -> Iterator[Metric]:
                              ("high_specificity", d.high_specificity_rate)):
             if value is not None:
                 rate.add_metric([name, point], value)
-        drifted.add_metric([name], 1.0 if d.drifted else 0.0)
+        if judged(name):  # a body part's reference is all regions': shown, not judged
+            drifted.add_metric([name], 1.0 if d.drifted else 0.0)
     yield from (images, psi, rate, drifted)
