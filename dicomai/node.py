@@ -34,7 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai import __version__
-from dicomai.analysis.image import Analyser
+from dicomai.analysis.image import Analyser, describe_thresholds
 from dicomai.analysis.study import StudyAnalyser
 from dicomai.config import Output, Settings, masked
 from dicomai.deliver.outbox import OutboxWorker, Sender
@@ -163,6 +163,7 @@ def build_stage(settings: Settings, sessions: sessionmaker[Session],
     log.info("model.loaded", name=m.name, version=m.version, sha256=m.sha256[:16],
              providers=classifier.providers)
     stage = Triage(settings, sessions, package, classifier, on_queued=on_queued)
+    log.info("model.thresholds", detail=describe_thresholds(settings, package))
     if stage.publish.wants(Output.SC) or stage.publish.wants(Output.SR):
         log.info("results.ready", warm_up_s=round(stage.publish.warm_up(), 3))
     return stage

@@ -59,8 +59,10 @@ def test_everything_in_order_exits_0(setup: Path, capsys: pytest.CaptureFixture[
     """Migrated database, shipped model, disk above the floor and an answering peer: exit 0."""
     code, found = rows(capsys)
     assert code == 0, found
-    assert list(found) == ["config", "database", "model", "disk", "destination pacs"]
+    assert list(found) == ["config", "database", "model", "thresholds", "disk", "destination pacs"]
     assert all(r["ok"] for r in found.values())
+    assert "the model's" in str(found["thresholds"]["detail"])
+    assert "no site profile" in str(found["thresholds"]["detail"])
     assert "status 0x0000" in str(found["destination pacs"]["detail"])
     code, table = run_check(capsys)
     assert code == 0
@@ -131,3 +133,49 @@ def test_disk_floor_above_free_space_fails(setup: Path, capsys: pytest.CaptureFi
     assert code == 1
     assert [k for k, r in found.items() if not r["ok"]] == ["disk"]
     assert "storage.min_free_mb" in str(found["disk"]["detail"])
+
+
+def test_thresholds_show_the_site_profile_and_a_broken_one_fails(setup: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """After `dicomai calibrate` the admin sees the profile in force (who, when, on how many
+    cases, the points); a profile the node cannot read fails the check, as it stops the node."""
+    from dicomai.model.package import load_package
+    from dicomai.model.profile import PROFILE_NAME
+
+    model = default_model_dir()
+    assert model is not None
+    m = load_package(model, check_hash=False).manifest
+    profile = {"model_name": m.name, "model_version": m.version, "model_sha256": m.sha256,
+               "created_at": "2026-11-30T10:00:00Z", "by": "dr-a", "cases": 480, "positives": 240,
+               "targets": {"sensitivity": 0.9}, "operating_points": {"high_sensitivity": 0.21,
+                                                                     "high_specificity": 0.83},
+               "body_parts": {"HAND": {"operating_points": {"high_sensitivity": 0.3, "high_specificity": 0.9},
+                                       "cases": 300, "positives": 150}}}
+    (setup / PROFILE_NAME).write_text(json.dumps(profile))
+    code, found = rows(capsys)
+    detail = str(found["thresholds"]["detail"])
+    assert code == 0 and found["thresholds"]["ok"], detail
+    assert "site profile by dr-a on 2026-11-30, 480 cases (240 fractured)" in detail
+    assert "0.210 / 0.830" in detail and "HAND" in detail
+    # the node says the same in its log when it starts
+    from structlog.testing import capture_logs
+
+    from dicomai.config import load_settings
+    from dicomai.node import build_stage
+    from dicomai.store import make_sessionmaker, open_database
+
+    settings = load_settings(None)
+    with capture_logs() as logs:
+        build_stage(settings, make_sessionmaker(open_database(settings.database_url, create=False)))
+    (started,) = [e for e in logs if e["event"] == "model.thresholds"]
+    assert started["detail"] == detail
+
+    (setup / PROFILE_NAME).write_text(json.dumps({**profile, "model_sha256": "0" * 64}))
+    code, found = rows(capsys)
+    assert code == 0
+    assert "site profile ignored: calibrated for another model" in str(found["thresholds"]["detail"])
+
+    (setup / PROFILE_NAME).write_text("{")
+    code, found = rows(capsys)
+    assert code == 1 and not found["thresholds"]["ok"]
+    assert "not valid JSON" in str(found["thresholds"]["detail"])

@@ -25,10 +25,10 @@ from dicomai.imaging.stats import ImageStats, image_stats
 from dicomai.model.classifier import Classifier, ModelInput, preprocess
 from dicomai.model.grading import Grade, grade_image
 from dicomai.model.package import ModelPackage, OperatingPoints
-from dicomai.model.profile import profile_for
+from dicomai.model.profile import load_profile, profile_for
 
-__all__ = ["Analyser", "GradcamGrid", "ImageAnalysis", "Timings", "operating_points", "points_in_force",
-           "short_reason"]
+__all__ = ["Analyser", "GradcamGrid", "ImageAnalysis", "Timings", "describe_thresholds", "operating_points",
+           "points_in_force", "short_reason"]
 
 
 def operating_points(settings: Settings, package: ModelPackage,
@@ -56,6 +56,29 @@ def points_in_force(settings: Settings, package: ModelPackage) -> Callable[[str 
         )
 
     return points
+
+
+def describe_thresholds(settings: Settings, package: ModelPackage) -> str:
+    """The thresholds in force and where they come from, for an admin (``dicomai check``, the
+    node's start): the site profile (who, when, on how many cases), else the model's."""
+    points = operating_points(settings, package)
+    text = f"{points.high_sensitivity:.3f} / {points.high_specificity:.3f} (high sensitivity / specificity): "
+    profile, stored = profile_for(settings.data_dir, package), load_profile(settings.data_dir)
+    if profile is not None:
+        text += (f"site profile by {profile.by} on {profile.created_at:%Y-%m-%d}, {profile.cases} cases "
+                 f"({profile.positives} fractured)")
+        if profile.body_parts:
+            text += f"; own points for {', '.join(sorted(profile.body_parts))}"
+    elif stored is not None:
+        text += (f"site profile ignored: calibrated for another model ({stored.model_name} "
+                 f"{stored.model_version}); the model's")
+    else:
+        text += "the model's (no site profile: calibrate before clinical use, dicomai calibrate)"
+    overridden = [f"model.{k}" for k in ("high_sensitivity", "high_specificity")
+                  if getattr(settings.model, k) is not None]
+    if overridden:
+        text += f"; {', '.join(overridden)} from the configuration"
+    return text
 
 
 def short_reason(what: str, exc: BaseException) -> str:

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from dicomai.config import Destination, Settings
 
 __all__ = ["CERT_FAIL_DAYS", "CERT_WARN_DAYS", "Check", "check_certificate", "check_database",
-           "check_destination", "check_disk", "check_key", "check_model", "free_bytes"]
+           "check_destination", "check_disk", "check_key", "check_model", "check_thresholds", "free_bytes"]
 
 #: A certificate that ends within this many days fails the preflight: renew it now.
 CERT_FAIL_DAYS = 14
@@ -90,6 +90,23 @@ def check_model(settings: Settings) -> Check:
     m = package.manifest
     return Check("model", True, f"{m.name} {m.version} ({path}); hash ok, test input -> "
                                 f"{out.probability:.4f} on {', '.join(clf.providers)}")
+
+
+def check_thresholds(settings: Settings) -> Check:
+    """The operating points the node will grade by, and where they come from; a site profile
+    the node cannot read fails (it would stop the node at start)."""
+    from dicomai.analysis.image import describe_thresholds
+    from dicomai.model.package import ModelError, load_package
+    from dicomai.model.profile import ProfileError
+    from dicomai.node import default_model_dir
+
+    path = settings.model.path or default_model_dir()
+    if path is None:
+        return Check("thresholds", False, "no model package")
+    try:
+        return Check("thresholds", True, describe_thresholds(settings, load_package(path, check_hash=False)))
+    except (ModelError, ProfileError) as exc:
+        return Check("thresholds", False, str(exc))
 
 
 def check_destination(settings: Settings, dest: Destination) -> Check:
