@@ -265,3 +265,16 @@ def test_csv_body_parts_are_grouped_as_the_node_reads_them(tmp_path: Path, model
     points = load_profile(data)
     assert points is not None
     assert points.points("Lower Leg") == points.body_parts["LOWERLEG"].operating_points
+
+
+@pytest.mark.parametrize("margin", ["-0.01", "0.11", "1"])
+def test_the_refusal_rule_cannot_be_switched_off(tmp_path: Path, model: Path, margin: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """--margin is bounded: a margin of 1 would accept any sample, however small."""
+    data = tmp_path / "data"
+    open_database(f"sqlite:///{data / 'audit.sqlite3'}")
+    table, _ = _sample(tmp_path / "cases", positives=30, negatives=30)
+    assert main(["--data-dir", str(data), "calibrate", str(table), "--target-sensitivity", "0.9",
+                 "--margin", margin]) == 2
+    assert "--margin must lie between 0 and 0.1" in capsys.readouterr().err
+    assert not (data / PROFILE_NAME).exists()

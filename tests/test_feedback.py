@@ -112,3 +112,16 @@ def test_confusion_counts() -> None:
     assert (c.tp, c.fp, c.fn, c.tn) == (1, 1, 1, 1)
     assert c.ppv.value == 0.5 and c.npv.value == 0.5
     assert confusion([], []).ppv.value is None
+
+
+def test_who_is_the_person_behind_sudo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run as the service user through sudo (as the README says), a read or a calibration is
+    recorded as the person who ran sudo, not as the service account."""
+    import getpass
+
+    from dicomai.cli.feedback import current_user
+
+    monkeypatch.setenv("SUDO_USER", "dr-a")
+    assert current_user() == "dr-a"
+    monkeypatch.delenv("SUDO_USER")
+    assert current_user() == getpass.getuser()

@@ -41,6 +41,8 @@ __all__ = ["Case", "cmd_calibrate", "read_cases", "register"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 OTHER_MODEL = "graded by another model"
+#: The widest --margin: beyond it the refusal rule would accept samples that show little.
+MAX_MARGIN = 0.1
 
 
 @dataclass
@@ -69,7 +71,8 @@ def register(subparsers: Subparsers[argparse.ArgumentParser], common: argparse.A
                    help="specificity of the high-specificity point (the positive grade); "
                    "default: keep the threshold in force")
     p.add_argument("--margin", type=float, default=0.05,
-                   help="how far below the target the Wilson 95%% lower bound may lie")
+                   help="how far below the target the Wilson 95%% lower bound may lie "
+                   f"(0 to {MAX_MARGIN}; default 0.05)")
     p.add_argument("--by", default=None, metavar="NAME", help="who calibrates (default: the OS user)")
     json_flag(p)
     p.set_defaults(func=cmd_calibrate)
@@ -158,6 +161,10 @@ def cmd_calibrate(args: argparse.Namespace, settings: Settings) -> int:
         if value is not None and not 0 < value < 1:
             print(f"dicomai: --{name.replace('_', '-')} must lie between 0 and 1", file=sys.stderr)
             return ExitCode.USAGE
+    if not 0 <= args.margin <= MAX_MARGIN:
+        print(f"dicomai: --margin must lie between 0 and {MAX_MARGIN}: the refusal rule is the "
+              "one check that the sample shows the target", file=sys.stderr)
+        return ExitCode.USAGE
     if args.csv is None and not args.from_feedback:
         print("dicomai: give a CSV of labelled cases, --from-feedback, or both", file=sys.stderr)
         return ExitCode.USAGE

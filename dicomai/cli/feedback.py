@@ -17,6 +17,7 @@ import argparse
 import datetime as dt
 import getpass
 import json
+import os
 
 from dicomai.cli import ExitCode, Subparsers, json_flag, sessions
 from dicomai.cli.studies import parse_since
@@ -28,7 +29,10 @@ READS = ("fracture", "no_fracture", "other")
 
 
 def current_user() -> str:
-    """Who runs the command, when ``--by`` does not say."""
+    """Who runs the command, when ``--by`` does not say: through sudo (the README runs the CLI
+    as the service user) the person who ran sudo, not the service account."""
+    if os.environ.get("SUDO_USER"):
+        return os.environ["SUDO_USER"]
     try:
         return getpass.getuser()
     except (KeyError, OSError):
