@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -333,3 +334,23 @@ def test_scs_share_a_series_per_laterality(tmp_path: Path) -> None:
                 for study in sr.CurrentRequestedProcedureEvidenceSequence
                 for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
     assert all(evidence[sc.SOPInstanceUID] == sc.SeriesInstanceUID for sc in scs)
+
+
+def test_sr_states_the_thresholds_each_image_was_graded_by(tmp_path: Path) -> None:
+    """With a site profile's own points for a body part, that image's group names its own
+    thresholds (the Algorithm Parameters of TID 4019); the others the site-wide pair."""
+    from highdicom.sr.utils import find_content_items
+    from pydicom.sr.codedict import codes
+
+    from dicomai.results.sr import structured_report
+
+    findings, pkg = _study(tmp_path)
+    findings[0] = dataclasses.replace(findings[0], thresholds=(0.05, 0.2))
+    sr = structured_report(findings, Grade.POSITIVE, 0.93, pkg.manifest, (0.3, 0.7), UID(),
+                           identity=findings[0].source)
+    groups = [g for g in find_content_items(sr, name=codes.DCM.ImagingMeasurements)[0].ContentSequence
+              if g.ValueType == "CONTAINER"]
+    stated = [[i.TextValue for i in find_content_items(g, name=codes.DCM.AlgorithmParameters)
+               if i.TextValue.startswith("high_")] for g in groups]
+    assert stated == [["high_sensitivity=0.0500", "high_specificity=0.2000"]] + [
+        ["high_sensitivity=0.3000", "high_specificity=0.7000"]] * 3

@@ -229,7 +229,7 @@ class Publisher:
             sc = (reference_header(study_uid, ref.series_instance_uid, SC_SOP_CLASS, ref.sop_instance_uid)
                   if ref else None)
             findings.append(ImageFinding(self._header(study_uid, e.ref), e.grade, e.probability, e.reason,
-                                         sc, self._earlier_region(e)))
+                                         sc, self._earlier_region(e), e.thresholds))
         identity: Dataset | None = None
         for image in analysis.images:
             a, iid = image.analysis, image.instance.instance_id
@@ -238,7 +238,8 @@ class Publisher:
                 identity = a.source
             planned = plan.sc.get(iid)
             sc = reference_header(study_uid, planned[2], SC_SOP_CLASS, planned[0]) if planned else None
-            findings.append(ImageFinding(source, a.grade, a.probability, a.reason, sc, regions.get(iid)))
+            own = (a.points.high_sensitivity, a.points.high_specificity) if a.points is not None else None
+            findings.append(ImageFinding(source, a.grade, a.probability, a.reason, sc, regions.get(iid), own))
         try:
             if identity is None:
                 raise ValueError("no image of this run could be read for the patient's identity")

@@ -95,6 +95,9 @@ class ImageFinding:
     reason: str | None = None
     secondary_capture: Dataset | None = None  # its SC, when one was made
     region: tuple[int, int, int, int] | None = None  # the map's hotspot (col0, row0, col1, row1)
+    # (high sensitivity, high specificity) it was graded by, when not the report's (a site
+    # profile's own points for its body part)
+    thresholds: tuple[float, float] | None = None
 
 
 def finding_site(source: Dataset) -> hsr.FindingSite | None:
@@ -189,11 +192,16 @@ def structured_report(findings: list[ImageFinding], study_grade: Grade, study_pr
     if not findings:
         raise ValueError("an SR needs at least one image")
     study_uid = str(identity.StudyInstanceUID)
-    algorithm = hsr.AlgorithmIdentification(
-        name=manifest.name, version=manifest.version,
-        parameters=[f"sha256={manifest.sha256}", f"high_sensitivity={thresholds[0]:.4f}",
-                    f"high_specificity={thresholds[1]:.4f}"])
-    groups = [_group(n, study_uid, f, algorithm) for n, f in enumerate(findings, start=1)]
+
+    def algorithm(pair: tuple[float, float]) -> hsr.AlgorithmIdentification:
+        # Each image group names the thresholds its grade was given by.
+        return hsr.AlgorithmIdentification(
+            name=manifest.name, version=manifest.version,
+            parameters=[f"sha256={manifest.sha256}", f"high_sensitivity={pair[0]:.4f}",
+                        f"high_specificity={pair[1]:.4f}"])
+
+    groups = [_group(n, study_uid, f, algorithm(f.thresholds or thresholds))
+              for n, f in enumerate(findings, start=1)]
     report = hsr.MeasurementReport(
         observation_context=hsr.ObservationContext(observer_device_context=device_observer(manifest)),
         procedure_reported=codes.SCT.ImagingProcedure,

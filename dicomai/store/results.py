@@ -61,6 +61,7 @@ class RecordedImage:
     probability: float | None
     reason: str | None
     gradcam: GradcamGrid | None = None  # its map's grid, for the region a revised SR repeats
+    thresholds: tuple[float, float] | None = None  # (high sensitivity, high specificity) of its grade
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,8 @@ def gather(session: Session, study_id: int, this_run: Sequence[int]) -> StudyOut
                                  ResultObject.series_instance_uid).where(
         ResultObject.study_id == study_id, ResultObject.kind == "sc").order_by(ResultObject.id)).all()
     rows = session.execute(select(Prediction.instance_id, Prediction.grade, Prediction.probability,
-                                  Prediction.reason, Prediction.gradcam)
+                                  Prediction.reason, Prediction.gradcam, Prediction.high_sensitivity,
+                                  Prediction.high_specificity)
                            .where(Prediction.id.in_(latest_image_results(study_id)))
                            .order_by(Prediction.instance_id)).all()
     exclude = set(this_run)
@@ -197,8 +199,9 @@ def gather(session: Session, study_id: int, this_run: Sequence[int]) -> StudyOut
     return StudyOutputs(
         sc_count=len(scs),
         sc_of={src: ScRef(uid, series) for src, uid, series in scs if src is not None},
-        earlier=[RecordedImage(refs[i], Grade(g), p, r, _decode_gradcam(cam)) for i, g, p, r, cam in rows
-                 if i is not None and i not in exclude],
+        earlier=[RecordedImage(refs[i], Grade(g), p, r, _decode_gradcam(cam),
+                               (hs, hp) if hs is not None and hp is not None else None)
+                 for i, g, p, r, cam, hs, hp in rows if i is not None and i not in exclude],
         refs={i: refs[i] for i in this_run if i in refs},
         previous_sr=(previous[0], str(previous[1])) if previous else None,
         gsps_count=counts.get("gsps", 0), kos_count=counts.get("kos", 0))
