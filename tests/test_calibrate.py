@@ -260,8 +260,10 @@ def test_csv_body_parts_are_grouped_as_the_node_reads_them(tmp_path: Path, model
     (model / "model.json").write_text(json.dumps({**manifest, "body_parts": ["LOWERLEG"]}))
     assert main(["--data-dir", str(data), "calibrate", str(table), "--target-sensitivity", "0.9",
                  "--json"]) == 0
-    profile = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    profile = json.loads(captured.out)
     assert profile["cases"] == 960 and set(profile["body_parts"]) == {"LOWERLEG"}
+    assert "note: 960 PNG/JPEG cases scored from their 8-bit grey pixels" in captured.err
     points = load_profile(data)
     assert points is not None
     assert points.points("Lower Leg") == points.body_parts["LOWERLEG"].operating_points

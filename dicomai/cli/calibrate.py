@@ -145,6 +145,12 @@ def _score_files(cases: list[Case], settings: Settings) -> None:
             sys.stderr.write(f"\rscored {n}/{len(files)}")
     if sys.stderr.isatty():
         sys.stderr.write("\n")
+    pictures = sum(1 for c in files
+                   if Path(c.source).suffix.lower() in IMAGE_SUFFIXES and c.probability is not None)
+    if pictures:
+        print(f"dicomai: note: {pictures} PNG/JPEG cases scored from their 8-bit grey pixels, not "
+              "windowed as the node windows a DICOM image: their scores can differ from the node's; "
+              "prefer DICOM files or study UIDs", file=sys.stderr)
 
 
 def cmd_calibrate(args: argparse.Namespace, settings: Settings) -> int:
