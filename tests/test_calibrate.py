@@ -280,3 +280,43 @@ def test_the_refusal_rule_cannot_be_switched_off(tmp_path: Path, model: Path, ma
                  "--margin", margin]) == 2
     assert "--margin must lie between 0 and 0.1" in capsys.readouterr().err
     assert not (data / PROFILE_NAME).exists()
+
+
+def test_a_study_is_calibrated_under_the_body_part_its_score_came_from(tmp_path: Path) -> None:
+    """A study whose first series is a chest (not analysed) and whose score came from its hand
+    image counts as a hand; a study without image results keeps its first named body part."""
+    import datetime as dt
+
+    from dicomai.store import Instance, Series, Study
+    from dicomai.store.feedback import study_scores
+    from dicomai.store.models import Prediction
+
+    maker = make_sessionmaker(open_database(f"sqlite:///{tmp_path / 'audit.sqlite3'}"))
+    now = dt.datetime.now(dt.UTC)
+    with maker.begin() as s:
+        for uid, images in (("1.2.1", [("CHEST", "not_analysed", None), ("HAND", "positive", 0.9),
+                                       ("FOOT", "negative", 0.2)]),
+                            ("1.2.2", [])):
+            study = Study(study_instance_uid=uid, state="processed", first_received_at=now,
+                          last_received_at=now, state_changed_at=now, grade="positive", probability=0.9)
+            s.add(study)
+            s.flush()
+            s.add(Series(study_id=study.id, series_instance_uid=f"{uid}.0", body_part="KNEE"))
+            for n, (part, grade, p) in enumerate(images, start=1):
+                series = Series(study_id=study.id, series_instance_uid=f"{uid}.{n}", body_part=part)
+                s.add(series)
+                s.flush()
+                inst = Instance(study_id=study.id, series_id=series.id, sop_instance_uid=f"{uid}.{n}.1",
+                                sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                                transfer_syntax_uid="1.2.840.10008.1.2.1", size_bytes=1, sha256="0" * 64,
+                                spool_path="x", state="processed", received_at=now)
+                s.add(inst)
+                s.flush()
+                s.add(Prediction(study_id=study.id, instance_id=inst.id, level="image", run=1, grade=grade,
+                                 probability=p, created_at=now))
+            s.add(Prediction(study_id=study.id, level="study", run=1, grade="positive", probability=0.9,
+                             created_at=now))
+    with maker() as s:
+        scores = study_scores(s, ["1.2.1", "1.2.2"])
+    assert scores["1.2.1"].body_part == "HAND"
+    assert scores["1.2.2"].body_part == "KNEE"

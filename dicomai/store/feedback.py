@@ -13,13 +13,14 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import ScalarSelect
 
 from dicomai.errors import DicomaiError
 from dicomai.model.calibration import Confusion, confusion
 from dicomai.model.grading import Grade
 from dicomai.store.events import record_event
-from dicomai.store.models import Feedback, FeedbackRead, Prediction, Series, Study, utcnow
+from dicomai.store.models import Feedback, FeedbackRead, Instance, Prediction, Series, Study, utcnow
 
 __all__ = [
     "FLAGGED",
@@ -85,10 +86,19 @@ def record_feedback(session: Session, study_instance_uid: str, read: FeedbackRea
     return row
 
 
-def _body_part() -> ScalarSelect[str | None]:
-    """A study's Body Part Examined (its first series that names one), for a query on Study."""
-    return (select(Series.body_part).where(Series.study_id == Study.id, Series.body_part.is_not(None))
-            .order_by(Series.id).limit(1).correlate(Study).scalar_subquery())
+def _body_part() -> ColumnElement[str | None]:
+    """A study's Body Part Examined, for a query on Study: that of the analysed image its score
+    came from (the highest probability of the latest run), else its first series naming one."""
+    scored = (select(Series.body_part)
+              .join(Instance, Instance.series_id == Series.id)
+              .join(Prediction, Prediction.instance_id == Instance.id)
+              .where(Prediction.study_id == Study.id, Prediction.level == "image",
+                     Prediction.grade.in_([str(g) for g in ANALYSED]), Series.body_part.is_not(None))
+              .order_by(Prediction.run.desc(), Prediction.probability.desc(), Prediction.id)
+              .limit(1).correlate(Study).scalar_subquery())
+    first = (select(Series.body_part).where(Series.study_id == Study.id, Series.body_part.is_not(None))
+             .order_by(Series.id).limit(1).correlate(Study).scalar_subquery())
+    return func.coalesce(scored, first)
 
 
 def _grading_model() -> ScalarSelect[str | None]:
