@@ -382,3 +382,17 @@ def mounted_tmpfs(mount: Path, size_mb: int) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def received_instance(session: Any, study_id: int, series_id: int, sop_instance_uid: str,
+                      at: Any) -> Any:
+    """An audit row of a processed CR instance (its file is not needed), added and flushed so
+    that predictions can refer to its id."""
+    from dicomai.store import Instance
+
+    inst = Instance(study_id=study_id, series_id=series_id, sop_instance_uid=sop_instance_uid,
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    size_bytes=1, sha256="0" * 64, spool_path="x", state="processed", received_at=at)
+    session.add(inst)
+    session.flush()
+    return inst

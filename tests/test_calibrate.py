@@ -287,9 +287,10 @@ def test_a_study_is_calibrated_under_the_body_part_its_score_came_from(tmp_path:
     image counts as a hand; a study without image results keeps its first named body part."""
     import datetime as dt
 
-    from dicomai.store import Instance, Series, Study
+    from dicomai.store import Series, Study
     from dicomai.store.feedback import study_scores
     from dicomai.store.models import Prediction
+    from tests.helpers import received_instance
 
     maker = make_sessionmaker(open_database(f"sqlite:///{tmp_path / 'audit.sqlite3'}"))
     now = dt.datetime.now(dt.UTC)
@@ -306,12 +307,7 @@ def test_a_study_is_calibrated_under_the_body_part_its_score_came_from(tmp_path:
                 series = Series(study_id=study.id, series_instance_uid=f"{uid}.{n}", body_part=part)
                 s.add(series)
                 s.flush()
-                inst = Instance(study_id=study.id, series_id=series.id, sop_instance_uid=f"{uid}.{n}.1",
-                                sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-                                transfer_syntax_uid="1.2.840.10008.1.2.1", size_bytes=1, sha256="0" * 64,
-                                spool_path="x", state="processed", received_at=now)
-                s.add(inst)
-                s.flush()
+                inst = received_instance(s, study.id, series.id, f"{uid}.{n}.1", now)
                 s.add(Prediction(study_id=study.id, instance_id=inst.id, level="image", run=1, grade=grade,
                                  probability=p, created_at=now))
             s.add(Prediction(study_id=study.id, level="study", run=1, grade="positive", probability=0.9,

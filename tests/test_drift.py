@@ -16,8 +16,9 @@ from dicomai.imaging.stats import ImageStats
 from dicomai.model.drift import MIN_IMAGES, PSI_WARN, Sample, bin_counts, drift, psi, watch
 from dicomai.model.package import IntensityReference, OperatingPoints, Reference, ScoreReference, load_package
 from dicomai.node import default_model_dir
-from dicomai.store import Instance, Series, Study, make_sessionmaker, open_database
+from dicomai.store import Series, Study, make_sessionmaker, open_database
 from dicomai.store.models import Prediction
+from tests.helpers import received_instance
 from tests.synthetic import hot_spot_model
 
 UNIFORM = ScoreReference(edges=[i / 10 for i in range(1, 10)], images=1000, data="uniform",
@@ -65,12 +66,7 @@ def _predictions(url: str, scores: list[float], part: str, sha256: str) -> None:
         s.add(series)
         s.flush()
         for n, p in enumerate(scores):
-            inst = Instance(study_id=study.id, series_id=series.id, sop_instance_uid=f"1.2.{part}.1.{n}",
-                            sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-                            transfer_syntax_uid="1.2.840.10008.1.2.1", size_bytes=1, sha256="0" * 64,
-                            spool_path="x", state="processed", received_at=now)
-            s.add(inst)
-            s.flush()
+            inst = received_instance(s, study.id, series.id, f"1.2.{part}.1.{n}", now)
             s.add(Prediction(study_id=study.id, instance_id=inst.id, level="image", run=1, probability=p,
                              grade="positive", model_sha256=sha256, created_at=now))
 
@@ -140,13 +136,7 @@ def _record(url: str, samples: list[Sample], sha256: str) -> None:
                 s.add(series_of[x.body_part])
                 s.flush()
             series = series_of[x.body_part]
-            inst = Instance(study_id=study.id, series_id=series.id,
-                            sop_instance_uid=f"1.3.{len(samples)}.{n}",
-                            sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-                            transfer_syntax_uid="1.2.840.10008.1.2.1", size_bytes=1, sha256="0" * 64,
-                            spool_path="x", state="processed", received_at=now)
-            s.add(inst)
-            s.flush()
+            inst = received_instance(s, study.id, series.id, f"1.3.{len(samples)}.{n}", now)
             s.add(Prediction(study_id=study.id, instance_id=inst.id, level="image", run=1,
                              probability=x.probability, grade="negative", model_sha256=sha256,
                              image_stats=x.stats.as_dict() if x.stats else None, created_at=now))
