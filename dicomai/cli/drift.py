@@ -63,7 +63,9 @@ def cmd_model_drift(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps({"model": f"{package.manifest.name} {package.manifest.version}",
                           "threshold": PSI_WARN, "min_images": MIN_IMAGES, **overall.as_dict(),
-                          "body_parts": {k: v.as_dict() for k, v in by_part.items()},
+                          # a body part's PSI is shown, not judged (drift.judged): no verdict
+                          "body_parts": {k: {n: x for n, x in v.as_dict().items() if n != "drifted"}
+                                         for k, v in by_part.items()},
                           "manufacturers": {k: v.as_dict() for k, v in by_maker.items()}}, indent=2))
     else:
         ref = reference.scores
