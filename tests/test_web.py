@@ -297,7 +297,7 @@ def test_feedback_is_recorded_from_the_study_page_and_counts_on_the_dashboard(ap
     stats = client.get("/dashboard/stats").text
     row_html = stats.split('id="performance-high_specificity"')[1].split("</tr>")[0]
     assert "0.667" in row_html and "2/3" in row_html and "0.500" in row_html and "1/2" in row_html
-    assert "(5 studies;" in stats
+    assert "(5 studies;" in stats and "1 graded by another model left out" in stats
 
 
 def test_dashboard_shows_turnaround_of_today_and_disk_free(app: InProcess) -> None:

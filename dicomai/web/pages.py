@@ -84,11 +84,13 @@ def _stats(console: Console) -> dict[str, Any]:
         totals = dashboard(s, today, week)
         turnaround = turnaround_seconds(s, today)
         reviewed = reviewed_studies(s)
+    other_model = 0
     if console.loaded is not None:  # as `dicomai model performance`: the model in use only
-        reviewed, _ = graded_by(reviewed, console.loaded.package.manifest.sha256)
+        reviewed, other_model = graded_by(reviewed, console.loaded.package.manifest.sha256)
     disk = shutil.disk_usage(console.settings.data_dir)
     return {"totals": totals, "grades": [g.value for g in Grade], "now": now,
-            "turnaround": spread(turnaround), "reviewed": len(reviewed), "performance": performance(reviewed),
+            "turnaround": spread(turnaround), "reviewed": len(reviewed), "other_model": other_model,
+            "performance": performance(reviewed),
             "disk_free_gb": disk.free / 2**30, "disk_free_pct": 100 * disk.free / disk.total}
 
 
