@@ -207,11 +207,15 @@ def test_calibrate_from_feedback_uses_the_recorded_probabilities(
             record_feedback(s, f"1.2.{n}", read, "dr-a")
     assert main(["--data-dir", str(data), "calibrate", "--from-feedback", "--target-sensitivity", "0.9",
                  "--target-specificity", "0.9", "--json"]) == 0
-    profile = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    profile = json.loads(captured.out)
     assert profile["cases"] == 500 and profile["positives"] == 250
     assert profile["figures"]["unusable_cases"] == 200
+    assert profile["figures"]["unusable_reasons"] == {"graded by another model": 200}
+    assert "left out: 200 cases: graded by another model" in captured.err
     assert profile["figures"]["overall"]["at_high_sensitivity"]["sensitivity"]["value"] >= 0.9
-    assert set(profile["body_parts"]) == {"WRIST"}  # 250 fractured wrists: enough for their own points
+    # "WRIST", "Wrist" and "L_WRIST" are one body part: 250 fractured wrists, enough for their own points
+    assert set(profile["body_parts"]) == {"WRIST"} and profile["body_parts"]["WRIST"]["cases"] == 500
 
 
 def test_node_grades_each_body_part_by_its_own_points(tmp_path: Path, model: Path) -> None:
@@ -235,10 +239,11 @@ def test_node_grades_each_body_part_by_its_own_points(tmp_path: Path, model: Pat
                                 "cases": 300, "positives": 150}}}))
     settings = load_settings(None, {"node": {"data_dir": data}, "scope": {"min_size_px": 1}})
     analyser = Analyser.in_force(settings, package, Classifier(package))
-    hand, foot = dcmread(pydicom_data("RG3_UNCR.dcm")), dcmread(pydicom_data("RG3_UNCR.dcm"))
-    hand.BodyPartExamined, foot.BodyPartExamined = "HAND", "FOOT"
-    by_hand, by_foot = analyser.analyse([hand, foot], apply_scope=False)
+    hand, foot, right = (dcmread(pydicom_data("RG3_UNCR.dcm")) for _ in range(3))
+    hand.BodyPartExamined, foot.BodyPartExamined, right.BodyPartExamined = "HAND", "FOOT", "HAND RIGHT"
+    by_hand, by_foot, by_right = analyser.analyse([hand, foot, right], apply_scope=False)
     assert by_hand.probability == by_foot.probability
+    assert by_right.grade == by_hand.grade and by_right.points == by_hand.points  # a site's spelling
     assert by_hand.grade == "positive" and by_hand.points is not None
     assert by_hand.points.high_specificity == 0.0
     assert by_foot.points is not None and by_foot.points.high_specificity == 0.99
@@ -282,9 +287,10 @@ def test_the_refusal_rule_cannot_be_switched_off(tmp_path: Path, model: Path, ma
     assert not (data / PROFILE_NAME).exists()
 
 
-def test_a_study_is_calibrated_under_the_body_part_its_score_came_from(tmp_path: Path) -> None:
-    """A study whose first series is a chest (not analysed) and whose score came from its hand
-    image counts as a hand; a study without image results keeps its first named body part."""
+def test_a_study_is_calibrated_under_the_body_part_its_score_came_from(db_url: str) -> None:
+    """A study's body part and model are those of the image its score came from: the highest
+    probability among each image's latest result, over all runs (a reopened study analyses
+    only its new images); a study without image results keeps its first named body part."""
     import datetime as dt
 
     from dicomai.store import Series, Study
@@ -292,27 +298,36 @@ def test_a_study_is_calibrated_under_the_body_part_its_score_came_from(tmp_path:
     from dicomai.store.models import Prediction
     from tests.helpers import received_instance
 
-    maker = make_sessionmaker(open_database(f"sqlite:///{tmp_path / 'audit.sqlite3'}"))
+    maker = make_sessionmaker(open_database(db_url))
     now = dt.datetime.now(dt.UTC)
+    # uid -> images: (body part, [(run, grade, probability, model)] of each result, oldest first)
+    studies = {
+        "1.2.1": [("CHEST", [(1, "not_analysed", None, "a")]), ("HAND", [(1, "positive", 0.9, "a")]),
+                  ("FOOT", [(1, "negative", 0.2, "a")])],
+        "1.2.2": [("HAND", [(1, "positive", 0.9, "a")]), ("FOOT", [(2, "negative", 0.1, "b")])],
+        "1.2.3": [("HAND", [(1, "positive", 0.9, "a"), (2, "negative", 0.2, "b")]),
+                  ("KNEE", [(2, "doubtful", 0.5, "b")])],
+        "1.2.4": [],
+    }
     with maker.begin() as s:
-        for uid, images in (("1.2.1", [("CHEST", "not_analysed", None), ("HAND", "positive", 0.9),
-                                       ("FOOT", "negative", 0.2)]),
-                            ("1.2.2", [])):
+        for uid, images in studies.items():
             study = Study(study_instance_uid=uid, state="processed", first_received_at=now,
                           last_received_at=now, state_changed_at=now, grade="positive", probability=0.9)
             s.add(study)
             s.flush()
-            s.add(Series(study_id=study.id, series_instance_uid=f"{uid}.0", body_part="KNEE"))
-            for n, (part, grade, p) in enumerate(images, start=1):
+            s.add(Series(study_id=study.id, series_instance_uid=f"{uid}.0", body_part="WRIST"))
+            for n, (part, results) in enumerate(images, start=1):
                 series = Series(study_id=study.id, series_instance_uid=f"{uid}.{n}", body_part=part)
                 s.add(series)
                 s.flush()
                 inst = received_instance(s, study.id, series.id, f"{uid}.{n}.1", now)
-                s.add(Prediction(study_id=study.id, instance_id=inst.id, level="image", run=1, grade=grade,
-                                 probability=p, created_at=now))
+                for run, grade, p, model in results:
+                    s.add(Prediction(study_id=study.id, instance_id=inst.id, level="image", run=run,
+                                     grade=grade, probability=p, model_sha256=model * 64, created_at=now))
+                    s.flush()
             s.add(Prediction(study_id=study.id, level="study", run=1, grade="positive", probability=0.9,
-                             created_at=now))
+                             model_sha256="c" * 64, created_at=now))
     with maker() as s:
-        scores = study_scores(s, ["1.2.1", "1.2.2"])
-    assert scores["1.2.1"].body_part == "HAND"
-    assert scores["1.2.2"].body_part == "KNEE"
+        scores = study_scores(s, list(studies))
+    assert [(scores[u].body_part, scores[u].model_sha256) for u in studies] == [
+        ("HAND", "a" * 64), ("HAND", "a" * 64), ("KNEE", "b" * 64), ("WRIST", "c" * 64)]

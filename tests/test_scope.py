@@ -55,7 +55,12 @@ def test_out_of_scope_reasons(change: dict[str, object], reason: str) -> None:
     ("CHEST PA", "body part not analysed: CHESTPA (CHEST: outside the model's validated scope)"),
     ("HAND ELBOW", "body part not analysed: HANDELBOW (ELBOW: outside the model's validated scope)"),
     ("SCHULTER", "body part not analysed: SCHULTER (not a recognised value: outside the model's "
-                 "validated scope; see scope.analyse_unknown_body_part)"),
+                 "validated scope; see scope.body_part_aliases and scope.analyse_unknown_body_part)"),
+    # two words that make a term are that term, not their last word
+    ("UPPER-LEG", "body part not analysed: UPPER-LEG (UPPERLEG: outside the model's validated scope)"),
+    ("Upper Leg Right", "body part not analysed: UPPERLEGRIGHT (UPPERLEG: outside the model's "
+                        "validated scope)"),
+    ("L_UPPER_LEG", "body part not analysed: LUPPERLEG (UPPERLEG: outside the model's validated scope)"),
 ])
 def test_site_spellings_are_read_by_their_words_and_unrecognised_ones_refused(
         value: str, reason: str | None) -> None:
@@ -71,7 +76,7 @@ def test_site_spellings_are_read_by_their_words_and_unrecognised_ones_refused(
 
 def test_empty_body_part_is_analysed_unless_configured() -> None:
     """Many CR and DX images leave Body Part Examined empty: analysed by default, refused when
-    configured, also by a configuration that refused unknown values (it used to cover both)."""
+    configured, also by a configuration that refuses unknown values and says nothing of empty ones."""
     ds = _cr()
     ds.BodyPartExamined = ""
     assert out_of_scope(ds, ScopeConfig(), PARTS) is None
@@ -131,3 +136,20 @@ def test_body_part_outside_the_manifest_is_not_analysed(tmp_path: Path) -> None:
     assert got_elbow.grade == Grade.NOT_ANALYSED
     assert got_elbow.reason == "body part not analysed: ELBOW (outside the model's validated scope)"
     assert got_hand.analysed and got_hand.probability is not None
+
+
+def test_site_aliases_name_the_term_a_spelling_means() -> None:
+    """scope.body_part_aliases maps a site's spelling to a defined term: judged as that term,
+    in or out of scope; an alias to no defined term is a configuration error."""
+    from pydantic import ValidationError
+
+    scope = ScopeConfig(body_part_aliases={"Schulter": "SHOULDER", "ellenbogen": "elbow"})
+    ds = _cr()
+    with config.disable_value_validation():
+        ds.BodyPartExamined = "Schulter"
+    assert out_of_scope(ds, scope, PARTS + ["SHOULDER"]) is None
+    ds.BodyPartExamined = "ELLENBOGEN"
+    assert out_of_scope(ds, scope, PARTS) == ("body part not analysed: ELLENBOGEN "
+                                              "(ELBOW: outside the model's validated scope)")
+    with pytest.raises(ValidationError, match="not DICOM defined terms of Body Part Examined: SHOLDER"):
+        ScopeConfig(body_part_aliases={"SCHULTER": "SHOLDER"})

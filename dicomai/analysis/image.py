@@ -17,6 +17,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicomai.analysis.bodyparts import body_part_term
 from dicomai.analysis.scope import out_of_scope
 from dicomai.config import ScopeConfig, Settings
 from dicomai.imaging.gradcam import GradcamGrid
@@ -47,35 +48,43 @@ def points_in_force(settings: Settings, package: ModelPackage) -> Callable[[str 
     profile = profile_for(settings.data_dir, package)
 
     def points(body_part: str | None) -> OperatingPoints:
-        base = profile.points(body_part) if profile is not None else package.manifest.operating_points
-        return OperatingPoints(
-            high_sensitivity=(settings.model.high_sensitivity
-                              if settings.model.high_sensitivity is not None else base.high_sensitivity),
-            high_specificity=(settings.model.high_specificity
-                              if settings.model.high_specificity is not None else base.high_specificity),
-        )
+        term = body_part_term(body_part, settings.scope.body_part_aliases)  # "HAND RIGHT" is HAND's
+        return _configured(settings, profile.points(term) if profile is not None
+                           else package.manifest.operating_points)
 
     return points
+
+
+def _configured(settings: Settings, base: OperatingPoints) -> OperatingPoints:
+    """``base`` with the thresholds the configuration sets: the admin's explicit choice wins."""
+    return OperatingPoints(
+        high_sensitivity=(settings.model.high_sensitivity
+                          if settings.model.high_sensitivity is not None else base.high_sensitivity),
+        high_specificity=(settings.model.high_specificity
+                          if settings.model.high_specificity is not None else base.high_specificity),
+    )
 
 
 def describe_thresholds(settings: Settings, package: ModelPackage) -> str:
     """The thresholds in force and where they come from, for an admin (``dicomai check``, the
     node's start): the site profile (who, when, on how many cases), else the model's."""
-    points = operating_points(settings, package)
+    stored = load_profile(settings.data_dir)  # once: profile_for would warn of another model's again
+    profile = stored if stored is not None and stored.model_sha256 == package.manifest.sha256 else None
+    points = _configured(settings, profile.operating_points if profile is not None
+                         else package.manifest.operating_points)
     text = f"{points.high_sensitivity:.3f} / {points.high_specificity:.3f} (high sensitivity / specificity): "
-    profile, stored = profile_for(settings.data_dir, package), load_profile(settings.data_dir)
+    overridden = [f"model.{k}" for k in ("high_sensitivity", "high_specificity")
+                  if getattr(settings.model, k) is not None]
     if profile is not None:
         text += (f"site profile by {profile.by} on {profile.created_at:%Y-%m-%d}, {profile.cases} cases "
                  f"({profile.positives} fractured)")
-        if profile.body_parts:
+        if profile.body_parts and len(overridden) < 2:
             text += f"; own points for {', '.join(sorted(profile.body_parts))}"
     elif stored is not None:
         text += (f"site profile ignored: calibrated for another model ({stored.model_name} "
                  f"{stored.model_version}); the model's")
     else:
         text += "the model's (no site profile: calibrate before clinical use, dicomai calibrate)"
-    overridden = [f"model.{k}" for k in ("high_sensitivity", "high_specificity")
-                  if getattr(settings.model, k) is not None]
     if overridden:
         text += f"; {', '.join(overridden)} from the configuration"
     return text

@@ -24,11 +24,12 @@ import argparse
 import csv
 import datetime as dt
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dicomai.analysis.scope import defined_term
+from dicomai.analysis.bodyparts import body_part_term
 from dicomai.cli import ExitCode, Subparsers, json_flag, sessions
 from dicomai.cli.feedback import current_user
 from dicomai.config import Settings
@@ -98,7 +99,7 @@ def read_cases(path: Path) -> list[Case]:
             file, uid = (row.get("path") or "").strip(), (row.get("study_uid") or "").strip()
             if bool(file) == bool(uid):
                 raise CaseFileError(f"{path} line {n}: give either path or study_uid")
-            part = defined_term(row.get("body_part")) or None
+            part = str(row.get("body_part") or "").strip() or None  # read as the node reads it below
             source = uid or str((path.parent / file) if not Path(file).is_absolute() else Path(file))
             cases.append(Case(source, bool(uid), label == "1", part))
     return cases
@@ -110,6 +111,7 @@ def _score_files(cases: list[Case], settings: Settings) -> None:
     from PIL import Image, UnidentifiedImageError
 
     from dicomai.analysis.image import Analyser
+    from dicomai.analysis.scope import body_part_reason
     from dicomai.cli.model import model_dir
     from dicomai.model.classifier import Classifier
     from dicomai.model.package import load_package
@@ -120,13 +122,12 @@ def _score_files(cases: list[Case], settings: Settings) -> None:
     package = load_package(model_dir(settings, None))
     classifier = Classifier(package, settings.model.threads, settings.model.providers)
     analyser = Analyser.in_force(settings, package, classifier)
-    # A PNG/JPEG has no header for the scope rules; its listed body part must still be in scope.
-    in_scope = {defined_term(p) for p in settings.scope.body_parts or package.manifest.body_parts}
     for n, case in enumerate(files, start=1):
         path = Path(case.source)
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            if case.body_part and in_scope and case.body_part not in in_scope:
-                case.reason = f"body part not analysed: {case.body_part}"
+            # No header for the other scope rules; its listed body part must still be in scope.
+            case.reason = body_part_reason(case.body_part, settings.scope, package.manifest.body_parts)
+            if case.reason is not None:
                 continue
             try:
                 with Image.open(path) as im:
@@ -138,7 +139,7 @@ def _score_files(cases: list[Case], settings: Settings) -> None:
         else:
             source = analyser.read(path)
             if not isinstance(source, str) and case.body_part is None:
-                case.body_part = defined_term(source.get("BodyPartExamined")) or None
+                case.body_part = str(source.get("BodyPartExamined") or "") or None
             result = analyser.analyse([source])[0]
         case.probability, case.reason = result.probability, result.reason
         if sys.stderr.isatty():
@@ -194,20 +195,26 @@ def cmd_calibrate(args: argparse.Namespace, settings: Settings) -> int:
                 c.reason = OTHER_MODEL
             else:
                 c.probability = score.probability
-                c.body_part = c.body_part or defined_term(score.body_part) or None
+                c.body_part = c.body_part or score.body_part
     listed = {c.source for c in cases if c.is_study}
     # A study graded by another model (before an upgrade) has that model's score: it says
     # nothing of this model's thresholds.
-    cases += [Case(r.study_instance_uid, True, r.fractured, defined_term(r.body_part) or None,
+    cases += [Case(r.study_instance_uid, True, r.fractured, r.body_part,
                    r.probability if r.model_sha256 == ours else None,
                    None if r.model_sha256 == ours else OTHER_MODEL)
               for r in reviewed if r.study_instance_uid not in listed]
     _score_files(cases, settings)
     usable = [c for c in cases if c.probability is not None]
+    left_out = Counter(c.reason or "no probability" for c in cases if c.probability is None)
+    for reason, n in left_out.most_common():
+        print(f"dicomai: left out: {n} case{'s' if n != 1 else ''}: {reason}", file=sys.stderr)
     current = operating_points(settings, package)
     try:
         result = calibrate_site([c.probability for c in usable if c.probability is not None],
-                                [c.label for c in usable], [c.body_part for c in usable],
+                                [c.label for c in usable],
+                                # "HAND RIGHT" and "Hand" are HAND, as the node looks its points up
+                                [body_part_term(c.body_part, settings.scope.body_part_aliases) or None
+                                 for c in usable],
                                 args.target_sensitivity, args.target_specificity, args.margin,
                                 ceiling=current.high_specificity)
     except ValueError as exc:
@@ -234,7 +241,7 @@ def cmd_calibrate(args: argparse.Namespace, settings: Settings) -> int:
         figures={"overall": overall.as_dict(),
                  **{part: c.as_dict() for part, c in result.body_parts.items()},
                  "skipped_body_parts": result.skipped,
-                 "unusable_cases": len(cases) - len(usable)},
+                 "unusable_cases": len(cases) - len(usable), "unusable_reasons": dict(left_out)},
     )
     path = save_profile(profile, settings.data_dir)
     with maker.begin() as s:

@@ -19,6 +19,8 @@ from pydantic import (
     model_validator,
 )
 
+from dicomai.analysis.bodyparts import KNOWN_BODY_PARTS, defined_term
+
 __all__ = [
     "AccessConfig",
     "AllowedCaller",
@@ -223,17 +225,29 @@ class ScopeConfig(_Section):
         "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
     ])
     body_parts: list[str] = Field(default_factory=list)  # empty: the model's own list
+    # A site's own Body Part Examined spellings and the defined terms they mean
+    # ({"SCHULTER" = "SHOULDER"}): judged, graded and calibrated as that term.
+    body_part_aliases: dict[str, str] = Field(default_factory=dict)
     # A value that is no defined term and names none in its words ("SCHULTER"): refused unless set.
     analyse_unknown_body_part: bool = False
     # An empty or absent Body Part Examined, common on CR and DX.
     analyse_empty_body_part: bool = True
     min_size_px: int = Field(128, ge=1)
 
+    @field_validator("body_part_aliases")
+    @classmethod
+    def _aliases_name_defined_terms(cls, aliases: dict[str, str]) -> dict[str, str]:
+        terms = {defined_term(k): defined_term(v) for k, v in aliases.items()}
+        unknown = sorted(v for v in terms.values() if v not in KNOWN_BODY_PARTS)
+        if unknown:
+            raise ValueError(f"not DICOM defined terms of Body Part Examined: {', '.join(unknown)}")
+        return terms
+
     @model_validator(mode="before")
     @classmethod
     def _strict_configurations_stay_strict(cls, data: Any) -> Any:
-        # analyse_unknown_body_part = false used to refuse empty values too: a configuration
-        # written then keeps refusing them unless it says otherwise.
+        # An explicit analyse_unknown_body_part = false refuses empty values too unless
+        # analyse_empty_body_part is given: a strict configuration stays strict.
         given = data if isinstance(data, dict) else {}
         if "analyse_unknown_body_part" in given and "analyse_empty_body_part" not in given:
             try:

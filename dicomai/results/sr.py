@@ -95,8 +95,8 @@ class ImageFinding:
     reason: str | None = None
     secondary_capture: Dataset | None = None  # its SC, when one was made
     region: tuple[int, int, int, int] | None = None  # the map's hotspot (col0, row0, col1, row1)
-    # (high sensitivity, high specificity) it was graded by, when not the report's (a site
-    # profile's own points for its body part)
+    # (high sensitivity, high specificity) it was graded by (a site profile may give its body
+    # part its own); None: the report's pair
     thresholds: tuple[float, float] | None = None
 
 

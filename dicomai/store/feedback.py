@@ -11,10 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Select, case, exists, func, select
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.sql.selectable import ScalarSelect
 
 from dicomai.errors import DicomaiError
 from dicomai.model.calibration import Confusion, confusion
@@ -86,27 +85,38 @@ def record_feedback(session: Session, study_instance_uid: str, read: FeedbackRea
     return row
 
 
+def _scored_image() -> Select[Any]:
+    """For a query on Study: the analysed image its score came from (the highest probability
+    among each instance's latest result), joined to its series."""
+    later = aliased(Prediction)
+    superseded = exists().where(later.instance_id == Prediction.instance_id, later.level == "image",
+                                later.id > Prediction.id)
+    return (select(Prediction).join(Instance, Instance.id == Prediction.instance_id)
+            .join(Series, Series.id == Instance.series_id)
+            .where(Prediction.study_id == Study.id, Prediction.level == "image",
+                   Prediction.grade.in_([str(g) for g in ANALYSED]), ~superseded)
+            .order_by(Prediction.probability.desc(), Prediction.id.desc()).limit(1).correlate(Study))
+
+
 def _body_part() -> ColumnElement[str | None]:
-    """A study's Body Part Examined, for a query on Study: that of the analysed image its score
-    came from (the highest probability of the latest run), else its first series naming one."""
-    scored = (select(Series.body_part)
-              .join(Instance, Instance.series_id == Series.id)
-              .join(Prediction, Prediction.instance_id == Instance.id)
-              .where(Prediction.study_id == Study.id, Prediction.level == "image",
-                     Prediction.grade.in_([str(g) for g in ANALYSED]), Series.body_part.is_not(None))
-              .order_by(Prediction.run.desc(), Prediction.probability.desc(), Prediction.id)
-              .limit(1).correlate(Study).scalar_subquery())
+    """A study's Body Part Examined, for a query on Study: that of the image its score came
+    from (:func:`_scored_image`; none when its series names none), else, for a study without
+    image results, its first series naming one."""
+    scored = _scored_image()
     first = (select(Series.body_part).where(Series.study_id == Study.id, Series.body_part.is_not(None))
              .order_by(Series.id).limit(1).correlate(Study).scalar_subquery())
-    return func.coalesce(scored, first)
+    return case((scored.exists(), scored.with_only_columns(Series.body_part).scalar_subquery()), else_=first)
 
 
-def _grading_model() -> ScalarSelect[str | None]:
-    """The sha256 of the model behind a study's grade (its latest study-level result)."""
-    return (select(Prediction.model_sha256)
-            .where(Prediction.study_id == Study.id, Prediction.level == "study")
-            .order_by(Prediction.run.desc(), Prediction.id.desc()).limit(1)
-            .correlate(Study).scalar_subquery())
+def _grading_model() -> ColumnElement[str | None]:
+    """The sha256 of the model behind a study's score: that of the image it came from, else the
+    latest study-level result's."""
+    study_level = (select(Prediction.model_sha256)
+                   .where(Prediction.study_id == Study.id, Prediction.level == "study")
+                   .order_by(Prediction.run.desc(), Prediction.id.desc()).limit(1)
+                   .correlate(Study).scalar_subquery())
+    return func.coalesce(_scored_image().with_only_columns(Prediction.model_sha256).scalar_subquery(),
+                         study_level)
 
 
 def reviewed_studies(session: Session, since: dt.datetime | None = None) -> list[ReviewedStudy]:
