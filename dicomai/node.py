@@ -164,6 +164,10 @@ def build_stage(settings: Settings, sessions: sessionmaker[Session],
              providers=classifier.providers)
     stage = Triage(settings, sessions, package, classifier, on_queued=on_queued)
     log.info("model.thresholds", detail=describe_thresholds(settings, package))
+    if settings.scope.analyse_unknown_body_part:
+        log.warning("scope.unrecognised_body_parts_analysed",
+                    hint="scope.analyse_unknown_body_part is on: body parts the node cannot recognise are "
+                         "analysed, outside the model's validated scope; prefer scope.body_part_aliases")
     if stage.publish.wants(Output.SC) or stage.publish.wants(Output.SR):
         log.info("results.ready", warm_up_s=round(stage.publish.warm_up(), 3))
     return stage

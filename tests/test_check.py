@@ -59,8 +59,10 @@ def test_everything_in_order_exits_0(setup: Path, capsys: pytest.CaptureFixture[
     """Migrated database, shipped model, disk above the floor and an answering peer: exit 0."""
     code, found = rows(capsys)
     assert code == 0, found
-    assert list(found) == ["config", "database", "model", "thresholds", "disk", "destination pacs"]
+    assert list(found) == ["config", "database", "model", "scope", "thresholds", "disk", "destination pacs"]
     assert all(r["ok"] for r in found.values())
+    assert "body parts from the model's validated list (17); empty: analysed" in str(found["scope"]["detail"])
+    assert "WARNING" not in str(found["scope"]["detail"])
     assert "the model's" in str(found["thresholds"]["detail"])
     assert "no site profile" in str(found["thresholds"]["detail"])
     assert "status 0x0000" in str(found["destination pacs"]["detail"])
@@ -179,3 +181,13 @@ def test_thresholds_show_the_site_profile_and_a_broken_one_fails(setup: Path,
     code, found = rows(capsys)
     assert code == 1 and not found["thresholds"]["ok"]
     assert "not valid JSON" in str(found["thresholds"]["detail"])
+
+
+def test_scope_row_warns_when_unrecognised_body_parts_are_analysed(
+        setup: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A configuration that sets analyse_unknown_body_part = true is named in the preflight: it
+    analyses outside the validated scope."""
+    monkeypatch.setenv("DICOMAI_SCOPE__ANALYSE_UNKNOWN_BODY_PART", "true")
+    code, found = rows(capsys)
+    assert code == 0
+    assert "WARNING: values the node cannot recognise are analysed" in str(found["scope"]["detail"])

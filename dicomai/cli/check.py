@@ -17,6 +17,7 @@ from dicomai.ops.checks import (
     check_disk,
     check_key,
     check_model,
+    check_scope,
     check_thresholds,
 )
 
@@ -54,6 +55,7 @@ def run_checks(args: argparse.Namespace, settings: Settings) -> list[Check]:
             checks.append(check_database(engine))
             engine.dispose()
     checks.append(check_model(settings))
+    checks.append(check_scope(settings))
     checks.append(check_thresholds(settings))
     checks.append(check_disk(settings))
     checks.extend(tls_checks(settings))

@@ -17,7 +17,8 @@ from sqlalchemy.engine import Engine
 from dicomai.config import Destination, Settings
 
 __all__ = ["CERT_FAIL_DAYS", "CERT_WARN_DAYS", "Check", "check_certificate", "check_database",
-           "check_destination", "check_disk", "check_key", "check_model", "check_thresholds", "free_bytes"]
+           "check_destination", "check_disk", "check_key", "check_model", "check_scope", "check_thresholds",
+           "free_bytes"]
 
 #: A certificate that ends within this many days fails the preflight: renew it now.
 CERT_FAIL_DAYS = 14
@@ -90,6 +91,32 @@ def check_model(settings: Settings) -> Check:
     m = package.manifest
     return Check("model", True, f"{m.name} {m.version} ({path}); hash ok, test input -> "
                                 f"{out.probability:.4f} on {', '.join(clf.providers)}")
+
+
+def check_scope(settings: Settings) -> Check:
+    """Which body parts the model analyses; a warning in the row when values the node cannot
+    recognise are analysed too (``scope.analyse_unknown_body_part``, outside the validated scope)."""
+    from dicomai.model.package import ModelError, load_package
+    from dicomai.node import default_model_dir
+
+    scope = settings.scope
+    path = settings.model.path or default_model_dir()
+    try:
+        model_body_parts = load_package(path, check_hash=False).manifest.body_parts if path else []
+    except ModelError as exc:
+        return Check("scope", False, str(exc))
+    parts = scope.body_parts or model_body_parts
+    source = "scope.body_parts" if scope.body_parts else "the model's validated list"
+    detail = (f"body parts from {source} ({len(parts)}); empty: "
+              f"{'analysed' if scope.analyse_empty_body_part else 'not analysed'}")
+    if scope.body_part_aliases:
+        detail += f"; {len(scope.body_part_aliases)} site aliases"
+    if scope.analyse_unknown_body_part:
+        detail += ("; WARNING: values the node cannot recognise are analysed "
+                   "(scope.analyse_unknown_body_part), outside the model's validated scope")
+    else:
+        detail += "; values the node cannot recognise: not analysed"
+    return Check("scope", True, detail)
 
 
 def check_thresholds(settings: Settings) -> Check:
