@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 from pydantic import Field, ValidationError
 
+from dicomai.analysis.bodyparts import defined_term
 from dicomai.errors import DicomaiError
 from dicomai.model.package import ModelPackage, OperatingPoints, StrictModel
 
@@ -61,8 +62,7 @@ class SiteProfile(StrictModel):
 
     def points(self, body_part: str | None = None) -> OperatingPoints:
         """The body part's own points where it has them, else the site's."""
-        key = (body_part or "").strip().upper().replace(" ", "").replace("_", "")
-        own = self.body_parts.get(key)
+        own = self.body_parts.get(defined_term(body_part))
         return own.operating_points if own is not None else self.operating_points
 
 
